@@ -1,0 +1,133 @@
+"""Test hosts in network namespaces: the rig every integration test and the benchmark run on.
+
+Each host is a namespace with a veth into a shared underlay (198.18.0.0/15, RFC 2544 benchmarking space) and an
+overlay subnet out of 10.244.0.0/16. Nothing is created in the root namespace: the veth pair is made inside the
+first host with its peer end placed straight into the second. Leaving the `with` block (normally, on an
+exception or on Ctrl-C) kills every process started through the rig and deletes the namespaces, which takes
+their interfaces, routes and rules with them.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import secrets
+import signal
+import subprocess
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+from pyroute2 import IPRoute, netns
+
+NETWORK = ipaddress.IPv4Network("10.244.0.0/16")
+UNDERLAY = ipaddress.IPv4Network("198.18.0.0/24")
+
+
+@dataclass
+class Host:
+    """One test host: a namespace, its underlay address and its overlay subnet."""
+
+    ns: str
+    underlay: ipaddress.IPv4Address
+    subnet: ipaddress.IPv4Network
+    procs: list[subprocess.Popen[Any]] = field(default_factory=list)
+
+    @property
+    def overlay_ip(self) -> ipaddress.IPv4Address:
+        """The address a pod-side test endpoint uses: the first host of the subnet (as on cni0)."""
+        return self.subnet.network_address + 1
+
+    def argv(self, cmd: Sequence[str]) -> list[str]:
+        return ["ip", "netns", "exec", self.ns, *cmd]
+
+    def run(self, *cmd: str, check: bool = True, timeout: float = 60, **kw: Any) -> subprocess.CompletedProcess[str]:
+        """Run a command inside the host and wait for it."""
+        return subprocess.run(self.argv(cmd), check=check, timeout=timeout, text=True, capture_output=True, **kw)
+
+    def popen(self, *cmd: str, **kw: Any) -> subprocess.Popen[Any]:
+        """Start a command inside the host; the rig kills it on exit if it is still running."""
+        proc = subprocess.Popen(self.argv(cmd), **kw)
+        self.procs.append(proc)
+        return proc
+
+    def ipr(self) -> IPRoute:
+        return IPRoute(netns=self.ns)
+
+    def add_overlay_endpoint(self) -> None:
+        """Put overlay_ip on lo, standing in for the pods behind this host's subnet.
+
+        lo rather than a dummy device: the kernels these tests run on may be built without the dummy driver.
+        """
+        with self.ipr() as ipr:
+            ipr.addr("add", index=ipr.link_lookup(ifname="lo")[0], address=str(self.overlay_ip), prefixlen=32)
+
+
+class Rig:
+    """Two (or more) hosts joined by one veth (two hosts) or a bridge namespace (more)."""
+
+    def __init__(self, hosts: int = 2, *, mtu: int = 1500, netem: str | None = None, tag: str = "pf") -> None:
+        if hosts != 2:
+            raise ValueError("the veth rig joins exactly two hosts")
+        self.prefix = f"{tag}-{os.getpid()}-{secrets.token_hex(3)}"
+        self.mtu = mtu
+        self.netem = netem
+        self.hosts = [
+            Host(f"{self.prefix}-h{i}", UNDERLAY.network_address + i + 1, ipaddress.IPv4Network(f"10.244.{i + 1}.0/24"))
+            for i in range(hosts)
+        ]
+
+    def __enter__(self) -> Rig:
+        try:
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+    def _build(self) -> None:
+        a, b = self.hosts
+        for host in self.hosts:
+            netns.create(host.ns)
+        with a.ipr() as ipr:
+            ipr.link("add", ifname="eth0", kind="veth", peer={"ifname": "eth0", "net_ns_fd": b.ns})
+        for host in self.hosts:
+            with host.ipr() as ipr:
+                ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+                index = ipr.link_lookup(ifname="eth0")[0]
+                ipr.addr("add", index=index, address=str(host.underlay), prefixlen=UNDERLAY.prefixlen)
+                ipr.link("set", index=index, mtu=self.mtu, state="up")
+            if self.netem:
+                host.run("tc", "qdisc", "add", "dev", "eth0", "root", "netem", *self.netem.split())
+
+    def close(self) -> None:
+        """Kill what the rig started and delete its namespaces; safe to call twice."""
+        for host in self.hosts:
+            for proc in host.procs:
+                _terminate(proc)
+            host.procs.clear()
+        for host in self.hosts:
+            if host.ns in netns.listnetns():
+                netns.remove(host.ns)
+
+
+def _terminate(proc: subprocess.Popen[Any], grace: float = 5.0) -> None:
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+def leftover_namespaces(tag: str) -> list[str]:
+    """Namespaces whose names start with tag- (what a finished rig must not leave behind)."""
+    return [name for name in netns.listnetns() if name.startswith(f"{tag}-")]

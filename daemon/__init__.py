@@ -1,0 +1,1 @@
+"""flanneld: the lease-managing daemon (flags, registries, backends)."""

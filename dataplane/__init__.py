@@ -1,0 +1,1 @@
+"""Userspace dataplane: the TUN device, the packet pump and the standalone tunnel."""

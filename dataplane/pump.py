@@ -1,0 +1,71 @@
+"""Pump: owns the packet engine and its two threads, and is the control side's handle on the routes.
+
+The engine threads are started as Python threads only to have something to join; each one immediately enters
+the C loop with the GIL released and stays there until stop().
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import threading
+from typing import Any
+
+from dataplane._engine import Engine, PrefixTable
+from dataplane.tun import TunDevice
+
+DEFAULT_PORT = 8285
+DEFAULT_BATCH = 64
+
+
+class Pump:
+    """Moves packets between a TUN device and a UDP socket; routes map overlay subnets to peers."""
+
+    def __init__(
+        self,
+        tun: TunDevice,
+        sock: socket.socket,
+        *,
+        tun_addr: ipaddress.IPv4Address,
+        batch: int = DEFAULT_BATCH,
+        check_source: bool = True,
+    ) -> None:
+        self.routes = PrefixTable()
+        self._engine = Engine(
+            tun.fd, sock.fileno(), self.routes, tun_addr=str(tun_addr), batch=batch, check_source=check_source
+        )
+        self._threads: list[threading.Thread] = []
+        self._errors: list[BaseException] = []
+
+    def start(self) -> None:
+        for name, loop in (("pump-tx", self._engine.run_tx), ("pump-rx", self._engine.run_rx)):
+            thread = threading.Thread(target=self._run, args=(loop,), name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def _run(self, loop: Any) -> None:
+        try:
+            loop()
+        except BaseException as exc:  # surfaced by stop(); a dead engine thread must not go unnoticed
+            self._errors.append(exc)
+
+    def stop(self) -> None:
+        """Stop both threads and wait for them; re-raises the first error a thread died with."""
+        self._engine.stop()
+        for thread in self._threads:
+            thread.join()
+        self._threads.clear()
+        if self._errors:
+            raise self._errors[0]
+
+    def set_route(self, subnet: str, peer: str, port: int = DEFAULT_PORT) -> None:
+        """Send traffic for subnet to peer:port (add or replace)."""
+        self.routes.set(subnet, peer, port)
+
+    def del_route(self, subnet: str) -> None:
+        """Forget the route for exactly this subnet; KeyError if there is none."""
+        self.routes.delete(subnet)
+
+    def stats(self) -> dict[str, Any]:
+        """Engine counters (see dataplane._engine.COUNTERS and DROPS)."""
+        return self._engine.stats()
