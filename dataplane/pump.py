@@ -6,7 +6,6 @@ the C loop with the GIL released and stays there until stop().
 
 from __future__ import annotations
 
-import ipaddress
 import socket
 import threading
 from typing import Any
@@ -26,14 +25,11 @@ class Pump:
         tun: TunDevice,
         sock: socket.socket,
         *,
-        tun_addr: ipaddress.IPv4Address,
         batch: int = DEFAULT_BATCH,
         check_source: bool = True,
     ) -> None:
         self.routes = PrefixTable()
-        self._engine = Engine(
-            tun.fd, sock.fileno(), self.routes, tun_addr=str(tun_addr), batch=batch, check_source=check_source
-        )
+        self._engine = Engine(tun.fd, sock.fileno(), self.routes, batch=batch, check_source=check_source)
         self._threads: list[threading.Thread] = []
         self._errors: list[BaseException] = []
 

@@ -138,8 +138,7 @@ def run(cfg: TunnelConfig) -> None:
         tun = open_tun(cfg.tun)
         try:
             configure_tun(tun.name, subnet=cfg.subnet, network=cfg.network, mtu=mtu)
-            _forward(cfg, Pump(tun, sock, tun_addr=cfg.subnet.network_address, batch=cfg.batch,
-                               check_source=cfg.check_source), mtu)
+            _forward(cfg, Pump(tun, sock, batch=cfg.batch, check_source=cfg.check_source), mtu)
         finally:
             tun.close()
     finally:

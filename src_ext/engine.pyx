@@ -8,7 +8,10 @@ Design notes (what is flannel's and why; what is ours and why)
   so one overlay hop costs two. Unlike flannel (whose `--ttl` wraps 0 to 255) a packet arriving with TTL 0 or 1
   is dropped and counted.
 - No route for a destination: ICMP destination unreachable / net unreachable (3/0) goes back into the TUN, with
-  flannel's exceptions: never about ICMP, never about a non-first fragment.
+  flannel's exceptions: never about ICMP, never about a non-first fragment. flannel sends it from flannel0's own
+  address, which the kernel then drops as a martian (a local source arriving from outside, unless accept_local
+  is set), so flannel's errors never reach the sender. Ours come from the unreachable destination itself: not a
+  local address, and routed via flannel0, so reverse-path checks pass and the sender sees ENETUNREACH.
 - Ours: the RX side validates what arrives (version, header length, total length, header checksum) and checks
   the sender: the outer source address must be the peer that owns the inner source's subnet. flannel accepts any
   datagram from anyone, which lets any host that can reach port 8285 inject packets into the pod network.
@@ -126,7 +129,6 @@ cdef class Engine:
     cdef int tun_fd, sock_fd, stop_fd
     cdef int batch
     cdef bint check_source
-    cdef uint32_t tun_addr          # network order: source of the ICMP errors we generate
     cdef readonly PrefixTable table
     cdef pt_handle *routes
     cdef uint64_t counters[N_COUNTERS]
@@ -148,15 +150,13 @@ cdef class Engine:
     cdef iovec *rx_iov
     cdef sockaddr_in *rx_addr
 
-    def __cinit__(self, int tun_fd, int sock_fd, PrefixTable table not None, *, str tun_addr,
-                  int batch=64, bint check_source=True):
+    def __cinit__(self, int tun_fd, int sock_fd, PrefixTable table not None, *, int batch=64, bint check_source=True):
         if not 1 <= batch <= MAX_BATCH:
             raise ValueError(f"batch {batch} out of range 1-{MAX_BATCH}")
         self.tun_fd = tun_fd
         self.sock_fd = sock_fd
         self.batch = batch
         self.check_source = check_source
-        self.tun_addr = htonl(int(ipaddress.IPv4Address(tun_addr)))
         self.table = table
         self.routes = table._handle()
         memset(self.counters, 0, sizeof(self.counters))
@@ -287,7 +287,7 @@ cdef class Engine:
         self.tx_pos += n
 
     cdef void _icmp_unreachable(self, const uint8_t *p, ssize_t n, unsigned ihl) noexcept nogil:
-        """ICMP 3/0 back into the TUN, as flannel's proxy does (not about ICMP, not for non-first fragments)."""
+        """ICMP 3/0 back into the TUN from the destination's address (not about ICMP, not for non-first fragments)."""
         if p[9] == 1 or (load16(p + 6) & htons(0x1fff)) != 0:
             return
         cdef unsigned quote = ihl + (ICMP_QUOTE if n - ihl >= ICMP_QUOTE else n - ihl)
@@ -299,7 +299,7 @@ cdef class Engine:
         memcpy(o + 2, &v, 2)
         o[8] = 8                  # flannel's TTL for generated errors
         o[9] = 1
-        memcpy(o + 12, &self.tun_addr, 4)
+        memcpy(o + 12, p + 16, 4)
         memcpy(o + 16, p + 12, 4)
         ip4_set_check(o, 20)
         o[20] = 3

@@ -1,0 +1,36 @@
+# The two entry points the README starts with. Both install what a fresh Debian machine lacks, then run.
+#   make demo   the two-host demo and benchmark (flannel-bench --quick), embedded defaults, no etcd
+#   make test   lint (ruff), type-check (mypy) and the whole test suite, as CI runs it
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+APT_PACKAGES := iproute2 iptables iperf3 iputils-ping etcd-server containernetworking-plugins util-linux \
+	gcc python3-dev python3-venv
+BENCH_OUT ?= bench-out
+
+.PHONY: setup demo test lint
+
+setup: $(BIN)/flannel-tunnel
+	@command -v iperf3 >/dev/null && command -v ping >/dev/null || $(MAKE) apt
+
+apt:
+	apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES)
+
+$(BIN)/flannel-tunnel: pyproject.toml setup.py $(wildcard src_ext/*)
+	$(MAKE) apt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e ".[test]"
+	touch $@
+
+demo: setup
+	$(BIN)/flannel-bench --quick --json $(BENCH_OUT)/quick.json --plot $(BENCH_OUT)/quick.png
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+test: lint
+	$(BIN)/python -m pytest -q tests

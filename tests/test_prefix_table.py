@@ -1,0 +1,89 @@
+"""PrefixTable against a plain-Python longest-prefix match, over random route sets with overlaps and deletes."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dataplane._engine import PrefixTable
+
+Net = ipaddress.IPv4Network
+
+
+def reference(routes: dict[Net, tuple[str, int]], addr: int) -> tuple[str, int] | None:
+    best = None
+    for net, hop in routes.items():
+        if int(net.network_address) == addr & int(net.netmask) and (best is None or net.prefixlen > best[0]):
+            best = (net.prefixlen, hop)
+    return None if best is None else best[1]
+
+
+# Addresses clustered in a few /8s and /16s so that random prefixes overlap often; any length /0-/32.
+addresses = st.one_of(
+    st.integers(0, 2**32 - 1),
+    st.builds(lambda lo: (10 << 24) | (244 << 16) | lo, st.integers(0, 2**16 - 1)),
+    st.builds(lambda lo: (10 << 24) | lo, st.integers(0, 2**24 - 1)),
+)
+prefixes = st.builds(lambda a, plen: Net((a, plen), strict=False), addresses, st.integers(0, 32))
+hops = st.tuples(st.builds(lambda a: str(ipaddress.IPv4Address(a)), st.integers(1, 2**32 - 2)), st.integers(1, 65535))
+operations = st.lists(st.tuples(st.booleans(), prefixes, hops), max_size=60)
+
+
+def probes(routes: dict[Net, tuple[str, int]], extra: list[int]) -> list[int]:
+    """Every route's first, last and neighbouring addresses, plus random ones."""
+    out = list(extra)
+    for net in routes:
+        lo, hi = int(net.network_address), int(net.broadcast_address)
+        out += [lo, hi, max(lo - 1, 0), min(hi + 1, 2**32 - 1)]
+    return out
+
+
+@settings(max_examples=300, deadline=None)
+@given(operations, st.lists(addresses, max_size=40))
+def test_matches_reference(ops: list[tuple[bool, Net, tuple[str, int]]], extra: list[int]) -> None:
+    table = PrefixTable()
+    model: dict[Net, tuple[str, int]] = {}
+    for delete, net, hop in ops:
+        if delete and net in model:
+            table.delete(str(net))
+            del model[net]
+        else:
+            table.set(str(net), *hop)
+            model[net] = hop
+    assert len(table) == len(model)
+    assert {(Net(p), (ip, port)) for p, ip, port in table} == set(model.items())
+    for addr in probes(model, extra):
+        assert table.lookup(str(ipaddress.IPv4Address(addr))) == reference(model, addr)
+
+
+def test_default_route_and_host_route() -> None:
+    table = PrefixTable()
+    table.update([("0.0.0.0/0", "198.18.0.1", 1), ("10.244.3.7/32", "198.18.0.2", 2)])
+    assert table.lookup("1.2.3.4") == ("198.18.0.1", 1)
+    assert table.lookup("10.244.3.7") == ("198.18.0.2", 2)
+    assert table.lookup("10.244.3.8") == ("198.18.0.1", 1)
+    table.delete("0.0.0.0/0")
+    assert table.lookup("1.2.3.4") is None
+
+
+def test_host_bits_are_masked_and_replace_is_in_place() -> None:
+    table = PrefixTable()
+    table.set("10.244.1.77/24", "198.18.0.1", 8285)
+    table.set("10.244.1.0/24", "198.18.0.9", 8285)
+    assert list(table) == [("10.244.1.0/24", "198.18.0.9", 8285)]
+
+
+def test_errors() -> None:
+    table = PrefixTable()
+    with pytest.raises(KeyError):
+        table.delete("10.0.0.0/8")
+    with pytest.raises(ValueError):
+        table.set("10.0.0.0/33", "198.18.0.1", 1)
+    with pytest.raises(ValueError):
+        table.set("10.0.0.0/8", "not-an-ip", 1)
+    with pytest.raises(ValueError):
+        table.set("10.0.0.0/8", "198.18.0.1", 0)
+    assert len(table) == 0, "a failed update changes nothing"

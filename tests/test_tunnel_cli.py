@@ -1,0 +1,69 @@
+"""flannel-tunnel's user errors: each a single line on stderr, the documented exit code, nothing left behind."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import TUNNEL, host_socket
+
+from bench.rig import Rig
+
+BASE = ["--iface-ip", "198.18.0.1", "--subnet", "10.244.1.0/24", "--network", "10.244.0.0/16"]
+
+
+def _run(argv: list[str], prefix: list[str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*(prefix or []), TUNNEL, *argv], capture_output=True, text=True, timeout=30)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--subnet", "10.244.1.0/24"], "the following arguments are required"),
+        ([*BASE, "--bogus"], "unrecognized arguments: --bogus"),
+        (["--iface-ip", "198.18.0.1", "--subnet", "10.244.1.0/33", "--network", "10.244.0.0/16"],
+         "--subnet '10.244.1.0/33' is not an IPv4 CIDR"),
+        (["--iface-ip", "nope", "--subnet", "10.244.1.0/24", "--network", "10.244.0.0/16"],
+         "--iface-ip 'nope' is not an IPv4 address"),
+        (["--iface-ip", "198.18.0.1", "--subnet", "10.9.1.0/24", "--network", "10.244.0.0/16"],
+         "--subnet 10.9.1.0/24 is outside --network 10.244.0.0/16"),
+        ([*BASE, "--peer", "10.245.2.0/24=198.18.0.2"], "--peer subnet 10.245.2.0/24 is outside --network"),
+        ([*BASE, "--peer", "10.244.2.0/24"], "must look like CIDR=IP"),
+        ([*BASE, "--peer", "10.244.2.0/24=198.18.0.2", "--peer", "10.244.2.128/25=198.18.0.3"],
+         "--peer subnet 10.244.2.128/25 overlaps --peer 10.244.2.0/24"),
+        ([*BASE, "--peer", "10.244.1.0/25=198.18.0.2"], "overlaps --subnet 10.244.1.0/24"),
+        ([*BASE, "--batch", "0"], "--batch 0 is out of range 1-128"),
+        ([*BASE, "--port", "70000"], "--port 70000 is out of range"),
+        ([*BASE, "--offload", "maybe"], "invalid choice: 'maybe'"),
+    ],
+)
+def test_bad_flags_exit_2_with_one_line(argv: list[str], message: str) -> None:
+    r = _run(argv)
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("flannel-tunnel: error: "), r.stderr
+    assert message in r.stderr
+
+
+def _host_error(r: subprocess.CompletedProcess[str], message: str) -> None:
+    assert r.returncode == 1, r.stderr
+    assert message in r.stderr
+    assert "Traceback" not in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
+def test_not_root() -> None:
+    _host_error(_run(BASE, ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]), "must run as root")
+
+
+def test_host_refusals(rig: Rig, tmp_path: Path) -> None:
+    a, _ = rig.hosts
+    _host_error(a.run(TUNNEL, "--iface-ip", "198.18.7.7", "--subnet", "10.244.1.0/24", "--network", "10.244.0.0/16",
+                      check=False), "no local interface has address 198.18.7.7")
+    with host_socket(a) as squatter:
+        squatter.bind((str(a.underlay), 8285))
+        _host_error(a.run(TUNNEL, *BASE, check=False), "UDP port 8285 on 198.18.0.1 is already in use")
+    # No /dev/net/tun: hide it behind an empty tmpfs in a private mount namespace.
+    hidden = a.run("unshare", "--mount", "sh", "-c", f"mount -t tmpfs none /dev/net && exec {TUNNEL} {' '.join(BASE)}",
+                   check=False)
+    _host_error(hidden, "/dev/net/tun does not exist")
+    assert "flannel0" not in a.run("ip", "link").stdout, "a failed start leaves nothing configured"
