@@ -5,14 +5,14 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-APT_PACKAGES := iproute2 iptables iperf3 iputils-ping etcd-server containernetworking-plugins util-linux \
+APT_PACKAGES := iproute2 iptables iperf3 iputils-ping ethtool etcd-server containernetworking-plugins util-linux \
 	gcc python3-dev python3-venv
 BENCH_OUT ?= bench-out
 
 .PHONY: setup demo test lint
 
 setup: $(BIN)/flannel-tunnel
-	@command -v iperf3 >/dev/null && command -v ping >/dev/null || $(MAKE) apt
+	@command -v iperf3 >/dev/null && command -v ping >/dev/null && command -v ethtool >/dev/null || $(MAKE) apt
 
 apt:
 	apt-get update -qq

@@ -11,6 +11,7 @@ import threading
 from typing import Any
 
 from dataplane._engine import Engine, PrefixTable
+from dataplane.offload import Offloads
 from dataplane.tun import TunDevice
 
 DEFAULT_PORT = 8285
@@ -25,11 +26,17 @@ class Pump:
         tun: TunDevice,
         sock: socket.socket,
         *,
+        offloads: Offloads,
         batch: int = DEFAULT_BATCH,
         check_source: bool = True,
     ) -> None:
+        """`offloads` must be what the TUN and socket were actually set up with (dataplane.tun, dataplane.udp)."""
         self.routes = PrefixTable()
-        self._engine = Engine(tun.fd, sock.fileno(), self.routes, batch=batch, check_source=check_source)
+        self.offloads = offloads
+        self._engine = Engine(
+            tun.fd, sock.fileno(), self.routes, batch=batch, check_source=check_source,
+            vnet_hdr=offloads.vnet_hdr, gso=offloads.gso, gro=offloads.gro, coalesce=offloads.coalesce,
+        )
         self._threads: list[threading.Thread] = []
         self._errors: list[BaseException] = []
 
@@ -63,5 +70,6 @@ class Pump:
         self.routes.delete(subnet)
 
     def stats(self) -> dict[str, Any]:
-        """Engine counters (see dataplane._engine.COUNTERS and DROPS)."""
+        """Engine counters (dataplane._engine.COUNTERS, DROPS) and the offloads still on (GSO and coalescing
+        switch themselves off if the kernel refuses them at run time)."""
         return self._engine.stats()

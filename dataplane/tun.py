@@ -1,8 +1,9 @@
 """The TUN device: opened with python-pytun, configured with pyroute2, exactly as flannel's udp backend does.
 
-python-pytun creates the device (TUNSETIFF with IFF_TUN|IFF_NO_PI, and IFF_VNET_HDR when offloads are wanted)
-and hands out its fd, which the engine threads read and write directly. The device is not persistent: closing
-the fd removes it together with its address and routes, so a crash leaves nothing configured.
+python-pytun creates the device (TUNSETIFF with IFF_TUN|IFF_NO_PI, plus IFF_VNET_HDR when offloads are wanted)
+and hands out its fd, which the engine threads read and write directly; the offload ioctl goes to that fd. The
+device is not persistent: closing the fd removes it together with its address and routes, so a crash leaves
+nothing configured.
 """
 
 from __future__ import annotations
@@ -11,24 +12,34 @@ import errno
 import fcntl
 import ipaddress
 import os
-from dataclasses import dataclass
+import struct
+from dataclasses import dataclass, replace
 
 import pytun
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from dataplane.errors import DataplaneError
+from dataplane.offload import Offloads
 
 ENCAP_OVERHEAD = 28  # outer IPv4 header + UDP header (flannel's encapOverhead)
+
+# include/uapi/linux/if_tun.h
+TUNSETOFFLOAD = 0x400454D0
+TUN_F_CSUM, TUN_F_TSO4, TUN_F_USO4, TUN_F_USO6 = 0x01, 0x02, 0x20, 0x40
 
 
 @dataclass
 class TunDevice:
-    """An open TUN device; `fd` is what the engine uses, `close()` removes the device."""
+    """An open TUN device; `fd` is what the engine uses, `close()` removes the device.
+
+    `offloads` starts as what was wanted and is narrowed to what the kernel accepts by open_tun (TSO, USO) and
+    configure_tun (coalesced writes); the socket-side entries (gso, gro) are left for dataplane.udp.
+    """
 
     name: str
     handle: pytun.TunTapDevice
-    vnet_hdr: bool
+    offloads: Offloads
 
     @property
     def fd(self) -> int:
@@ -38,18 +49,33 @@ class TunDevice:
         self.handle.close()
 
 
-def open_tun(name: str, *, vnet_hdr: bool = False) -> TunDevice:
-    """Create the TUN device `name` (non-blocking) or raise DataplaneError saying why not."""
+def open_tun(name: str, wanted: Offloads) -> TunDevice:
+    """Create the TUN device `name` (non-blocking), or raise DataplaneError saying why not."""
     if not os.path.exists("/dev/net/tun"):
         raise DataplaneError("/dev/net/tun does not exist: load the tun module (modprobe tun)")
-    flags = pytun.IFF_TUN | pytun.IFF_NO_PI | (pytun.IFF_VNET_HDR if vnet_hdr else 0)
+    flags = pytun.IFF_TUN | pytun.IFF_NO_PI | (pytun.IFF_VNET_HDR if wanted.vnet_hdr else 0)
     try:
         handle = pytun.TunTapDevice(name=name, flags=flags)
     except pytun.Error as exc:
         raise DataplaneError(f"cannot create TUN device {name}: {_pytun_reason(exc)}") from None
     fd = handle.fileno()
     fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)
-    return TunDevice(name=handle.name, handle=handle, vnet_hdr=vnet_hdr)
+    tun = TunDevice(name=handle.name, handle=handle, offloads=wanted)
+    if wanted.vnet_hdr:
+        # USO is asked for together with TSO: the kernel takes both USO flags or neither, and only from 6.2.
+        base = TUN_F_CSUM | (TUN_F_TSO4 if wanted.tso else 0)
+        uso = wanted.uso and _tunsetoffload(fd, base | TUN_F_USO4 | TUN_F_USO6)
+        tso = wanted.tso and (uso or _tunsetoffload(fd, base))
+        tun.offloads = replace(wanted, tso=tso, uso=uso)
+    return tun
+
+
+def _tunsetoffload(fd: int, flags: int) -> bool:
+    try:
+        fcntl.ioctl(fd, TUNSETOFFLOAD, flags)
+    except OSError:
+        return False
+    return True
 
 
 def _pytun_reason(exc: pytun.Error) -> str:
@@ -61,14 +87,14 @@ def _pytun_reason(exc: pytun.Error) -> str:
     return text
 
 
-def configure_tun(name: str, *, subnet: ipaddress.IPv4Network, network: ipaddress.IPv4Network, mtu: int) -> None:
+def configure_tun(tun: TunDevice, *, subnet: ipaddress.IPv4Network, network: ipaddress.IPv4Network, mtu: int) -> None:
     """Address = subnet network address /32, the given MTU, link up, and a route for the whole network.
 
     The /32 (rather than the subnet's own prefix) keeps the kernel from adding a connected route and broadcast
     addresses for the subnet, which belongs to the local bridge, not to flannel0 (flannel's configureIface).
     """
     with IPRoute() as ipr:
-        index = ipr.link_lookup(ifname=name)[0]
+        index = ipr.link_lookup(ifname=tun.name)[0]
         ipr.link("set", index=index, mtu=mtu, state="up")
         ipr.addr("add", index=index, address=str(subnet.network_address), prefixlen=32)
         try:
@@ -76,6 +102,23 @@ def configure_tun(name: str, *, subnet: ipaddress.IPv4Network, network: ipaddres
         except NetlinkError as exc:
             if exc.code != errno.EEXIST:
                 raise
+    if tun.offloads.coalesce and not _coalesced_write_works(tun.fd):
+        tun.offloads = replace(tun.offloads, coalesce=False)
+
+
+def _coalesced_write_works(fd: int) -> bool:
+    """Can this kernel take a GSO write through the TUN? Some cannot (the 6.6.44-era regression in
+    virtio_net_hdr_to_skb refused short tails with EINVAL). The probe is a two-segment TCP packet from 0.0.0.0
+    to 0.0.0.0: the write is accepted or refused, and the stack then drops the packet as a martian."""
+    payload = 100 + 60  # one full 100-byte segment and a shorter tail
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 40 + payload, 0, 0x4000, 64, 6, 0, bytes(4), bytes(4))
+    tcp = struct.pack("!HHIIBBHHH", 9, 9, 1, 1, 0x50, 0x10, 65535, 0, 0)
+    vnet = struct.pack("=BBHHHH", 1, 1, 40, 100, 20, 16)  # NEEDS_CSUM, GSO_TCPV4, hdr_len, gso_size, csum at 20+16
+    try:
+        os.write(fd, vnet + ip + tcp + bytes(payload))
+    except OSError:
+        return False
+    return True
 
 
 def underlay_mtu(iface_ip: ipaddress.IPv4Address) -> int:

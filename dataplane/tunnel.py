@@ -19,10 +19,11 @@ import sys
 from dataclasses import dataclass
 from typing import NoReturn
 
+from dataplane import offload
 from dataplane.errors import DataplaneError
 from dataplane.pump import DEFAULT_BATCH, DEFAULT_PORT, Pump
 from dataplane.tun import ENCAP_OVERHEAD, configure_tun, open_tun, underlay_mtu
-from dataplane.udp import open_udp_socket
+from dataplane.udp import enable_offloads, open_udp_socket
 
 log = logging.getLogger("flannel-tunnel")
 
@@ -43,7 +44,7 @@ class TunnelConfig:
     peers: tuple[Peer, ...]
     port: int
     tun: str
-    offload: str
+    offloads: offload.Offloads
     batch: int
     check_source: bool
     stats_file: str | None
@@ -63,7 +64,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--peer", action="append", default=[], metavar="CIDR=IP", help="a peer's subnet and address")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help="UDP port, the same on every host (8285)")
     p.add_argument("--tun", default="flannel0", help="TUN device name (flannel0)")
-    p.add_argument("--offload", choices=("auto", "off"), default="auto", help="kernel offloads (auto)")
+    p.add_argument("--offload", choices=("auto", "off"), default="auto",
+                   help=f"kernel offloads (auto); {offload.ENV_DISABLE}=gso,gro,... turns single ones off")
     p.add_argument("--batch", type=int, default=DEFAULT_BATCH, help=f"packets per syscall, 1-128 ({DEFAULT_BATCH})")
     p.add_argument("--no-source-check", action="store_true", help="accept packets whose sender is not their peer")
     p.add_argument("--stats-file", help="where SIGUSR1 writes the counters as JSON")
@@ -121,7 +123,7 @@ def parse_config(argv: list[str] | None) -> TunnelConfig:
         peers=peers,
         port=args.port,
         tun=args.tun,
-        offload=args.offload,
+        offloads=offload.wanted(args.offload),
         batch=args.batch,
         check_source=not args.no_source_check,
         stats_file=args.stats_file,
@@ -135,10 +137,11 @@ def run(cfg: TunnelConfig) -> None:
     mtu = underlay_mtu(cfg.iface_ip) - ENCAP_OVERHEAD
     sock = open_udp_socket(cfg.iface_ip, cfg.port)
     try:
-        tun = open_tun(cfg.tun)
+        tun = open_tun(cfg.tun, cfg.offloads)
         try:
-            configure_tun(tun.name, subnet=cfg.subnet, network=cfg.network, mtu=mtu)
-            _forward(cfg, Pump(tun, sock, batch=cfg.batch, check_source=cfg.check_source), mtu)
+            configure_tun(tun, subnet=cfg.subnet, network=cfg.network, mtu=mtu)
+            offloads = enable_offloads(sock, tun.offloads)
+            _forward(cfg, Pump(tun, sock, offloads=offloads, batch=cfg.batch, check_source=cfg.check_source), mtu)
         finally:
             tun.close()
     finally:
@@ -152,8 +155,8 @@ def _forward(cfg: TunnelConfig, pump: Pump, mtu: int) -> None:
     signals = {signal.SIGINT, signal.SIGTERM, signal.SIGUSR1}
     signal.pthread_sigmask(signal.SIG_BLOCK, signals)
     pump.start()
-    log.info("%s up: subnet %s, mtu %d, %d peers, udp %s:%d, batch %d", cfg.tun, cfg.subnet, mtu,
-             len(cfg.peers), cfg.iface_ip, cfg.port, cfg.batch)
+    log.info("%s up: subnet %s, mtu %d, %d peers, udp %s:%d, batch %d, offloads: %s", cfg.tun, cfg.subnet, mtu,
+             len(cfg.peers), cfg.iface_ip, cfg.port, cfg.batch, pump.offloads.describe())
     try:
         while (sig := signal.sigwait(signals)) == signal.SIGUSR1:
             _write_stats(cfg.stats_file, pump)

@@ -1,12 +1,24 @@
-"""The underlay UDP socket the engine sends and receives on (flannel binds it to the interface address)."""
+"""The underlay UDP socket the engine sends and receives on (flannel binds it to the interface address).
+
+Besides binding, this is where the socket-side offloads are probed and switched on (UDP_SEGMENT for sends,
+UDP_GRO for receives), where the buffers are enlarged (the default 208 KiB drops bursts, and drops become TCP
+retransmits), and where SO_RXQ_OVFL is enabled so the engine can count what the socket buffer dropped.
+"""
 
 from __future__ import annotations
 
 import errno
 import ipaddress
 import socket
+from dataclasses import replace
 
 from dataplane.errors import DataplaneError
+from dataplane.offload import Offloads
+
+BUFFER_BYTES = 8 << 20
+# include/uapi/linux/udp.h, asm-generic/socket.h
+UDP_SEGMENT, UDP_GRO, SO_RXQ_OVFL = 103, 104, 40
+SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33
 
 
 def open_udp_socket(addr: ipaddress.IPv4Address, port: int) -> socket.socket:
@@ -24,4 +36,33 @@ def open_udp_socket(addr: ipaddress.IPv4Address, port: int) -> socket.socket:
             raise DataplaneError(f"permission denied binding UDP port {port}") from None
         raise DataplaneError(f"cannot bind UDP {addr}:{port}: {exc.strerror}") from None
     sock.setblocking(False)
+    _enlarge_buffers(sock)
+    sock.setsockopt(socket.SOL_SOCKET, SO_RXQ_OVFL, 1)
     return sock
+
+
+def _enlarge_buffers(sock: socket.socket) -> None:
+    """*BUFFORCE ignores net.core.[rw]mem_max (needs CAP_NET_ADMIN); otherwise take what the sysctl allows."""
+    for force, plain in ((SO_SNDBUFFORCE, socket.SO_SNDBUF), (SO_RCVBUFFORCE, socket.SO_RCVBUF)):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, force, BUFFER_BYTES)
+        except OSError:
+            sock.setsockopt(socket.SOL_SOCKET, plain, BUFFER_BYTES)
+
+
+def enable_offloads(sock: socket.socket, wanted: Offloads) -> Offloads:
+    """Switch on UDP GSO/GRO where wanted and accepted; the returned record says which are on."""
+    gso = wanted.gso and _sockopt_known(sock, UDP_SEGMENT)
+    # getsockopt(UDP_GRO) exists from Linux 5.12, the first release whose UDP GRO wireguard-go trusts.
+    gro = wanted.gro and _sockopt_known(sock, UDP_GRO)
+    if gro:
+        sock.setsockopt(socket.IPPROTO_UDP, UDP_GRO, 1)
+    return replace(wanted, gso=gso, gro=gro)
+
+
+def _sockopt_known(sock: socket.socket, option: int) -> bool:
+    try:
+        sock.getsockopt(socket.IPPROTO_UDP, option)
+    except OSError:
+        return False
+    return True

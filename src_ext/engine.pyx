@@ -20,40 +20,51 @@ Design notes (what is flannel's and why; what is ours and why)
   that mode is the baseline for every speed figure.
 - The routing table is a prefix_table.h table, read lock-free: each thread pins the current table in its hazard
   slot for one batch, so a route change never waits for traffic to stop, and traffic never waits for a change.
+- Offloads (each optional, chosen by dataplane.offload before the engine starts):
+  vnet_hdr: the TUN carries a virtio_net_hdr; with TSO the kernel hands over 64 KiB TCP super-packets, which TX
+  splits into MSS-size segments (offload.h gso_split) straight into the send arena.
+  gso: runs of equal-size segments to one peer leave as one UDP_SEGMENT message; the kernel cuts them into
+  datagrams, so each datagram on the wire still carries exactly one inner packet (flannel's format).
+  gro: UDP_GRO delivers trains of datagrams from one sender in one receive; RX cuts them at the gso_size.
+  coalesce: consecutive segments of one TCP flow are merged again and written to the TUN as one GSO packet.
+  A GSO send refused with EIO (egress device without checksum offload) turns GSO off and resends; a coalesced
+  write refused with EINVAL (the 6.6.44-era virtio header regression) turns coalescing off and writes segments.
 - Nothing here allocates or touches a Python object per packet; all buffers are allocated at construction.
 """
 
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy, memset
 from libc.stdlib cimport calloc, free
-from libc.errno cimport errno, EAGAIN, EINTR
+from libc.errno cimport errno, EAGAIN, EINTR, EIO, EINVAL
 from posix.unistd cimport read, write, close
 
 from syscalls cimport (
-    iovec, writev, sockaddr_in, htons, ntohs, htonl, ntohl, msghdr, mmsghdr, recvmmsg, sendmmsg,
+    iovec, readv, writev, sockaddr_in, htons, ntohs, htonl, ntohl, mmsghdr, recvmmsg, sendmmsg,
     MSG_DONTWAIT, pollfd, poll, POLLIN, POLLOUT, eventfd, EFD_NONBLOCK, EFD_CLOEXEC,
 )
 from prefix_table cimport pt_table, pt_handle, pt_hop, pt_lookup, pt_acquire, pt_release
-
-
-cdef extern from "csum.h" nogil:
-    uint64_t csum_partial(const void *p, size_t len, uint64_t seed)
-    uint16_t csum_fold(uint64_t sum)
-    uint16_t csum_finish(uint64_t sum)
-    uint64_t csum_pseudo4(const uint8_t *iph, uint8_t proto, uint16_t l4len)
-    uint16_t csum_replace2(uint16_t check, uint16_t old, uint16_t new_)
-    void ip4_set_check(uint8_t *iph, unsigned ihl)
+from offload cimport (
+    csum_partial, csum_fold, csum_finish, csum_replace2, ip4_set_check, VNET_HDR_LEN, VNET_F_NEEDS_CSUM,
+    VNET_GSO_NONE, VNET_GSO_TCPV4, VNET_GSO_UDP_L4, GSO_MAX_SEGS, GRO_BUF, vnet_hdr, gro_item, gro_table, vnet_finish_csum, gso_split, gro_reset,
+    gro_add, gro_finish, CMSG_ROOM, cmsg_set_segment, cmsg_parse_rx,
+)
 
 
 include "prefix_table.pxi"
+include "offload.pxi"
 
 
 cdef enum:
     MAX_BATCH = 128          # messages per recvmmsg/sendmmsg
     SLOT = 65536             # one datagram (or one UDP_GRO train) per receive slot
-    READ_MAX = 65535 + 10    # one TUN read: an IPv4 packet up to 64 KiB plus the virtio header
+    READ_MAX = 65535         # one TUN read: an IPv4 packet (or TSO super-packet) up to 64 KiB
     ARENA = 1 << 20          # TX bytes collected before a flush
+    ARENA_SLACK = 1 << 17    # room past ARENA for the segments of one last super-packet
     MAX_SEGS = 4096          # TX packets collected before a flush
+    SPLIT_SEGS = 1024        # room left in the segment list for one super-packet (MSS 64 at 64 KiB)
+    RX_PACKETS = MAX_BATCH * GSO_MAX_SEGS   # inner packets one receive batch can hold with UDP_GRO
+    GRO_POOL = 64            # coalescing buffers per batch
+    UDP_MAX_PAYLOAD = 65507  # 65535 - IPv4 header - UDP header
     ICMP_QUOTE = 8           # payload bytes of the offending packet quoted after its IP header
     HAZARD_TX = 0
     HAZARD_RX = 1
@@ -63,12 +74,19 @@ cdef enum:
     C_TX_PACKETS
     C_TX_BYTES
     C_TX_SEND_CALLS
+    C_TX_GSO_MESSAGES
     C_TUN_READS
+    C_TUN_SUPER_PACKETS
     C_RX_PACKETS
     C_RX_BYTES
     C_RX_RECV_CALLS
+    C_RX_GRO_TRAINS
     C_TUN_WRITES
+    C_TUN_COALESCED_WRITES
     C_ICMP_UNREACH_SENT
+    C_GSO_FALLBACKS
+    C_COALESCE_FALLBACKS
+    C_RX_SOCKET_OVERFLOW
     D_TX_NOT_IPV4
     D_TX_MALFORMED
     D_TX_NO_ROUTE
@@ -86,9 +104,9 @@ cdef enum:
     N_COUNTERS
 
 COUNTERS = (
-    "tx_packets", "tx_bytes", "tx_send_calls", "tun_reads",
-    "rx_packets", "rx_bytes", "rx_recv_calls", "tun_writes",
-    "icmp_unreachable_sent",
+    "tx_packets", "tx_bytes", "tx_send_calls", "tx_gso_messages", "tun_reads", "tun_super_packets",
+    "rx_packets", "rx_bytes", "rx_recv_calls", "rx_gro_trains", "tun_writes", "tun_coalesced_writes",
+    "icmp_unreachable_sent", "gso_fallbacks", "coalesce_fallbacks", "rx_socket_overflow",
 )
 DROPS = (
     "tx_not_ipv4", "tx_malformed", "tx_no_route", "tx_ttl_expired", "tx_send_error",
@@ -124,16 +142,19 @@ cdef class Engine:
     """Moves packets between a TUN fd and a UDP socket fd; both fds stay owned by the caller.
 
     run_tx() and run_rx() block until stop() and are meant to be called from two threads; they release the GIL.
+    The offload switches must match how the fds were set up (dataplane.offload probes and enables them).
     """
 
     cdef int tun_fd, sock_fd, stop_fd
     cdef int batch
-    cdef bint check_source
+    cdef bint check_source, vnet_hdr, gso, gro, coalesce
     cdef readonly PrefixTable table
     cdef pt_handle *routes
     cdef uint64_t counters[N_COUNTERS]
     # TX state
-    cdef uint8_t *arena
+    cdef vnet_hdr tx_hdr
+    cdef uint8_t *rbuf              # one TUN read when the TUN carries virtio headers
+    cdef uint8_t *arena             # packets ready to send, back to back
     cdef size_t tx_pos
     cdef int tx_nseg
     cdef uint32_t *seg_off
@@ -142,40 +163,63 @@ cdef class Engine:
     cdef mmsghdr *tx_msgs
     cdef iovec *tx_iov
     cdef sockaddr_in *tx_addr
+    cdef uint8_t *tx_cmsg
     cdef int *tx_msg_segs
+    cdef int *tx_msg_first
     cdef uint8_t icmp[20 + 8 + 60 + ICMP_QUOTE]
     # RX state
     cdef uint8_t *rx_bufs
     cdef mmsghdr *rx_msgs
     cdef iovec *rx_iov
     cdef sockaddr_in *rx_addr
+    cdef uint8_t *rx_cmsg
+    cdef uint32_t rx_overflow
+    cdef gro_table *flows
+    cdef uint8_t *rx_split         # coalescing fallback: a merged packet cut back into segments
+    cdef uint16_t *rx_split_len
 
-    def __cinit__(self, int tun_fd, int sock_fd, PrefixTable table not None, *, int batch=64, bint check_source=True):
+    def __cinit__(self, int tun_fd, int sock_fd, PrefixTable table not None, *, int batch=64,
+                  bint check_source=True, bint vnet_hdr=False, bint gso=False, bint gro=False, bint coalesce=False):
         if not 1 <= batch <= MAX_BATCH:
             raise ValueError(f"batch {batch} out of range 1-{MAX_BATCH}")
+        if coalesce and not vnet_hdr:
+            raise ValueError("coalescing needs a TUN with virtio headers")
         self.tun_fd = tun_fd
         self.sock_fd = sock_fd
         self.batch = batch
         self.check_source = check_source
+        self.vnet_hdr = vnet_hdr
+        self.gso = gso
+        self.gro = gro
+        self.coalesce = coalesce
         self.table = table
         self.routes = table._handle()
         memset(self.counters, 0, sizeof(self.counters))
         self.stop_fd = -1
-        self.arena = <uint8_t *>calloc(ARENA + READ_MAX, 1)
+        self.rbuf = <uint8_t *>calloc(READ_MAX + 1, 1)
+        self.arena = <uint8_t *>calloc(ARENA + ARENA_SLACK, 1)
         self.seg_off = <uint32_t *>calloc(MAX_SEGS, sizeof(uint32_t))
         self.seg_len = <uint16_t *>calloc(MAX_SEGS, sizeof(uint16_t))
         self.seg_hop = <pt_hop *>calloc(MAX_SEGS, sizeof(pt_hop))
         self.tx_msgs = <mmsghdr *>calloc(MAX_BATCH, sizeof(mmsghdr))
         self.tx_iov = <iovec *>calloc(MAX_BATCH, sizeof(iovec))
         self.tx_addr = <sockaddr_in *>calloc(MAX_BATCH, sizeof(sockaddr_in))
+        self.tx_cmsg = <uint8_t *>calloc(MAX_BATCH, CMSG_ROOM)
         self.tx_msg_segs = <int *>calloc(MAX_BATCH, sizeof(int))
+        self.tx_msg_first = <int *>calloc(MAX_BATCH, sizeof(int))
         self.rx_bufs = <uint8_t *>calloc(MAX_BATCH, SLOT)
         self.rx_msgs = <mmsghdr *>calloc(MAX_BATCH, sizeof(mmsghdr))
         self.rx_iov = <iovec *>calloc(MAX_BATCH, sizeof(iovec))
         self.rx_addr = <sockaddr_in *>calloc(MAX_BATCH, sizeof(sockaddr_in))
-        if (not self.arena or not self.seg_off or not self.seg_len or not self.seg_hop or not self.tx_msgs
-                or not self.tx_iov or not self.tx_addr or not self.tx_msg_segs or not self.rx_bufs
-                or not self.rx_msgs or not self.rx_iov or not self.rx_addr):
+        self.rx_cmsg = <uint8_t *>calloc(MAX_BATCH, CMSG_ROOM)
+        self.flows = new_gro_table(RX_PACKETS, GRO_POOL)
+        self.rx_split = <uint8_t *>calloc(GRO_BUF + ARENA_SLACK, 1)
+        self.rx_split_len = <uint16_t *>calloc(SPLIT_SEGS, sizeof(uint16_t))
+        if (not self.rbuf or not self.arena or not self.seg_off or not self.seg_len or not self.seg_hop
+                or not self.tx_msgs or not self.tx_iov or not self.tx_addr or not self.tx_cmsg
+                or not self.tx_msg_segs or not self.tx_msg_first or not self.rx_bufs or not self.rx_msgs
+                or not self.rx_iov or not self.rx_addr or not self.rx_cmsg or not self.flows or not self.rx_split
+                or not self.rx_split_len):
             raise MemoryError()
         self.stop_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
         if self.stop_fd < 0:
@@ -184,6 +228,7 @@ cdef class Engine:
     def __dealloc__(self):
         if self.stop_fd >= 0:
             close(self.stop_fd)
+        free(self.rbuf)
         free(self.arena)
         free(self.seg_off)
         free(self.seg_len)
@@ -191,11 +236,17 @@ cdef class Engine:
         free(self.tx_msgs)
         free(self.tx_iov)
         free(self.tx_addr)
+        free(self.tx_cmsg)
         free(self.tx_msg_segs)
+        free(self.tx_msg_first)
         free(self.rx_bufs)
         free(self.rx_msgs)
         free(self.rx_iov)
         free(self.rx_addr)
+        free(self.rx_cmsg)
+        free_gro_table(self.flows)
+        free(self.rx_split)
+        free(self.rx_split_len)
 
     # ---- Python surface -------------------------------------------------------------------------------------
 
@@ -221,9 +272,10 @@ cdef class Engine:
         write(self.stop_fd, &one, 8)
 
     def stats(self) -> dict:
-        """Counters as plain ints: traffic counters, plus drops by reason under "drops"."""
+        """Counters as plain ints, drops by reason under "drops", and the offloads in use under "offloads"."""
         out = {name: self.counters[i] for i, name in enumerate(COUNTERS)}
         out["drops"] = {name: self.counters[D_TX_NOT_IPV4 + i] for i, name in enumerate(DROPS)}
+        out["offloads"] = {"vnet_hdr": self.vnet_hdr, "gso": self.gso, "gro": self.gro, "coalesce": self.coalesce}
         return out
 
     # ---- TX: TUN -> UDP -------------------------------------------------------------------------------------
@@ -249,42 +301,85 @@ cdef class Engine:
         cdef const pt_table *t = pt_acquire(self.routes, HAZARD_TX)
         cdef ssize_t n
         cdef bint more = True
-        while self.tx_nseg < self.batch and self.tx_pos < ARENA:
-            n = read(self.tun_fd, self.arena + self.tx_pos, READ_MAX)
+        cdef iovec iov[2]
+        iov[0].iov_base = &self.tx_hdr
+        iov[0].iov_len = VNET_HDR_LEN
+        iov[1].iov_base = self.rbuf
+        iov[1].iov_len = READ_MAX
+        while self.tx_nseg < self.batch and self.tx_pos < ARENA and self.tx_nseg <= MAX_SEGS - SPLIT_SEGS:
+            if self.vnet_hdr:
+                n = readv(self.tun_fd, iov, 2) - VNET_HDR_LEN
+            else:
+                n = read(self.tun_fd, self.arena + self.tx_pos, READ_MAX)
             if n < 0:
                 if errno == EINTR:
                     continue
                 more = False      # EAGAIN: drained. Anything else: poll will report it again.
                 break
             self.counters[C_TUN_READS] += 1
-            self._tx_packet(t, self.arena + self.tx_pos, n)
+            if self.vnet_hdr:
+                self._tx_offloaded(t, n)
+            else:
+                self._tx_packet(t, self.arena + self.tx_pos, n)
         self._tx_flush()
         pt_release(self.routes, HAZARD_TX)
         return more
 
-    cdef void _tx_packet(self, const pt_table *t, uint8_t *p, ssize_t n) noexcept nogil:
-        """Route one packet read from the TUN into the arena, or drop it."""
+    cdef uint32_t _tx_route(self, const pt_table *t, uint8_t *p, ssize_t n) noexcept nogil:
+        """Checks shared by every TUN packet: IPv4, a route, TTL (decremented); the hop index, 0 to drop."""
         cdef unsigned ihl
         if n < 1 or (p[0] >> 4) != 4:
             self.counters[D_TX_NOT_IPV4] += 1     # the kernel's own IPv6 chatter on flannel0, mostly
-            return
+            return 0
         ihl = (p[0] & 0x0f) * 4
         if n < 20 or ihl < 20 or ihl > n:
             self.counters[D_TX_MALFORMED] += 1
-            return
+            return 0
         cdef uint32_t h = pt_lookup(t, ntohl(load32(p + 16)))
         if h == 0:
             self.counters[D_TX_NO_ROUTE] += 1
             self._icmp_unreachable(p, n, ihl)
-            return
+            return 0
         if not ttl_decrement(p):
             self.counters[D_TX_TTL_EXPIRED] += 1
-            return
+            return 0
+        return h
+
+    cdef void _tx_packet(self, const pt_table *t, uint8_t *p, ssize_t n) noexcept nogil:
+        """One plain packet already in place at the arena's end: route it, or leave it to be overwritten."""
+        cdef uint32_t h = self._tx_route(t, p, n)
+        if h:
+            self._tx_queue(n, t.hops[h])
+
+    cdef inline void _tx_queue(self, size_t n, pt_hop hop) noexcept nogil:
         self.seg_off[self.tx_nseg] = self.tx_pos
         self.seg_len[self.tx_nseg] = n
-        self.seg_hop[self.tx_nseg] = t.hops[h]
+        self.seg_hop[self.tx_nseg] = hop
         self.tx_nseg += 1
         self.tx_pos += n
+
+    cdef void _tx_offloaded(self, const pt_table *t, ssize_t n) noexcept nogil:
+        """One read with a virtio header (in tx_hdr, packet in rbuf): finish its checksum or split it."""
+        cdef vnet_hdr *hdr = &self.tx_hdr
+        cdef int nseg, i
+        cdef uint32_t h = self._tx_route(t, self.rbuf, n)
+        if h == 0:
+            return
+        if hdr.gso_type == VNET_GSO_NONE:
+            if hdr.flags & VNET_F_NEEDS_CSUM and vnet_finish_csum(self.rbuf, n, hdr) < 0:
+                self.counters[D_TX_MALFORMED] += 1
+                return
+            memcpy(self.arena + self.tx_pos, self.rbuf, n)
+            self._tx_queue(n, t.hops[h])
+            return
+        nseg = gso_split(self.rbuf, n, hdr.gso_type, hdr.gso_size, self.arena + self.tx_pos,
+                         ARENA + ARENA_SLACK - self.tx_pos, self.seg_len + self.tx_nseg, SPLIT_SEGS)
+        if nseg < 0:
+            self.counters[D_TX_MALFORMED] += 1
+            return
+        self.counters[C_TUN_SUPER_PACKETS] += 1
+        for i in range(nseg):
+            self._tx_queue(self.seg_len[self.tx_nseg], t.hops[h])
 
     cdef void _icmp_unreachable(self, const uint8_t *p, ssize_t n, unsigned ihl) noexcept nogil:
         """ICMP 3/0 back into the TUN from the destination's address (not about ICMP, not for non-first fragments)."""
@@ -293,6 +388,7 @@ cdef class Engine:
         cdef unsigned quote = ihl + (ICMP_QUOTE if n - ihl >= ICMP_QUOTE else n - ihl)
         cdef unsigned total = 20 + 8 + quote
         cdef uint8_t *o = self.icmp
+        cdef vnet_hdr none
         memset(o, 0, 28)
         o[0] = 0x45
         cdef uint16_t v = htons(total)
@@ -307,35 +403,77 @@ cdef class Engine:
         memcpy(o + 28, p, quote)
         v = csum_finish(csum_partial(o + 20, 8 + quote, 0))
         memcpy(o + 22, &v, 2)
-        if write(self.tun_fd, o, total) == total:
+        memset(&none, 0, sizeof(none))
+        if self._tun_write(&none, o, total) == 0:
             self.counters[C_ICMP_UNREACH_SENT] += 1
 
+    cdef int _tun_write(self, vnet_hdr *hdr, uint8_t *p, size_t n) noexcept nogil:
+        """One packet into the TUN, behind its virtio header when the TUN has them; 0 or an errno."""
+        cdef iovec iov[2]
+        cdef ssize_t r
+        if self.vnet_hdr:
+            iov[0].iov_base = hdr
+            iov[0].iov_len = VNET_HDR_LEN
+            iov[1].iov_base = p
+            iov[1].iov_len = n
+            r = writev(self.tun_fd, iov, 2) - VNET_HDR_LEN
+        else:
+            r = write(self.tun_fd, p, n)
+        if r == <ssize_t>n:
+            return 0
+        return errno if r < 0 else EIO
+
     cdef void _tx_flush(self) noexcept nogil:
-        """Send every collected packet: one message per packet, up to `batch` messages per sendmmsg."""
-        cdef int i = 0, m = 0
+        """Send every queued packet, up to `batch` messages per sendmmsg, redoing without GSO if GSO fails."""
+        cdef int i = 0, m, failed
         while i < self.tx_nseg:
-            self.tx_iov[m].iov_base = self.arena + self.seg_off[i]
-            self.tx_iov[m].iov_len = self.seg_len[i]
-            self.tx_addr[m].sin_family = 2    # AF_INET
-            self.tx_addr[m].sin_port = self.seg_hop[i].port
-            self.tx_addr[m].sin_addr.s_addr = self.seg_hop[i].addr
-            self.tx_msgs[m].msg_hdr.msg_name = &self.tx_addr[m]
-            self.tx_msgs[m].msg_hdr.msg_namelen = sizeof(sockaddr_in)
-            self.tx_msgs[m].msg_hdr.msg_iov = &self.tx_iov[m]
-            self.tx_msgs[m].msg_hdr.msg_iovlen = 1
-            self.tx_msg_segs[m] = 1
-            i += 1
-            m += 1
-            if m == self.batch:
-                self._tx_send(m)
-                m = 0
-        if m:
-            self._tx_send(m)
+            m = 0
+            while i < self.tx_nseg and m < self.batch:
+                i = self._tx_message(m, i)
+                m += 1
+            failed = self._tx_send(m)
+            if failed >= 0:
+                i = self.tx_msg_first[failed]
         self.tx_nseg = 0
         self.tx_pos = 0
 
-    cdef void _tx_send(self, int nmsg) noexcept nogil:
-        """sendmmsg the prepared messages, resuming after partial sends and waiting out a full socket buffer."""
+    cdef int _tx_message(self, int m, int i) noexcept nogil:
+        """Message m from segment i on: one datagram, or with GSO a run of equal-size segments to one peer
+        (a shorter one may end it, at most GSO_MAX_SEGS, never a one-segment GSO send). The next segment."""
+        cdef int first = i, count = 1
+        cdef size_t size = self.seg_len[i], total = size
+        cdef pt_hop hop = self.seg_hop[i]
+        i += 1
+        if self.gso:
+            while (i < self.tx_nseg and count < GSO_MAX_SEGS and self.seg_len[i] <= size
+                   and self.seg_hop[i].addr == hop.addr and self.seg_hop[i].port == hop.port
+                   and total + self.seg_len[i] <= UDP_MAX_PAYLOAD and self.seg_off[i] == self.seg_off[first] + total):
+                total += self.seg_len[i]
+                count += 1
+                i += 1
+                if self.seg_len[i - 1] < size:
+                    break
+        self.tx_iov[m].iov_base = self.arena + self.seg_off[first]
+        self.tx_iov[m].iov_len = total
+        self.tx_addr[m].sin_family = 2    # AF_INET
+        self.tx_addr[m].sin_port = hop.port
+        self.tx_addr[m].sin_addr.s_addr = hop.addr
+        self.tx_msgs[m].msg_hdr.msg_name = &self.tx_addr[m]
+        self.tx_msgs[m].msg_hdr.msg_namelen = sizeof(sockaddr_in)
+        self.tx_msgs[m].msg_hdr.msg_iov = &self.tx_iov[m]
+        self.tx_msgs[m].msg_hdr.msg_iovlen = 1
+        if count > 1:
+            cmsg_set_segment(&self.tx_msgs[m].msg_hdr, self.tx_cmsg + <size_t>m * CMSG_ROOM, size)
+        else:
+            self.tx_msgs[m].msg_hdr.msg_control = NULL
+            self.tx_msgs[m].msg_hdr.msg_controllen = 0
+        self.tx_msg_segs[m] = count
+        self.tx_msg_first[m] = first
+        return i
+
+    cdef int _tx_send(self, int nmsg) noexcept nogil:
+        """sendmmsg the prepared messages, resuming after partial sends and waiting out a full socket buffer.
+        Returns -1, or the index of a GSO message the kernel refused (GSO is then off: rebuild from there)."""
         cdef int start = 0, r, i
         cdef pollfd fds[2]
         while start < nmsg:
@@ -345,6 +483,7 @@ cdef class Engine:
                 for i in range(start, start + r):
                     self.counters[C_TX_PACKETS] += self.tx_msg_segs[i]
                     self.counters[C_TX_BYTES] += self.tx_iov[i].iov_len
+                    self.counters[C_TX_GSO_MESSAGES] += self.tx_msg_segs[i] > 1
                 start += r
             elif errno == EINTR:
                 continue
@@ -355,11 +494,17 @@ cdef class Engine:
                 fds[1].events = POLLIN
                 poll(fds, 2, -1)
                 if fds[1].revents:
-                    return
+                    return -1
+            elif errno == EIO and self.tx_msg_segs[start] > 1:
+                # UDP_SEGMENT needs checksum offload on the egress device; without it the kernel says EIO.
+                self.gso = False
+                self.counters[C_GSO_FALLBACKS] += 1
+                return start
             else:
                 # The message at `start` was refused (no route to the peer, EPERM from a firewall, ...).
                 self.counters[D_TX_SEND_ERROR] += self.tx_msg_segs[start]
                 start += 1
+        return -1
 
     # ---- RX: UDP -> TUN -------------------------------------------------------------------------------------
 
@@ -372,6 +517,7 @@ cdef class Engine:
             self.rx_msgs[i].msg_hdr.msg_iov = &self.rx_iov[i]
             self.rx_msgs[i].msg_hdr.msg_iovlen = 1
             self.rx_msgs[i].msg_hdr.msg_name = &self.rx_addr[i]
+            self.rx_msgs[i].msg_hdr.msg_control = self.rx_cmsg + <size_t>i * CMSG_ROOM
         fds[0].fd = self.sock_fd
         fds[0].events = POLLIN
         fds[1].fd = self.stop_fd
@@ -388,21 +534,37 @@ cdef class Engine:
 
     cdef bint _rx_batch(self) noexcept nogil:
         """Receive one batch of datagrams and deliver them; True if the socket may have more."""
-        cdef int i, r
+        cdef int i, r, gso_size
+        cdef size_t n, off
+        cdef uint8_t *p
         for i in range(self.batch):
             self.rx_msgs[i].msg_hdr.msg_namelen = sizeof(sockaddr_in)
+            self.rx_msgs[i].msg_hdr.msg_controllen = CMSG_ROOM
         r = recvmmsg(self.sock_fd, self.rx_msgs, self.batch, MSG_DONTWAIT, NULL)
         if r <= 0:
             return r < 0 and errno == EINTR
         self.counters[C_RX_RECV_CALLS] += 1
         cdef const pt_table *t = pt_acquire(self.routes, HAZARD_RX)
         for i in range(r):
-            self._rx_packet(t, self.rx_bufs + <size_t>i * SLOT, self.rx_msgs[i].msg_len, &self.rx_addr[i])
+            cmsg_parse_rx(&self.rx_msgs[i].msg_hdr, &gso_size, &self.rx_overflow)
+            p = self.rx_bufs + <size_t>i * SLOT
+            n = self.rx_msgs[i].msg_len
+            if gso_size <= 0 or n <= <size_t>gso_size:
+                self._rx_packet(t, p, n, &self.rx_addr[i])
+                continue
+            self.counters[C_RX_GRO_TRAINS] += 1
+            off = 0
+            while off < n:
+                self._rx_packet(t, p + off, min(<size_t>gso_size, n - off), &self.rx_addr[i])
+                off += gso_size
         pt_release(self.routes, HAZARD_RX)
+        self.counters[C_RX_SOCKET_OVERFLOW] = self.rx_overflow
+        if self.coalesce:
+            self._rx_write_coalesced()
         return r == self.batch
 
     cdef void _rx_packet(self, const pt_table *t, uint8_t *p, size_t n, const sockaddr_in *src) noexcept nogil:
-        """Validate one datagram from the wire, check its sender, and write it to the TUN."""
+        """Validate one datagram from the wire, check its sender, and write (or queue) it for the TUN."""
         cdef unsigned ihl, total
         if n < 20:
             self.counters[D_RX_SHORT] += 1
@@ -426,12 +588,51 @@ cdef class Engine:
         if not ttl_decrement(p):
             self.counters[D_RX_TTL_EXPIRED] += 1
             return
-        if write(self.tun_fd, p, total) != total:
-            self.counters[D_RX_TUN_WRITE_ERROR] += 1
-            return
-        self.counters[C_TUN_WRITES] += 1
         self.counters[C_RX_PACKETS] += 1
         self.counters[C_RX_BYTES] += total
+        if self.coalesce:
+            if gro_add(self.flows, p, total) < 0:
+                self._rx_write_coalesced()
+                gro_add(self.flows, p, total)
+        else:
+            self._rx_write(p, total)
+
+    cdef void _rx_write(self, uint8_t *p, size_t n) noexcept nogil:
+        cdef vnet_hdr none
+        memset(&none, 0, sizeof(none))
+        if self._tun_write(&none, p, n) == 0:
+            self.counters[C_TUN_WRITES] += 1
+        else:
+            self.counters[D_RX_TUN_WRITE_ERROR] += 1
+
+    cdef void _rx_write_coalesced(self) noexcept nogil:
+        """Write every item of the batch, merged ones as GSO packets; then start a new batch."""
+        cdef int i, k, nseg, err
+        cdef gro_item *it
+        cdef vnet_hdr hdr
+        cdef size_t off
+        for i in range(self.flows.nitems):
+            it = &self.flows.items[i]
+            gro_finish(it, &hdr)
+            err = self._tun_write(&hdr, it.pkt, it.len) if self.coalesce or it.segs < 2 else EINVAL
+            if err == 0:
+                self.counters[C_TUN_WRITES] += 1
+                self.counters[C_TUN_COALESCED_WRITES] += it.segs > 1
+                continue
+            if err != EINVAL or it.segs < 2:
+                self.counters[D_RX_TUN_WRITE_ERROR] += it.segs
+                continue
+            # The kernel refused a GSO write: stop merging, and cut this packet back into its segments.
+            if self.coalesce:
+                self.coalesce = False
+                self.counters[C_COALESCE_FALLBACKS] += 1
+            nseg = gso_split(it.pkt, it.len, hdr.gso_type, hdr.gso_size, self.rx_split, GRO_BUF + ARENA_SLACK,
+                             self.rx_split_len, SPLIT_SEGS)
+            off = 0
+            for k in range(nseg):
+                self._rx_write(self.rx_split + off, self.rx_split_len[k])
+                off += self.rx_split_len[k]
+        gro_reset(self.flows)
 
     cdef bint _sender_ok(self, const pt_table *t, const uint8_t *p, const sockaddr_in *src) noexcept nogil:
         """The outer source must be the peer whose subnet holds the inner source; counts the drop if not."""

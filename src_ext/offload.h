@@ -1,0 +1,296 @@
+/* Offload helpers: the virtio-net header, TSO/USO super-packet splitting (TX) and TCP coalescing (RX).
+ *
+ * The TUN device, opened with IFF_VNET_HDR, prefixes every packet with a 10-byte struct virtio_net_hdr (legacy
+ * layout, host byte order: TUNSETVNETHDRSZ and TUNSETVNETLE are never called). With TUN_F_TSO4 the kernel hands
+ * us TCP super-packets of up to 64 KiB and a gso_size (the MSS); gso_split() cuts them into wire-size segments.
+ * On the way in, gro_add() merges consecutive segments of one TCP flow so that one write() carries many packets,
+ * following the kernel's GRO rules (net/ipv4/tcp_offload.c tcp_gro_receive; the same rules wireguard-go's
+ * tcpGRO applies). Everything here is pure C over caller-owned buffers so it can be tested without a TUN.
+ */
+#ifndef PYFLANNEL_OFFLOAD_H
+#define PYFLANNEL_OFFLOAD_H
+
+#include <stdint.h>
+#include <string.h>
+#include <arpa/inet.h>
+
+#include "csum.h"
+
+#define VNET_HDR_LEN 10
+#define VNET_F_NEEDS_CSUM 1
+#define VNET_GSO_NONE 0
+#define VNET_GSO_TCPV4 1
+#define VNET_GSO_UDP_L4 5        /* USO, Linux >= 6.2 */
+
+#define TCP_FIN 0x01
+#define TCP_SYN 0x02
+#define TCP_RST 0x04
+#define TCP_PSH 0x08
+#define TCP_ACK 0x10
+#define TCP_URG 0x20
+#define TCP_ECE 0x40
+#define TCP_CWR 0x80
+
+#define GSO_MAX_SEGS 64          /* UDP_MAX_SEGMENTS in older kernels: the portable cap per GSO send */
+
+typedef struct __attribute__((packed)) {
+    uint8_t flags;
+    uint8_t gso_type;
+    uint16_t hdr_len;
+    uint16_t gso_size;
+    uint16_t csum_start;
+    uint16_t csum_offset;
+} vnet_hdr;
+
+static inline void put16(uint8_t *p, uint16_t host) { uint16_t v = htons(host); memcpy(p, &v, 2); }
+static inline uint16_t get16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); return ntohs(v); }
+static inline uint32_t get32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return ntohl(v); }
+static inline void put32(uint8_t *p, uint32_t host) { uint32_t v = htonl(host); memcpy(p, &v, 4); }
+
+/* Finish a CHECKSUM_PARTIAL packet: the field at csum_start+csum_offset holds the pseudo-header sum as a seed. */
+static inline int vnet_finish_csum(uint8_t *pkt, size_t len, const vnet_hdr *h)
+{
+    if ((size_t)h->csum_start + h->csum_offset + 2 > len)
+        return -1;
+    uint16_t c = csum_finish(csum_partial(pkt + h->csum_start, len - h->csum_start, 0));
+    memcpy(pkt + h->csum_start + h->csum_offset, &c, 2);
+    return 0;
+}
+
+/* L4 checksum over [l4, l4+l4len) with the IPv4 pseudo-header of iph, written at field offset `at`. */
+static inline void l4_set_check(uint8_t *iph, uint8_t *l4, size_t l4len, uint8_t proto, unsigned at)
+{
+    l4[at] = l4[at + 1] = 0;
+    uint16_t c = csum_finish(csum_partial(l4, l4len, csum_pseudo4(iph, proto, (uint16_t)l4len)));
+    if (proto == 17 && c == 0)
+        c = 0xffff;              /* 0 means "no checksum" for UDP over IPv4 (RFC 768) */
+    memcpy(l4 + at, &c, 2);
+}
+
+/* Split a TSO (GSO_TCPV4) or USO (GSO_UDP_L4) super-packet into segments of gso_size payload bytes, written
+ * back to back at out. Each segment gets its own IPv4 total length, id (first id + index) and header checksum;
+ * TCP segments get their sequence number, FIN/PSH only on the last and CWR only on the first (RFC 3168 6.1.2);
+ * every segment gets a full L4 checksum. The header length is derived from the packet, never taken from the
+ * virtio header (the kernel may report the whole packet there on forwarding paths).
+ * Returns the number of segments (lengths in seg_len), or -1 if the packet is malformed or does not fit. */
+static int gso_split(const uint8_t *pkt, size_t len, uint8_t gso_type, uint16_t gso_size,
+                     uint8_t *out, size_t cap, uint16_t *seg_len, int max_segs)
+{
+    if (len < 20 || (pkt[0] >> 4) != 4 || gso_size == 0)
+        return -1;
+    unsigned ihl = (pkt[0] & 0x0f) * 4u, l4hl;
+    uint8_t proto = pkt[9];
+    if (ihl < 20 || len < ihl + 8u)
+        return -1;
+    if (gso_type == VNET_GSO_TCPV4 && proto == 6) {
+        if (len < ihl + 20u)
+            return -1;
+        l4hl = (pkt[ihl + 12] >> 4) * 4u;
+        if (l4hl < 20 || len < ihl + l4hl)
+            return -1;
+    } else if (gso_type == VNET_GSO_UDP_L4 && proto == 17) {
+        l4hl = 8;
+    } else {
+        return -1;
+    }
+    size_t hl = ihl + l4hl, payload = len - hl;
+    int nseg = payload ? (int)((payload + gso_size - 1) / gso_size) : 1;
+    if (nseg > max_segs)
+        return -1;
+    uint16_t id = get16(pkt + 4);
+    uint32_t seq = proto == 6 ? get32(pkt + ihl + 4) : 0;
+    size_t off = 0;
+    for (int i = 0; i < nseg; i++) {
+        size_t from = (size_t)i * gso_size;
+        size_t chunk = payload - from < gso_size ? payload - from : gso_size;
+        size_t seglen = hl + chunk;
+        if (off + seglen > cap)
+            return -1;
+        uint8_t *s = out + off, *l4 = s + ihl;
+        memcpy(s, pkt, hl);
+        memcpy(s + hl, pkt + hl + from, chunk);
+        put16(s + 2, (uint16_t)seglen);
+        put16(s + 4, (uint16_t)(id + i));
+        ip4_set_check(s, ihl);
+        if (proto == 6) {
+            put32(l4 + 4, seq + (uint32_t)from);
+            if (i != nseg - 1)
+                l4[13] &= (uint8_t)~(TCP_FIN | TCP_PSH);
+            if (i != 0)
+                l4[13] &= (uint8_t)~TCP_CWR;
+            l4_set_check(s, l4, l4hl + chunk, 6, 16);
+        } else {
+            put16(l4 + 4, (uint16_t)(8 + chunk));
+            l4_set_check(s, l4, 8 + chunk, 17, 6);
+        }
+        seg_len[i] = (uint16_t)seglen;
+        off += seglen;
+    }
+    return nseg;
+}
+
+/* ---- TCP coalescing ------------------------------------------------------------------------------------------ */
+
+#define GRO_BUCKETS 4096          /* flow buckets, power of two */
+#define GRO_BUF 65536             /* one coalesced packet; IPv4 total length caps it at 65535 */
+
+typedef struct {
+    uint8_t *pkt;                 /* the packet: in the caller's receive buffer until a second segment joins */
+    uint32_t len;
+    uint32_t next_seq;            /* sequence number the next segment must carry */
+    uint16_t mss;                 /* payload size of the first segment: later ones must not exceed it */
+    uint16_t segs;
+    uint8_t open;                 /* more segments may still be appended */
+    int16_t buf;                  /* pool buffer holding the merged packet, or -1 */
+} gro_item;
+
+typedef struct {
+    gro_item *items;              /* in arrival order: the order the writes go out */
+    int nitems, max_items;
+    uint8_t *pool;                /* npool buffers of GRO_BUF bytes */
+    int npool, used_pool;
+    uint32_t gen;                 /* bucket entries from earlier batches are stale */
+    uint32_t bucket_gen[GRO_BUCKETS];
+    int32_t bucket_item[GRO_BUCKETS];
+    uint32_t bucket_key[GRO_BUCKETS][3];
+} gro_table;
+
+static inline void gro_reset(gro_table *t)
+{
+    t->nitems = 0;
+    t->used_pool = 0;
+    t->gen++;
+}
+
+/* A TCP segment that may be merged: plain IPv4 (no options, no fragment), ACK or ACK|PSH only, some payload,
+ * and a correct checksum (the merged packet goes up with CHECKSUM_PARTIAL, so nobody would check it later). */
+static int gro_candidate(const uint8_t *p, uint32_t len)
+{
+    if (len < 40 || p[0] != 0x45 || p[9] != 6 || (get16(p + 6) & 0x3fff) != 0)
+        return 0;
+    unsigned thl = (p[32] >> 4) * 4u;
+    uint8_t flags = p[33];
+    if (thl < 20 || len <= 20 + thl || (flags & ~TCP_PSH) != TCP_ACK)
+        return 0;
+    return csum_fold(csum_partial(p + 20, len - 20, csum_pseudo4(p, 6, (uint16_t)(len - 20)))) == 0xffff;
+}
+
+/* May segment p (a candidate) follow item it? Same flow was checked by the caller. */
+static int gro_can_append(const gro_table *t, const gro_item *it, const uint8_t *p, uint32_t len)
+{
+    const uint8_t *q = it->pkt;
+    unsigned thl = (p[32] >> 4) * 4u;
+    uint32_t payload = len - 20 - thl;
+    if (!it->open || (it->buf < 0 && t->used_pool == t->npool))
+        return 0;
+    if (it->len + payload > 65535 || payload > it->mss || it->segs >= GSO_MAX_SEGS)
+        return 0;
+    if (get32(p + 28) != get32(q + 28) || get32(p + 24) != it->next_seq)    /* same ACK, contiguous seq */
+        return 0;
+    /* ToS, DF/reserved flags and TTL equal; TCP header length and options byte-identical. */
+    if (p[1] != q[1] || p[6] != q[6] || p[8] != q[8] || p[32] != q[32] || memcmp(p + 40, q + 40, thl - 20) != 0)
+        return 0;
+    return 1;
+}
+
+static void gro_append(gro_table *t, gro_item *it, const uint8_t *p, uint32_t len)
+{
+    unsigned thl = (p[32] >> 4) * 4u;
+    uint32_t payload = len - 20 - thl;
+    if (it->buf < 0) {
+        it->buf = (int16_t)t->used_pool++;
+        uint8_t *b = t->pool + (size_t)it->buf * GRO_BUF;
+        memcpy(b, it->pkt, it->len);
+        it->pkt = b;
+    }
+    memcpy(it->pkt + it->len, p + 20 + thl, payload);
+    it->len += payload;
+    it->segs++;
+    it->next_seq += payload;
+    if (p[33] & TCP_PSH) {
+        it->pkt[33] |= TCP_PSH;
+        it->open = 0;            /* nothing may follow a PSH */
+    }
+    if (payload < it->mss)
+        it->open = 0;            /* nothing may follow a short segment */
+}
+
+static int gro_new_item(gro_table *t, uint8_t *p, uint32_t len, int open)
+{
+    if (t->nitems == t->max_items)
+        return -1;
+    gro_item *it = &t->items[t->nitems];
+    it->pkt = p;
+    it->len = len;
+    it->segs = 1;
+    it->buf = -1;
+    it->open = (uint8_t)open;
+    if (open) {
+        unsigned thl = (p[32] >> 4) * 4u;
+        it->mss = (uint16_t)(len - 20 - thl);
+        it->next_seq = get32(p + 24) + it->mss;
+        if (p[33] & TCP_PSH)
+            it->open = 0;
+    }
+    return t->nitems++;
+}
+
+/* Add one packet (owned by the caller until the batch is written). Packets of a TCP flow land in the flow's
+ * newest item or start a new one, so writes keep each flow's order. Returns -1 when the item list is full. */
+static int gro_add(gro_table *t, uint8_t *p, uint32_t len)
+{
+    int is_tcp = len >= 40 && (p[0] >> 4) == 4 && p[9] == 6 && (size_t)(p[0] & 0x0f) * 4 + 20 <= len;
+    if (!is_tcp)
+        return gro_new_item(t, p, len, 0);
+    unsigned ihl = (p[0] & 0x0f) * 4u;
+    uint32_t key[3];
+    memcpy(key, p + 12, 8);
+    memcpy(key + 2, p + ihl, 4);             /* both ports */
+    uint32_t h = (key[0] * 2654435761u) ^ (key[1] * 2246822519u) ^ (key[2] * 3266489917u);
+    uint32_t b = (h ^ (h >> 15)) & (GRO_BUCKETS - 1);
+    /* Linear probing; a full table just stops coalescing new flows. */
+    for (int probe = 0; probe < 8; probe++, b = (b + 1) & (GRO_BUCKETS - 1)) {
+        if (t->bucket_gen[b] == t->gen && memcmp(t->bucket_key[b], key, 12) != 0)
+            continue;
+        int cand = gro_candidate(p, len);
+        if (t->bucket_gen[b] == t->gen && cand) {
+            gro_item *it = &t->items[t->bucket_item[b]];
+            if (gro_can_append(t, it, p, len)) {
+                gro_append(t, it, p, len);
+                return t->bucket_item[b];
+            }
+        }
+        int idx = gro_new_item(t, p, len, cand);
+        if (idx >= 0) {
+            t->bucket_gen[b] = t->gen;
+            memcpy(t->bucket_key[b], key, 12);
+            t->bucket_item[b] = idx;
+        }
+        return idx;
+    }
+    return gro_new_item(t, p, len, 0);
+}
+
+/* Fix up a finished item for writing and fill its virtio header: a merged packet gets its IPv4 length and
+ * header checksum, the pseudo-header sum as the TCP checksum seed, and GSO_TCPV4 with NEEDS_CSUM so the kernel
+ * finishes the checksum; a lone packet goes out untouched behind a zeroed header. */
+static void gro_finish(gro_item *it, vnet_hdr *h)
+{
+    memset(h, 0, sizeof(*h));
+    if (it->segs < 2)
+        return;
+    uint8_t *p = it->pkt;
+    unsigned thl = (p[32] >> 4) * 4u;
+    put16(p + 2, (uint16_t)it->len);
+    ip4_set_check(p, 20);
+    uint16_t seed = csum_fold(csum_pseudo4(p, 6, (uint16_t)(it->len - 20)));
+    memcpy(p + 36, &seed, 2);
+    h->flags = VNET_F_NEEDS_CSUM;
+    h->gso_type = VNET_GSO_TCPV4;
+    h->hdr_len = (uint16_t)(20 + thl);
+    h->gso_size = it->mss;
+    h->csum_start = 20;
+    h->csum_offset = 16;
+}
+
+#endif

@@ -1,0 +1,60 @@
+# C declarations of offload.h (virtio header, GSO split, TCP coalescing), cmsg.h and csum.h.
+
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int16_t, int32_t
+
+from syscalls cimport msghdr
+
+
+cdef extern from "csum.h" nogil:
+    uint64_t csum_partial(const void *p, size_t len, uint64_t seed)
+    uint16_t csum_fold(uint64_t sum)
+    uint16_t csum_finish(uint64_t sum)
+    uint16_t csum_replace2(uint16_t check, uint16_t old, uint16_t new_)
+    void ip4_set_check(uint8_t *iph, unsigned ihl)
+
+
+cdef extern from "offload.h" nogil:
+    enum:
+        VNET_HDR_LEN
+        VNET_F_NEEDS_CSUM
+        VNET_GSO_NONE
+        VNET_GSO_TCPV4
+        VNET_GSO_UDP_L4
+        GSO_MAX_SEGS
+        GRO_BUF
+    ctypedef struct vnet_hdr:
+        uint8_t flags
+        uint8_t gso_type
+        uint16_t hdr_len
+        uint16_t gso_size
+        uint16_t csum_start
+        uint16_t csum_offset
+    ctypedef struct gro_item:
+        uint8_t *pkt
+        uint32_t len
+        uint16_t mss
+        uint16_t segs
+    ctypedef struct gro_table:
+        gro_item *items
+        int nitems
+        int max_items
+        uint8_t *pool
+        int npool
+    # Finish a CHECKSUM_PARTIAL packet in place; -1 if the offsets do not fit.
+    int vnet_finish_csum(uint8_t *pkt, size_t len, const vnet_hdr *h)
+    # Segments back to back at out, lengths in seg_len; the count, or -1 (malformed, or out of room).
+    int gso_split(const uint8_t *pkt, size_t len, uint8_t gso_type, uint16_t gso_size,
+                  uint8_t *out, size_t cap, uint16_t *seg_len, int max_segs)
+    # Start a new batch: no items, every flow bucket stale.
+    void gro_reset(gro_table *t)
+    # Add one packet; its item index, or -1 when the item list is full.
+    int gro_add(gro_table *t, uint8_t *p, uint32_t len)
+    # Fix up an item for writing and fill its virtio header.
+    void gro_finish(gro_item *it, vnet_hdr *h)
+
+
+cdef extern from "cmsg.h" nogil:
+    enum:
+        CMSG_ROOM
+    void cmsg_set_segment(msghdr *m, void *room, uint16_t size)
+    void cmsg_parse_rx(msghdr *m, int *gso_size, uint32_t *drops)

@@ -1,0 +1,86 @@
+# Allocation of the coalescing table, and Python entry points to the pure-C offload helpers so that they can be
+# tested and measured without a TUN device (tests/test_offload.py, bench/micro).
+
+from libc.stdlib cimport calloc, free
+
+GSO_TCPV4 = VNET_GSO_TCPV4
+GSO_UDP_L4 = VNET_GSO_UDP_L4
+
+
+cdef gro_table *new_gro_table(int max_items, int npool) noexcept:
+    cdef gro_table *t = <gro_table *>calloc(1, sizeof(gro_table))
+    if t == NULL:
+        return NULL
+    t.items = <gro_item *>calloc(max_items, sizeof(gro_item))
+    t.pool = <uint8_t *>calloc(npool, GRO_BUF)
+    t.max_items = max_items
+    t.npool = npool
+    if t.items == NULL or t.pool == NULL:
+        free_gro_table(t)
+        return NULL
+    gro_reset(t)
+    return t
+
+
+cdef void free_gro_table(gro_table *t) noexcept:
+    if t != NULL:
+        free(t.items)
+        free(t.pool)
+        free(t)
+
+
+def checksum(const uint8_t[:] data) -> int:
+    """The RFC 1071 checksum of data as a number (0 when data already contains a correct checksum field)."""
+    return ntohs(csum_finish(csum_partial(&data[0] if len(data) else NULL, len(data), 0)))
+
+
+def finish_checksum(packet: bytes, csum_start: int, csum_offset: int) -> bytes:
+    """Complete a CHECKSUM_PARTIAL packet (its checksum field holds the pseudo-header seed)."""
+    cdef bytearray out = bytearray(packet)
+    cdef vnet_hdr h
+    memset(&h, 0, sizeof(h))
+    h.csum_start = csum_start
+    h.csum_offset = csum_offset
+    if vnet_finish_csum(<uint8_t *><char *>out, len(out), &h) < 0:
+        raise ValueError("checksum offsets outside the packet")
+    return bytes(out)
+
+
+def split(packet: bytes, gso_type: int, gso_size: int) -> list[bytes]:
+    """Segments of a TSO/USO super-packet, as the TX thread sends them; ValueError if it is malformed."""
+    cdef const uint8_t[:] src = packet
+    cdef uint16_t lens[SPLIT_SEGS]
+    cdef bytearray out = bytearray(len(packet) + SPLIT_SEGS * 120)
+    cdef int n = gso_split(&src[0], len(packet), gso_type, gso_size, <uint8_t *><char *>out, len(out), lens,
+                           SPLIT_SEGS)
+    if n < 0:
+        raise ValueError("not a splittable super-packet")
+    segments, off = [], 0
+    for i in range(n):
+        segments.append(bytes(out[off:off + lens[i]]))
+        off += lens[i]
+    return segments
+
+
+def coalesce(packets: list[bytes]) -> list[tuple[tuple[int, int, int, int, int, int], bytes]]:
+    """What the RX thread writes to the TUN for these packets: (virtio header fields, packet) per write.
+
+    Header fields are (flags, gso_type, hdr_len, gso_size, csum_start, csum_offset).
+    """
+    cdef gro_table *t = new_gro_table(max(len(packets), 1), 64)
+    cdef list keep = [bytearray(p) for p in packets]   # gro_add works in place, as on receive buffers
+    cdef vnet_hdr h
+    if t == NULL:
+        raise MemoryError()
+    try:
+        for buf in keep:
+            if gro_add(t, <uint8_t *><char *>buf, len(buf)) < 0:
+                raise ValueError("too many packets")
+        out = []
+        for i in range(t.nitems):
+            gro_finish(&t.items[i], &h)
+            out.append(((h.flags, h.gso_type, h.hdr_len, h.gso_size, h.csum_start, h.csum_offset),
+                        bytes(t.items[i].pkt[:t.items[i].len])))
+        return out
+    finally:
+        free_gro_table(t)
