@@ -87,14 +87,15 @@ class Tunnel:
         return self.proc.wait(timeout=20)
 
 
-def start_tunnel(host: Host, peers: list[Host], tmp_path: Path, *extra: str) -> Tunnel:
+def start_tunnel(host: Host, peers: list[Host], tmp_path: Path, *extra: str, env: dict[str, str] | None = None
+                 ) -> Tunnel:
     """Start flannel-tunnel on host with the given peers and wait until flannel0 carries its route."""
     stats = tmp_path / f"{host.ns}.stats.json"
     argv = [TUNNEL, "--iface-ip", str(host.underlay), "--subnet", str(host.subnet), "--network", "10.244.0.0/16",
             "--stats-file", str(stats), *extra]
     for peer in peers:
         argv += ["--peer", f"{peer.subnet}={peer.underlay}"]
-    proc = host.popen(*argv, stderr=subprocess.PIPE, text=True)
+    proc = host.popen(*argv, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
     deadline = time.monotonic() + 15
     while "10.244.0.0/16 dev flannel0" not in host.run("ip", "route").stdout:
         if proc.poll() is not None:

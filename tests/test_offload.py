@@ -1,0 +1,186 @@
+"""The pure-C offload helpers (split, coalesce, checksum) against Python references, without a TUN."""
+
+from __future__ import annotations
+
+import struct
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from packets import checksum as ref_checksum
+from packets import ipv4
+
+from dataplane._engine import GSO_TCPV4, GSO_UDP_L4, checksum, coalesce, finish_checksum, split
+
+ACK, PSH, FIN, CWR = 0x10, 0x08, 0x01, 0x80
+SRC, DST = "10.244.1.2", "10.244.2.3"
+
+
+def pseudo_sum(src: bytes, dst: bytes, proto: int, length: int) -> int:
+    """The folded (not complemented) pseudo-header sum: what CHECKSUM_PARTIAL leaves in the checksum field."""
+    return ~ref_checksum(src + dst + struct.pack("!BBH", 0, proto, length)) & 0xFFFF
+
+
+def tcp_super(payload: bytes, *, seq: int = 1000, flags: int = ACK, options: bytes = b"", ident: int = 7,
+              ip_options: bytes = b"", frag: int = 0x4000, src: str = SRC, dst: str = DST) -> bytes:
+    """A TSO super-packet as the kernel hands it over: header checksum right, TCP checksum only seeded."""
+    doff = (20 + len(options)) // 4
+    tcp = struct.pack("!HHIIBBHHH", 40000, 5201, seq, 77, doff << 4, flags, 512, 0, 0) + options
+    packet = bytearray(ipv4(src, dst, 6, tcp + payload, ident=ident))
+    if ip_options:
+        packet = bytearray(_with_ip_options(bytes(packet), ip_options))
+    ihl = (packet[0] & 15) * 4
+    packet[2:4] = struct.pack("!H", len(packet))
+    struct.pack_into("!H", packet, 6, frag)
+    packet[10:12] = b"\0\0"
+    packet[10:12] = struct.pack("!H", ref_checksum(bytes(packet[:ihl])))
+    seed = pseudo_sum(bytes(packet[12:16]), bytes(packet[16:20]), 6, len(packet) - ihl)
+    packet[ihl + 16:ihl + 18] = struct.pack("!H", seed)
+    return bytes(packet)
+
+
+def _with_ip_options(packet: bytes, options: bytes) -> bytes:
+    header = bytearray(packet[:20]) + options
+    header[0] = 0x40 | (len(header) // 4)
+    return bytes(header) + packet[20:]
+
+
+def assert_valid_segment(seg: bytes) -> None:
+    ihl = (seg[0] & 15) * 4
+    assert struct.unpack("!H", seg[2:4])[0] == len(seg)
+    assert ref_checksum(seg[:ihl]) == 0, "IPv4 header checksum"
+    proto = seg[9]
+    pseudo = seg[12:20] + struct.pack("!BBH", 0, proto, len(seg) - ihl)
+    assert ref_checksum(pseudo + seg[ihl:]) == 0, "full L4 checksum"
+
+
+def tcp_fields(seg: bytes) -> tuple[int, int, bytes]:
+    ihl = (seg[0] & 15) * 4
+    seq = struct.unpack("!I", seg[ihl + 4:ihl + 8])[0]
+    thl = (seg[ihl + 12] >> 4) * 4
+    return seq, seg[ihl + 13], seg[ihl + thl:]
+
+
+options_st = st.sampled_from([b"", b"\x01\x01\x08\x0a" + bytes(range(8)), b"\x02\x04\x05\xb4\x01\x01\x04\x02"])
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    mss=st.integers(8, 1460),
+    nseg=st.integers(1, 64),
+    tail=st.integers(0, 1459),
+    seq=st.one_of(st.integers(0, 2**32 - 1), st.integers(2**32 - 70000, 2**32 - 1)),
+    psh=st.booleans(),
+    options=options_st,
+)
+def test_split_then_coalesce_is_the_identity(mss: int, nseg: int, tail: int, seq: int, psh: bool,
+                                             options: bytes) -> None:
+    size = (nseg - 1) * mss + (tail % mss or mss)
+    hl = 40 + len(options)
+    size = min(size, 65535 - hl)
+    payload = bytes((i * 7 + 3) & 0xFF for i in range(size))
+    original = tcp_super(payload, seq=seq, flags=ACK | (PSH if psh else 0), options=options)
+    segments = split(original, GSO_TCPV4, mss)
+    assert len(segments) == -(-size // mss)
+    for i, seg in enumerate(segments):
+        assert_valid_segment(seg)
+        s, flags, data = tcp_fields(seg)
+        assert s == (seq + i * mss) % 2**32
+        assert data == payload[i * mss:(i + 1) * mss]
+        assert struct.unpack("!H", seg[4:6])[0] == 7 + i, "IPv4 id counts up"
+        assert bool(flags & PSH) == (psh and i == len(segments) - 1), "PSH only on the last segment"
+    written = coalesce(segments)
+    if len(segments) == 1:
+        assert written == [((0, 0, 0, 0, 0, 0), segments[0])]
+        return
+    assert len(written) == 1
+    header, packet = written[0]
+    assert header == (1, GSO_TCPV4, hl, mss, 20, 16)
+    assert packet == original
+
+
+def test_fin_and_cwr_stay_on_the_end_segments() -> None:
+    payload = bytes(range(256)) * 10
+    segments = split(tcp_super(payload, flags=ACK | FIN | CWR | PSH), GSO_TCPV4, 1000)
+    flags = [tcp_fields(s)[1] for s in segments]
+    assert flags == [ACK | CWR, ACK, ACK | FIN | PSH]
+    # CWR and FIN make the first and last segments unmergeable; the middle one goes alone.
+    assert [len(p) for _, p in coalesce(segments)] == [len(s) for s in segments]
+
+
+def test_psh_in_the_middle_ends_the_merge() -> None:
+    payload = bytes(4000)
+    segments = [bytearray(s) for s in split(tcp_super(payload), GSO_TCPV4, 1000)]
+    segments[1][33] |= PSH
+    segments[1][36:38] = b"\0\0"
+    segments[1][36:38] = struct.pack("!H", ref_checksum(bytes(segments[1][12:20]) + b"\0\x06" +
+                                                        struct.pack("!H", len(segments[1]) - 20) +
+                                                        bytes(segments[1][20:])))
+    written = coalesce([bytes(s) for s in segments])
+    assert [h[3] for h, _ in written] == [1000, 1000]
+    assert [len(p) for _, p in written] == [40 + 2000, 40 + 2000]
+
+
+def test_ip_options_and_fragments_are_left_alone() -> None:
+    with_options = split(tcp_super(bytes(3000), ip_options=b"\x01\x01\x01\x00"), GSO_TCPV4, 1000)
+    assert all(s[0] == 0x46 for s in with_options)
+    for seg in with_options:
+        assert_valid_segment(seg)
+    assert [h for h, _ in coalesce(with_options)] == [(0, 0, 0, 0, 0, 0)] * 3
+    fragments = split(tcp_super(bytes(3000), frag=0x2000), GSO_TCPV4, 1000)
+    assert len(coalesce(fragments)) == 3
+
+
+def test_a_bad_checksum_is_not_merged() -> None:
+    segments = [bytearray(s) for s in split(tcp_super(bytes(3000)), GSO_TCPV4, 1000)]
+    segments[1][-1] ^= 0xFF
+    assert len(coalesce([bytes(s) for s in segments])) == 3
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.sampled_from([0, 1, 2]), min_size=2, max_size=60))
+def test_interleaved_flows_are_merged_per_flow_in_order(order: list[int]) -> None:
+    flows = [tcp_super(bytes([n]) * 1000 * order.count(n), seq=10 * n, src=f"10.244.1.{n + 2}")
+             for n in range(3)]
+    per_flow = [split(f, GSO_TCPV4, 1000) if order.count(n) else [] for n, f in enumerate(flows)]
+    taken = [0, 0, 0]
+    batch = []
+    for n in order:
+        batch.append(per_flow[n][taken[n]])
+        taken[n] += 1
+    written = coalesce(batch)
+    firsts = list(dict.fromkeys(order))
+    assert [p[15] - 2 for _, p in written] == firsts, "one write per flow, in order of first arrival"
+    for (_, packet), n in zip(written, firsts, strict=True):
+        assert packet == (flows[n] if order.count(n) > 1 else per_flow[n][0])
+
+
+def test_uso_split() -> None:
+    data = bytes(range(256)) * 12
+    udp = struct.pack("!HHHH", 5000, 6000, 8 + len(data), 0) + data
+    packet = bytearray(ipv4(SRC, DST, 17, udp))
+    packet[26:28] = struct.pack("!H", pseudo_sum(bytes(packet[12:16]), bytes(packet[16:20]), 17, len(udp)))
+    segments = split(bytes(packet), GSO_UDP_L4, 1200)
+    assert [len(s) for s in segments] == [1228, 1228, 28 + 672]
+    for seg in segments:
+        assert_valid_segment(seg)
+        assert struct.unpack("!H", seg[24:26])[0] == len(seg) - 20
+    assert b"".join(s[28:] for s in segments) == data
+
+
+def test_split_refuses_garbage() -> None:
+    for bad in (b"", b"\x45" * 30, tcp_super(b"x")[:30]):
+        try:
+            split(bad, GSO_TCPV4, 100)
+        except ValueError:
+            continue
+        raise AssertionError(f"split accepted {bad!r}")
+
+
+@given(st.binary(max_size=3000))
+def test_checksum_matches_reference(data: bytes) -> None:
+    assert checksum(data) == ref_checksum(data)
+
+
+def test_finish_checksum() -> None:
+    packet = tcp_super(bytes(range(200)))
+    assert_valid_segment(finish_checksum(packet, 20, 16))

@@ -1,0 +1,138 @@
+"""Offloads through real kernels: TSO/USO through flannel0, UDP GSO/GRO on the veth, coalesced TUN writes."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+from conftest import Tunnel, host_socket, start_tunnel
+from packets import parse_ipv4, udp4
+from traffic import start_transfer
+
+from bench.rig import Rig
+
+GB = 1 << 30
+MB = 1 << 20
+UDP_SEGMENT = 103
+FAULTS = Path(__file__).parent / "faults"
+
+
+def _tunnels(rig: Rig, tmp_path: Path, env: dict[str, str] | None = None) -> tuple[Tunnel, Tunnel]:
+    a, b = rig.hosts
+    return start_tunnel(a, [b], tmp_path, env=env), start_tunnel(b, [a], tmp_path, env=env)
+
+
+def test_1gb_with_offloads_on(rig: Rig, tmp_path: Path) -> None:
+    ta, tb = _tunnels(rig, tmp_path)
+    t = start_transfer(rig.hosts[0], rig.hosts[1], GB)
+    t.join()
+    assert t.received_bytes == GB and t.received == t.sent
+    sa, sb = ta.stats(), tb.stats()
+    assert sa["offloads"] == sb["offloads"] == {"vnet_hdr": True, "gso": True, "gro": True, "coalesce": True}
+    assert sa["tun_super_packets"] > 0, "TSO handed over super-packets"
+    assert sa["tx_gso_messages"] > 0, "UDP_SEGMENT sends happened"
+    assert sa["tx_send_calls"] * 4 < sa["tx_packets"], "several packets per send call"
+    assert sb["rx_gro_trains"] > 0, "UDP_GRO delivered trains"
+    assert sb["tun_coalesced_writes"] > 0 and sb["tun_writes"] * 4 < sb["rx_packets"], "coalesced TUN writes"
+
+
+@pytest.mark.parametrize("disabled", ["tso", "gso", "gro", "coalesce", "uso"])
+def test_1gb_with_one_offload_off(rig: Rig, tmp_path: Path, disabled: str) -> None:
+    ta, tb = _tunnels(rig, tmp_path, env={"PYFLANNEL_DISABLE_OFFLOADS": disabled})
+    t = start_transfer(rig.hosts[0], rig.hosts[1], GB)
+    t.join()
+    assert t.received_bytes == GB and t.received == t.sent
+    sa, sb = ta.stats(), tb.stats()
+    moved = {
+        "tso": sa["tun_super_packets"],
+        "gso": sa["tx_gso_messages"],
+        "gro": sb["rx_gro_trains"],
+        "coalesce": sb["tun_coalesced_writes"],
+    }
+    if disabled in moved:
+        assert moved.pop(disabled) == 0, f"{disabled} was switched off"
+    if disabled == "tso":
+        moved.pop("gso")  # without super-packets there are rarely runs of segments to one peer in one read
+    if disabled == "gso":
+        # A veth does no GRO of its own: the trains the receiver sees are the sender's GSO sends, kept whole.
+        assert moved.pop("gro") == 0
+    assert all(moved.values()), moved
+
+
+def test_mixed_traffic_at_once(rig: Rig, tunnels: tuple[Tunnel, Tunnel]) -> None:
+    a, b = rig.hosts
+    bulk = start_transfer(a, b, 300 * MB)
+    back = start_transfer(b, a, 100 * MB, port=5002)
+    received: list[bytes] = []
+    rx = host_socket(b)
+    rx.bind((str(b.overlay_ip), 6100))
+    rx.settimeout(2)
+    rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+
+    def collect() -> None:
+        try:
+            while len(received) < 500:
+                received.append(rx.recv(100))
+        except OSError:
+            pass
+
+    collector = threading.Thread(target=collect)
+    collector.start()
+    with host_socket(a) as tx:
+        tx.bind((str(a.overlay_ip), 0))
+        for i in range(500):
+            tx.sendto(struct.pack("!I", i) * 8, (str(b.overlay_ip), 6100))
+    ping = a.run("ping", "-c", "20", "-i", "0.05", "-I", str(a.overlay_ip), str(b.overlay_ip), check=False).stdout
+    bulk.join()
+    back.join()
+    collector.join()
+    rx.close()
+    assert bulk.received == bulk.sent and back.received == back.sent
+    assert " 0% packet loss" in ping or "20 received" in ping, ping
+    assert sorted(received) == sorted(struct.pack("!I", i) * 8 for i in range(500))
+
+
+def test_gso_refused_by_the_kernel_falls_back(rig: Rig, tmp_path: Path) -> None:
+    a, b = rig.hosts
+    shim = tmp_path / "gso_eio.so"
+    subprocess.run(["gcc", "-shared", "-fPIC", "-O2", "-o", str(shim), str(FAULTS / "gso_eio.c"), "-ldl"], check=True)
+    ta = start_tunnel(a, [b], tmp_path, env={"LD_PRELOAD": str(shim)})
+    start_tunnel(b, [a], tmp_path)
+    t = start_transfer(a, b, 300 * MB)
+    t.join()
+    assert t.received == t.sent
+    stats = ta.stats()
+    assert stats["gso_fallbacks"] == 1 and stats["offloads"]["gso"] is False
+    assert stats["drops"]["tx_send_error"] == 0
+
+
+def test_flannel_peer_without_offloads(rig: Rig, tmp_path: Path) -> None:
+    """Our side with every offload on; the peer is a plain socket, as flannel's C proxy is."""
+    a, b = rig.hosts
+    ta = start_tunnel(a, [b], tmp_path)
+    flannel_peer = host_socket(b)
+    app = host_socket(a)
+    with flannel_peer, app:
+        flannel_peer.bind((str(b.underlay), 8285))
+        flannel_peer.settimeout(5)
+        app.bind((str(a.overlay_ip), 7001))
+        app.settimeout(5)
+        app.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)  # the burst must not overflow the app
+        # One send of 40 datagrams through UDP_SEGMENT: a USO super-packet on flannel0, split by the engine.
+        app.setsockopt(socket.IPPROTO_UDP, UDP_SEGMENT, 1000)
+        app.sendto(bytes(range(250)) * 160, (str(b.overlay_ip), 7002))
+        for i in range(40):
+            pkt = parse_ipv4(flannel_peer.recv(65536))
+            assert pkt.header_ok and pkt.total == 1028 and pkt.ttl == 63
+            assert pkt.payload[8:] == (bytes(range(250)) * 160)[i * 1000:(i + 1) * 1000]
+        # A burst of plain datagrams from the peer must reach the app complete and in order.
+        for i in range(200):
+            flannel_peer.sendto(udp4(str(b.overlay_ip), str(a.overlay_ip), 7002, 7001, struct.pack("!I", i) * 100),
+                                (str(a.underlay), 8285))
+        got = [app.recv(1000) for _ in range(200)]
+        assert got == [struct.pack("!I", i) * 100 for i in range(200)]
+    assert ta.stats()["tun_super_packets"] >= 1
