@@ -1,0 +1,27 @@
+"""Kernel routes for remote subnets: what the host-gw backend installs (flannel pkg/backend/route_network.go).
+
+Each remote lease becomes `<subnet> via <its PublicIP> dev <external interface>`. A route to the same subnet
+through another gateway or link is replaced, not duplicated.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+
+def add_route(ipr: IPRoute, *, subnet: ipaddress.IPv4Network, gateway: ipaddress.IPv4Address, ifindex: int) -> None:
+    """Install (or replace) the route to subnet via gateway on the external interface."""
+    ipr.route("replace", dst=str(subnet), gateway=str(gateway), oif=ifindex)
+
+
+def del_route(ipr: IPRoute, *, subnet: ipaddress.IPv4Network) -> None:
+    """Remove the route to subnet; a route that is already gone is fine."""
+    try:
+        ipr.route("del", dst=str(subnet))
+    except NetlinkError as exc:
+        if exc.code != errno.ESRCH:
+            raise
