@@ -6,7 +6,7 @@ import json
 import os
 import platform
 import statistics
-from dataclasses import asdict, fields
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -59,15 +59,10 @@ def table(report: dict[str, Any]) -> str:
                      f"{m['tcp_parallel_gbps']:.2f}", f"{m['udp64_kpps']:.0f}",
                      f"{m['rtt_ms_p50']:.3f}/{m['rtt_ms_p99']:.3f}", f"{m['cpu_s_per_gb']:.2f}",
                      str(m["retransmits"])])
-    for mode, reason in report.get("skipped", {}).items():
-        rows.append([mode, f"skipped: {reason}"])
-    widths = [max(len(r[i]) for r in rows if i < len(r) and len(r) > 2) for i in range(len(header))]
-    lines = []
-    for r in rows:
-        if len(r) == 2:
-            lines.append(f"{r[0]:<{widths[0]}}  {r[1]}")
-        else:
-            lines.append("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+             for r in rows]
+    lines += [f"{mode:<{widths[0]}}  skipped: {reason}" for mode, reason in report.get("skipped", {}).items()]
     return "\n".join(lines)
 
 
