@@ -9,7 +9,7 @@ APT_PACKAGES := iproute2 iptables iperf3 iputils-ping ethtool etcd-server contai
 	gcc python3-dev python3-venv
 BENCH_OUT ?= bench-out
 
-.PHONY: setup apt demo test lint
+.PHONY: setup apt demo test lint micro
 
 setup: $(BIN)/flannel-tunnel
 	@command -v iperf3 >/dev/null && command -v ping >/dev/null && command -v ethtool >/dev/null || $(MAKE) apt
@@ -34,3 +34,6 @@ lint: setup
 
 test: lint
 	$(BIN)/python -m pytest -q tests
+
+micro: setup
+	$(BIN)/python -m pytest bench/micro.py -q -p no:cacheprovider --benchmark-columns=min,median,mean,ops

@@ -16,7 +16,7 @@ from pathlib import Path
 from bench.rig import NETWORK, Host, Rig
 from daemon.backend import routes, vxlan_device
 
-MODES = ("none", "host-gw", "vxlan", "udp", "udp-basic")
+MODES = ("none", "host-gw", "vxlan", "udp", "udp-batch", "udp-basic")
 TUNNEL = str(Path(sys.executable).with_name("flannel-tunnel"))
 
 
@@ -76,6 +76,11 @@ def _udp(rig: Rig, *extra: str) -> None:
         _wait_for_route(host, f"{NETWORK} dev flannel0")
 
 
+def _udp_batch(rig: Rig) -> None:
+    """Batching alone: recvmmsg/sendmmsg at the default batch, no offloads."""
+    _udp(rig, "--offload", "off")
+
+
 def _udp_basic(rig: Rig) -> None:
     """The design of flannel's C proxy: no offloads, one packet per syscall."""
     _udp(rig, "--offload", "off", "--batch", "1")
@@ -94,4 +99,6 @@ def _pairs(rig: Rig) -> list[tuple[Host, Host]]:
     return [(a, b), (b, a)]
 
 
-SETUPS: dict[str, Callable[[Rig], None]] = {"host-gw": _host_gw, "vxlan": _vxlan, "udp": _udp, "udp-basic": _udp_basic}
+SETUPS: dict[str, Callable[[Rig], None]] = {
+    "host-gw": _host_gw, "vxlan": _vxlan, "udp": _udp, "udp-batch": _udp_batch, "udp-basic": _udp_basic,
+}

@@ -67,7 +67,7 @@ def coalesce(packets: list[bytes]) -> list[tuple[tuple[int, int, int, int, int, 
 
     Header fields are (flags, gso_type, hdr_len, gso_size, csum_start, csum_offset).
     """
-    cdef gro_table *t = new_gro_table(max(len(packets), 1), 64)
+    cdef gro_table *t = new_gro_table(max(len(packets), 1), min(max(len(packets), 1), 64))
     cdef list keep = [bytearray(p) for p in packets]   # gro_add works in place, as on receive buffers
     cdef vnet_hdr h
     if t == NULL:

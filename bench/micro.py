@@ -1,0 +1,73 @@
+"""Micro-benchmarks of the engine's C paths (pytest-benchmark): `make micro`, results in bench/RESULTS.md.
+
+Prefix-table lookups go through PrefixTable.count_matches, which loops in C, so the figure is the C lookup and
+not Python call overhead; split and coalesce include building the Python bytes objects they return.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import random
+import struct
+from array import array
+from typing import Any
+
+import pytest
+
+from dataplane._engine import GSO_TCPV4, PrefixTable, checksum, coalesce, split
+
+LOOKUPS = 100_000
+Benchmark = Any  # pytest-benchmark's fixture type is not exported
+
+
+def _table(routes: int) -> PrefixTable:
+    """`routes` /26 leases scattered over 10.0.0.0/8, under a /8 route that catches the rest."""
+    rng = random.Random(routes)
+    table = PrefixTable()
+    base = int(ipaddress.IPv4Address("10.0.0.0"))
+    subnets = rng.sample(range(1 << 18), routes)
+    table.update((f"{ipaddress.IPv4Address(base + (s << 6))}/26", "198.18.0.1", 8285) for s in subnets)
+    table.set("10.0.0.0/8", "198.18.0.2", 8285)
+    return table
+
+
+@pytest.mark.parametrize("routes", [10, 1_000, 100_000])
+@pytest.mark.parametrize("pattern", ["random", "sequential"])
+def test_prefix_table_lookup(benchmark: Benchmark, routes: int, pattern: str) -> None:
+    table = _table(routes)
+    base = int(ipaddress.IPv4Address("10.0.0.0"))
+    if pattern == "random":
+        rng = random.Random(1)
+        addrs = array("I", (base + rng.randrange(1 << 24) for _ in range(LOOKUPS)))
+    else:
+        addrs = array("I", range(base, base + LOOKUPS))
+    benchmark.extra_info["lookups_per_call"] = LOOKUPS
+    hits = benchmark(table.count_matches, addrs)
+    assert hits == LOOKUPS
+
+
+def _super_packet() -> bytes:
+    payload = bytes(range(256)) * 255  # 65280 bytes: 45 segments of 1448 after headers
+    tcp = struct.pack("!HHIIBBHHH", 40000, 5201, 1, 1, 0x50, 0x10, 512, 0, 0)
+    total = 20 + len(tcp) + 65535 - 20 - 20 - 1
+    body = tcp + payload[: total - 40]
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(body), 1, 0x4000, 64, 6, 0, bytes([10, 244, 1, 2]),
+                     bytes([10, 244, 2, 3]))
+    return ip + body
+
+
+def test_split_64k(benchmark: Benchmark) -> None:
+    packet = _super_packet()
+    segments = benchmark(split, packet, GSO_TCPV4, 1448)
+    assert len(segments) == 46
+
+
+def test_coalesce_64k(benchmark: Benchmark) -> None:
+    segments = split(_super_packet(), GSO_TCPV4, 1448)
+    written = benchmark(coalesce, segments)
+    assert len(written) == 1
+
+
+def test_checksum_1500(benchmark: Benchmark) -> None:
+    data = bytes(range(256)) * 6
+    benchmark(checksum, data[:1500])
