@@ -1,0 +1,87 @@
+"""flannel-bench's own pieces: the rig's cleanup, the report arithmetic and shape, and failure handling.
+
+Short runs only; no speed is asserted anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench import cli, modes, report
+from bench.measure import Result
+from bench.rig import Rig, leftover_namespaces
+
+BENCH = str(Path(sys.executable).with_name("flannel-bench"))
+
+
+def test_rig_leaves_nothing_behind_even_on_error() -> None:
+    procs = []
+    with pytest.raises(RuntimeError), Rig(tag="pftrig") as rig:
+        for host in rig.hosts:
+            procs.append(host.popen("sleep", "600"))
+        assert len(leftover_namespaces("pftrig")) == 2
+        raise RuntimeError("boom")
+    assert leftover_namespaces("pftrig") == []
+    assert all(p.poll() is not None for p in procs), "processes started in the rig are gone"
+
+
+def _result(tcp: float, retrans: int = 0) -> Result:
+    return Result(tcp_gbps=tcp, tcp_parallel_gbps=2 * tcp, udp64_kpps=100.0, rtt_ms_p50=0.1, rtt_ms_p99=0.2,
+                  cpu_s_per_gb=1.0, retransmits=retrans)
+
+
+def test_medians_and_penalties() -> None:
+    runs = {"none": [_result(10), _result(12), _result(8)], "udp": [_result(7.5), _result(9), _result(6)],
+            "host-gw": [_result(11, 4), _result(11, 5), _result(11, 6)]}
+    built = report.build(runs, {"parallel": 4}, {"vxlan": "no VXLAN here"})
+    assert built["modes"]["none"]["tcp_gbps"] == 10
+    assert built["modes"]["host-gw"]["retransmits"] == 5
+    assert built["penalty_pct"] == {"udp": 25.0, "host-gw": -10.0}
+    assert built["skipped"] == {"vxlan": "no VXLAN here"}
+    assert re.search(r"^vxlan +skipped: no VXLAN here$", report.table(built), re.MULTILINE)
+
+
+def test_quick_run_writes_json_and_png(tmp_path: Path) -> None:
+    out, png = tmp_path / "r.json", tmp_path / "r.png"
+    r = subprocess.run([BENCH, "--modes", "none,udp", "--seconds", "1", "--repeats", "1", "--pings", "10",
+                        "--json", str(out), "--plot", str(png)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    data = json.loads(out.read_text())
+    assert set(data) == {"machine", "config", "modes", "penalty_pct"}
+    assert {"kernel", "cpus"} <= set(data["machine"])
+    assert set(data["modes"]) == {"none", "udp"}
+    for figures in data["modes"].values():
+        assert set(figures) == {"tcp_gbps", "tcp_parallel_gbps", "udp64_kpps", "rtt_ms_p50", "rtt_ms_p99",
+                                "cpu_s_per_gb", "retransmits"}
+        assert figures["tcp_gbps"] > 0 and figures["rtt_ms_p99"] >= figures["rtt_ms_p50"] > 0
+    assert set(data["penalty_pct"]) == {"udp"}
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "penalty" in r.stdout and "udp" in r.stdout
+    assert leftover_namespaces("pfbench") == []
+
+
+def test_a_failing_mode_is_reported_and_the_rest_still_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_vxlan(rig: Rig) -> None:
+        raise modes.ModeUnavailable("cannot create a VXLAN device: not supported")
+
+    monkeypatch.setitem(modes.SETUPS, "vxlan", no_vxlan)
+    built = cli.run(cli.parse(["--modes", "vxlan,none", "--seconds", "1", "--repeats", "2", "--pings", "10"]))
+    assert built["skipped"] == {"vxlan": "cannot create a VXLAN device: not supported"}
+    assert list(built["modes"]) == ["none"]  # type: ignore[call-overload]
+    assert leftover_namespaces("pfbench") == []
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--modes", "none,warp"], "unknown mode 'warp'"),
+    (["--repeats", "0"], "0 is not a positive number"),
+    (["--mtu", "100"], "--mtu 100 is out of range"),
+])
+def test_bad_flags(argv: list[str], message: str) -> None:
+    r = subprocess.run([BENCH, *argv], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and message in r.stderr, r.stderr
