@@ -58,7 +58,8 @@ def _vxlan(rig: Rig) -> None:
             try:
                 vteps[host.ns] = vxlan_device.ensure_vtep(
                     ipr, vni=vxlan_device.DEFAULT_VNI, local=host.underlay, ext_index=ipr.link_lookup(ifname="eth0")[0],
-                    port=0, mtu=rig.mtu - vxlan_device.OVERHEAD, subnet=host.subnet)
+                    port=0, mtu=rig.mtu - vxlan_device.OVERHEAD)
+                vxlan_device.set_address(ipr, vteps[host.ns], host.subnet)
             except Exception as exc:
                 raise ModeUnavailable(f"cannot create a VXLAN device: {exc}") from None
     for host, peer in _pairs(rig):

@@ -44,8 +44,8 @@ def random_mac() -> str:
 
 
 def ensure_vtep(ipr: IPRoute, *, vni: int, local: ipaddress.IPv4Address, ext_index: int, port: int, mtu: int,
-                subnet: ipaddress.IPv4Network, mac: str | None = None) -> Vtep:
-    """Create flannel.<vni>, replacing any device of that name, and give it subnet .0/32.
+                mac: str | None = None) -> Vtep:
+    """Create flannel.<vni>, replacing any device of that name.
 
     flannel keeps a compatible existing device (and so its MAC) across restarts; pass that MAC back in as `mac`.
     """
@@ -57,9 +57,13 @@ def ensure_vtep(ipr: IPRoute, *, vni: int, local: ipaddress.IPv4Address, ext_ind
              vxlan_port=port or DEFAULT_PORT, vxlan_learning=0, address=mac or random_mac())
     index = ipr.link_lookup(ifname=name)[0]
     ipr.link("set", index=index, mtu=mtu, state="up")
-    ipr.addr("add", index=index, address=str(subnet.network_address), prefixlen=32)
     link = ipr.get_links(index)[0]
     return Vtep(index=index, name=name, vni=vni, mac=str(link.get("IFLA_ADDRESS")))
+
+
+def set_address(ipr: IPRoute, vtep: Vtep, subnet: ipaddress.IPv4Network) -> None:
+    """The lease's network address as a /32: no route for the whole network (flannel's vxlan does not add one)."""
+    ipr.addr("add", index=vtep.index, address=str(subnet.network_address), prefixlen=32)
 
 
 def add_peer(ipr: IPRoute, vtep: Vtep, *, subnet: ipaddress.IPv4Network, public_ip: ipaddress.IPv4Address,

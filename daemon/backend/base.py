@@ -1,0 +1,47 @@
+"""What every backend provides (flannel's pkg/backend/common.go): register to get a lease and forwarding state,
+then turn other nodes' lease events into that state."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from daemon.config import NetworkConfig
+from daemon.interface import ExternalInterface
+from daemon.lease import Event, Lease, LeaseAttrs
+
+Acquire = Callable[[LeaseAttrs], Awaitable[Lease]]
+
+
+@dataclass(frozen=True)
+class Context:
+    ext: ExternalInterface
+    config: NetworkConfig
+    acquire: Acquire  # leases a subnet for these attributes (daemon.subnets.acquire over the registry)
+
+
+class Network(Protocol):
+    lease: Lease
+    mtu: int  # FLANNEL_MTU for subnet.env
+
+    def handle(self, events: list[Event]) -> None:
+        """Apply other nodes' lease changes (called in a worker thread: it may block on netlink)."""
+
+    async def run(self) -> None:
+        """Background upkeep (host-gw re-adds missing routes); returns only when cancelled."""
+
+    def close(self) -> None:
+        """Release what must not outlive the process (udp: the engine and flannel0). Kernel state that a restart
+        can reuse (routes, vxlan device) stays, as with flannel."""
+
+
+class Idle:
+    """Mixin: no background upkeep, nothing to close."""
+
+    async def run(self) -> None:
+        await asyncio.Event().wait()
+
+    def close(self) -> None:
+        return None

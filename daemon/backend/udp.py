@@ -1,0 +1,72 @@
+"""The udp backend: flannel0 and the pyflannel packet engine (flannel pkg/backend/udp).
+
+Design notes. As flannel: lease attributes are only PublicIP; the TUN is named by the kernel from `flannel%d`
+(normally flannel0), with the lease's network address as a /32, MTU = external MTU - 28 and a route for the whole
+network; the UDP socket is bound to the external interface's address on Backend.Port (default 8285), and every
+node must use the same port because leases do not carry it; BackendType is not checked on peers' leases. Ours:
+the engine batches and uses kernel offloads (PYFLANNEL_OFFLOAD=off turns them off, PYFLANNEL_DISABLE_OFFLOADS
+single ones, see dataplane.offload), and it checks that packets come from the peer owning their source subnet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+
+from daemon.backend.base import Context, Idle
+from daemon.lease import Event, EventType, Lease, LeaseAttrs
+from dataplane import offload
+from dataplane.pump import DEFAULT_PORT, Pump
+from dataplane.tun import ENCAP_OVERHEAD, configure_tun, open_tun
+from dataplane.udp import enable_offloads, open_udp_socket
+
+log = logging.getLogger(__name__)
+
+
+class UdpNetwork(Idle):
+    def __init__(self, lease: Lease, mtu: int, pump: Pump, port: int, close: list[object]) -> None:
+        self.lease = lease
+        self.mtu = mtu
+        self.pump = pump
+        self.port = port
+        self._owned = close
+
+    def handle(self, events: list[Event]) -> None:
+        for event in events:
+            subnet = str(event.lease.subnet)
+            if event.type is EventType.ADDED:
+                log.info("route %s -> %s:%d", subnet, event.lease.attrs.public_ip, self.port)
+                self.pump.set_route(subnet, str(event.lease.attrs.public_ip), self.port)
+            elif subnet in self.pump.routes:
+                log.info("route %s removed", subnet)
+                self.pump.del_route(subnet)
+
+    def close(self) -> None:
+        self.pump.stop()
+        for thing in self._owned:
+            thing.close()  # type: ignore[attr-defined]
+
+
+async def register(ctx: Context) -> UdpNetwork:
+    lease = await ctx.acquire(LeaseAttrs(public_ip=ctx.ext.public_ip))
+    return await asyncio.to_thread(_start, ctx, lease)
+
+
+def _start(ctx: Context, lease: Lease) -> UdpNetwork:
+    """flannel0, the socket and the engine threads (blocking netlink calls: run in a worker thread)."""
+    port = int(ctx.config.backend_option("port", DEFAULT_PORT))
+    mtu = ctx.ext.mtu - ENCAP_OVERHEAD
+    sock = open_udp_socket(ctx.ext.addr, port)
+    tun = open_tun("flannel%d", offload.wanted(os.environ.get("PYFLANNEL_OFFLOAD", "auto")))
+    try:
+        configure_tun(tun, subnet=lease.subnet, network=ctx.config.network, mtu=mtu)
+        offloads = enable_offloads(sock, tun.offloads)
+        pump = Pump(tun, sock, offloads=offloads)
+    except BaseException:
+        tun.close()
+        sock.close()
+        raise
+    pump.start()
+    log.info("%s up: mtu %d, udp %s:%d, offloads: %s", tun.name, mtu, ctx.ext.addr, port, offloads.describe())
+    return UdpNetwork(lease, mtu, pump, port, [tun, sock])

@@ -1,0 +1,144 @@
+"""LocalRegistry: leases in a SQLite file that several daemons on one machine share (the embedded default).
+
+WAL mode lets readers run beside the one writer; every write happens in a BEGIN IMMEDIATE transaction, so
+"create only if absent" is as atomic as etcd's transaction. Each change is also appended to an event log whose
+row id is the revision that watchers poll from; the log keeps the last EVENT_HISTORY changes, and a watcher
+that falls further behind gets Compacted and lists again, as with etcd. Expired leases are deleted (with an
+event) by whichever daemon touches the file next. The network config comes from a file (--net-config-path).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from daemon.errors import ConfigError
+from daemon.lease import Event, EventType, Lease, LeaseAttrs, parse_subnet_key, subnet_key
+from daemon.registry import Compacted, LeaseExists
+
+T = TypeVar("T")
+POLL_SECONDS = 0.2
+EVENT_HISTORY = 10_000
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS leases (key TEXT PRIMARY KEY, value TEXT NOT NULL, expires REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS events (rev INTEGER PRIMARY KEY AUTOINCREMENT, key TEXT NOT NULL, value TEXT);
+"""
+
+
+class LocalRegistry:
+    def __init__(self, path: str, config_path: str) -> None:
+        self.path = path
+        self.config_path = config_path
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.executescript(SCHEMA)
+        self._lock = asyncio.Lock()
+
+    async def get_config(self) -> str:
+        try:
+            return Path(self.config_path).read_text()
+        except OSError as exc:
+            raise ConfigError(f"cannot read network config {self.config_path}: {exc.strerror}") from None
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        async with self._lock:
+            return await asyncio.to_thread(fn, *args)
+
+    def _write(self, fn: Callable[..., T], *args: Any) -> T:
+        """fn(cursor, *args) inside one immediate transaction, after sweeping expired leases."""
+        cur = self._db.cursor()
+        cur.execute("BEGIN IMMEDIATE")
+        try:
+            now = time.time()
+            for (key,) in cur.execute("SELECT key FROM leases WHERE expires < ?", (now,)).fetchall():
+                self._change(cur, key, None)
+            result = fn(cur, *args)
+            cur.execute("DELETE FROM events WHERE rev <= (SELECT MAX(rev) FROM events) - ?", (EVENT_HISTORY,))
+            cur.execute("COMMIT")
+            return result
+        except BaseException:
+            cur.execute("ROLLBACK")
+            raise
+
+    @staticmethod
+    def _change(cur: sqlite3.Cursor, key: str, value: str | None, expires: float = 0) -> None:
+        if value is None:
+            cur.execute("DELETE FROM leases WHERE key = ?", (key,))
+        else:
+            cur.execute("INSERT OR REPLACE INTO leases (key, value, expires) VALUES (?, ?, ?)", (key, value, expires))
+        cur.execute("INSERT INTO events (key, value) VALUES (?, ?)", (key, value))
+
+    async def list_leases(self) -> tuple[list[Lease], int]:
+        return await self._run(self._write, self._list)
+
+    @staticmethod
+    def _list(cur: sqlite3.Cursor) -> tuple[list[Lease], int]:
+        rows = cur.execute("SELECT key, value, expires FROM leases").fetchall()
+        (rev,) = cur.execute("SELECT COALESCE(MAX(rev), 0) FROM events").fetchone()
+        leases = [lease for key, value, expires in rows if (lease := _lease(key, value, expires)) is not None]
+        return leases, int(rev)
+
+    async def create_lease(self, subnet: ipaddress.IPv4Network, attrs: LeaseAttrs, ttl: int) -> float:
+        return await self._run(self._write, self._create, subnet_key(subnet), attrs.to_json(), ttl)
+
+    def _create(self, cur: sqlite3.Cursor, key: str, value: str, ttl: int) -> float:
+        if cur.execute("SELECT 1 FROM leases WHERE key = ?", (key,)).fetchone():
+            raise LeaseExists(key)
+        expires = time.time() + ttl
+        self._change(cur, key, value, expires)
+        return expires
+
+    async def update_lease(self, subnet: ipaddress.IPv4Network, attrs: LeaseAttrs, ttl: int) -> float:
+        return await self._run(self._write, self._update, subnet_key(subnet), attrs.to_json(), ttl)
+
+    def _update(self, cur: sqlite3.Cursor, key: str, value: str, ttl: int) -> float:
+        expires = time.time() + ttl
+        self._change(cur, key, value, expires)
+        return expires
+
+    async def delete_lease(self, subnet: ipaddress.IPv4Network) -> None:
+        await self._run(self._write, self._change, subnet_key(subnet), None)
+
+    async def watch(self, revision: int) -> AsyncIterator[list[Event]]:
+        while True:
+            rows, oldest = await self._run(self._write, self._events_after, revision)
+            if rows and oldest > revision + 1:
+                raise Compacted(revision)
+            events = []
+            for rev, key, value in rows:
+                revision = rev
+                subnet = parse_subnet_key(key)
+                if subnet is None:
+                    continue
+                if value is None:
+                    events.append(Event(EventType.REMOVED, Lease(subnet, LeaseAttrs(ipaddress.IPv4Address(0)))))
+                elif (lease := _lease(key, value, 0)) is not None:
+                    events.append(Event(EventType.ADDED, lease))
+            if events:
+                yield events
+            await asyncio.sleep(POLL_SECONDS)
+
+    @staticmethod
+    def _events_after(cur: sqlite3.Cursor, revision: int) -> tuple[list[tuple[int, str, str | None]], int]:
+        rows = cur.execute("SELECT rev, key, value FROM events WHERE rev > ? ORDER BY rev", (revision,)).fetchall()
+        (oldest,) = cur.execute("SELECT COALESCE(MIN(rev), 0) FROM events").fetchone()
+        return rows, int(oldest)
+
+    async def close(self) -> None:
+        self._db.close()
+
+
+def _lease(key: str, value: str, expires: float) -> Lease | None:
+    subnet = parse_subnet_key(key)
+    if subnet is None:
+        return None
+    try:
+        return Lease(subnet, LeaseAttrs.from_json(value), expires)
+    except ValueError:
+        return None
