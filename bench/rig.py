@@ -23,7 +23,7 @@ from typing import Any
 from pyroute2 import IPRoute, netns
 
 NETWORK = ipaddress.IPv4Network("10.244.0.0/16")
-UNDERLAY = ipaddress.IPv4Network("198.18.0.0/24")
+UNDERLAY = ipaddress.IPv4Network("198.18.0.0/24")  # room for the 200 hosts a rig may have
 
 
 @dataclass
@@ -66,12 +66,13 @@ class Host:
 
 
 class Rig:
-    """Two (or more) hosts joined by one veth (two hosts) or a bridge namespace (more)."""
+    """Hosts on one underlay: two joined by a veth, or more joined by a bridge in a namespace of its own."""
 
     def __init__(self, hosts: int = 2, *, mtu: int = 1500, netem: str | None = None, tag: str = "pf") -> None:
-        if hosts != 2:
-            raise ValueError("the veth rig joins exactly two hosts")
+        if not 2 <= hosts <= 200:
+            raise ValueError("a rig has 2 to 200 hosts")
         self.prefix = f"{tag}-{os.getpid()}-{secrets.token_hex(3)}"
+        self.switch = f"{self.prefix}-sw"
         self.mtu = mtu
         self.netem = netem
         self.hosts = [
@@ -91,11 +92,14 @@ class Rig:
         self.close()
 
     def _build(self) -> None:
-        a, b = self.hosts
         for host in self.hosts:
             netns.create(host.ns)
-        with a.ipr() as ipr:
-            ipr.link("add", ifname="eth0", kind="veth", peer={"ifname": "eth0", "net_ns_fd": b.ns})
+        if len(self.hosts) == 2:
+            a, b = self.hosts
+            with a.ipr() as ipr:
+                ipr.link("add", ifname="eth0", kind="veth", peer={"ifname": "eth0", "net_ns_fd": b.ns})
+        else:
+            self._build_switch()
         for host in self.hosts:
             with host.ipr() as ipr:
                 ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
@@ -105,15 +109,27 @@ class Rig:
             if self.netem:
                 host.run("tc", "qdisc", "add", "dev", "eth0", "root", "netem", *self.netem.split())
 
+    def _build_switch(self) -> None:
+        """A bridge in its own namespace, with one veth port per host (eth0 on the host's side)."""
+        netns.create(self.switch)
+        with IPRoute(netns=self.switch) as sw:
+            sw.link("add", ifname="br0", kind="bridge")
+            bridge = sw.link_lookup(ifname="br0")[0]
+            sw.link("set", index=bridge, mtu=self.mtu, state="up")
+            for i, host in enumerate(self.hosts):
+                sw.link("add", ifname=f"p{i}", kind="veth", peer={"ifname": "eth0", "net_ns_fd": host.ns})
+                port = sw.link_lookup(ifname=f"p{i}")[0]
+                sw.link("set", index=port, master=bridge, mtu=self.mtu, state="up")
+
     def close(self) -> None:
         """Kill what the rig started and delete its namespaces; safe to call twice."""
         for host in self.hosts:
             for proc in host.procs:
                 _terminate(proc)
             host.procs.clear()
-        for host in self.hosts:
-            if host.ns in netns.listnetns():
-                netns.remove(host.ns)
+        for ns in [host.ns for host in self.hosts] + [self.switch]:
+            if ns in netns.listnetns():
+                netns.remove(ns)
 
 
 def _terminate(proc: subprocess.Popen[Any], grace: float = 5.0) -> None:

@@ -110,7 +110,8 @@ class EtcdRegistry:
         async def op(c: aetcd.Client) -> float:
             grant = await c.lease(ttl)
             ok, _ = await c.transaction(compare=[c.transactions.version(key) == 0],
-                                        success=[c.transactions.put(key, attrs.to_json().encode(), grant.id)])
+                                        success=[c.transactions.put(key, attrs.to_json().encode(), grant.id)],
+                                        failure=[])  # aetcd iterates failure even when it is None
             if not ok:
                 await c.revoke_lease(grant.id)
                 raise LeaseExists(subnet_key(subnet))

@@ -1,0 +1,246 @@
+"""flanneld on test hosts: leases, subnet.env, routes over udp, host-gw and vxlan, with the embedded registry and
+with Debian's etcd; flannel's etcd layout byte for byte; restarts, races and an etcd outage."""
+
+from __future__ import annotations
+
+import ipaddress
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import host_socket
+from daemons import Etcd, read_env, start_flanneld, wait_for, wait_for_env
+from packets import parse_ipv4
+
+from bench.rig import Host, Rig
+
+PREFIX = "/coreos.com/network"
+NET = '{"Network":"10.244.0.0/16","Backend":{"Type":"%s"}}'
+
+
+@pytest.fixture
+def rig4() -> Iterator[Rig]:
+    """Three nodes and an etcd host on one bridge."""
+    with Rig(4, tag="pfd") as r:
+        yield r
+
+
+
+
+def _start_nodes(rig: Rig, nodes: list[Host], registry: list[str], tmp_path: Path, *extra: str
+                 ) -> list[tuple[subprocess.Popen[str], dict[str, str]]]:
+    procs = [(node, start_flanneld(node, registry, tmp_path / f"{node.ns}.env", *extra)) for node in nodes]
+    out = []
+    for node, proc in procs:
+        env = wait_for_env(tmp_path / f"{node.ns}.env", proc)
+        addr = env["FLANNEL_SUBNET"].split("/")[0]
+        with node.ipr() as ipr:
+            ipr.addr("add", index=ipr.link_lookup(ifname="lo")[0], address=addr, prefixlen=32)
+        out.append((proc, env))
+    return out
+
+
+def _assert_all_pairs_reach(nodes: list[Host], envs: list[dict[str, str]]) -> None:
+    addrs = [env["FLANNEL_SUBNET"].split("/")[0] for env in envs]
+    for i, src in enumerate(nodes):
+        for j, dst in enumerate(addrs):
+            if i != j:
+                out = wait_for(lambda s=src, a=addrs[i], d=dst: "1 received" in s.run(
+                    "ping", "-c", "1", "-W", "1", "-I", a, d, check=False).stdout, 20, f"{addrs[i]} -> {dst}")
+                assert out
+
+
+def _assert_env_format(env_text: str, network: str, mtu: int) -> None:
+    lines = env_text.splitlines()
+    assert [line.split("=")[0] for line in lines] == ["FLANNEL_NETWORK", "FLANNEL_SUBNET", "FLANNEL_MTU",
+                                                      "FLANNEL_IPMASQ"]
+    env = dict(line.split("=", 1) for line in lines)
+    assert env["FLANNEL_NETWORK"] == network and env["FLANNEL_MTU"] == str(mtu) and env["FLANNEL_IPMASQ"] == "false"
+    subnet = ipaddress.IPv4Interface(env["FLANNEL_SUBNET"])
+    assert subnet.ip == subnet.network.network_address + 1 and subnet.network.prefixlen == 24
+
+
+MTU = {"udp": 1472, "host-gw": 1500, "vxlan": 1450}
+
+
+@pytest.mark.parametrize("backend", ["udp", "host-gw", "vxlan"])
+def test_three_nodes_on_the_embedded_registry(backend: str, tmp_path: Path) -> None:
+    conf = tmp_path / "net-conf.json"
+    conf.write_text(NET % backend)
+    with Rig(3, tag="pfd") as rig:
+        nodes = rig.hosts
+        started = _start_nodes(rig, nodes, ["--local-registry", str(tmp_path / "leases.db"),
+                                            "--net-config-path", str(conf)], tmp_path)
+        envs = [env for _, env in started]
+        assert len({env["FLANNEL_SUBNET"] for env in envs}) == 3, "distinct subnets"
+        for node in nodes:
+            _assert_env_format((tmp_path / f"{node.ns}.env").read_text(), "10.244.0.0/16", MTU[backend])
+        _assert_all_pairs_reach(nodes, envs)
+
+
+@pytest.mark.parametrize("backend", ["udp", "host-gw", "vxlan"])
+def test_three_nodes_on_etcd_with_flannels_layout(rig4: Rig, backend: str, tmp_path: Path) -> None:
+    *nodes, etcd_host = rig4.hosts
+    etcd = Etcd(etcd_host, tmp_path / "etcd")
+    etcd.start()
+    etcd.put(f"{PREFIX}/config", NET % backend)
+    started = _start_nodes(rig4, nodes, ["--etcd-endpoints", etcd.url], tmp_path)
+    envs = [env for _, env in started]
+    keys = etcd.items(f"{PREFIX}/subnets/")
+    expected = {}
+    for node, env in zip(nodes, envs, strict=True):
+        subnet = ipaddress.IPv4Interface(env["FLANNEL_SUBNET"]).network
+        key = f"{PREFIX}/subnets/{subnet.network_address}-24"
+        if backend == "udp":
+            expected[key] = f'{{"PublicIP":"{node.underlay}","PublicIPv6":null}}'
+        elif backend == "host-gw":
+            expected[key] = f'{{"PublicIP":"{node.underlay}","PublicIPv6":null,"BackendType":"host-gw"}}'
+        else:
+            mac = node.run("cat", "/sys/class/net/flannel.1/address").stdout.strip()
+            expected[key] = (f'{{"PublicIP":"{node.underlay}","PublicIPv6":null,"BackendType":"vxlan",'
+                             f'"BackendData":{{"VNI":1,"VtepMAC":"{mac}"}}}}')
+    assert keys == expected, "keys and values exactly as flannel writes them"
+    _assert_all_pairs_reach(nodes, envs)
+
+
+def test_a_flannel_nodes_hand_written_lease_becomes_a_route(rig4: Rig, tmp_path: Path) -> None:
+    *nodes, etcd_host = rig4.hosts
+    etcd = Etcd(etcd_host, tmp_path / "etcd")
+    etcd.start()
+    etcd.put(f"{PREFIX}/config", NET % "udp")
+    started = _start_nodes(rig4, nodes, ["--etcd-endpoints", etcd.url], tmp_path)
+    # A flannel node with the udp backend at 198.18.0.99 (a second address on the etcd host), subnet .200.
+    etcd_host.run("ip", "addr", "add", "198.18.0.99/24", "dev", "eth0")
+    flannel_node = host_socket(etcd_host)
+    flannel_node.bind(("198.18.0.99", 8285))
+    flannel_node.settimeout(1)
+    key = f"{PREFIX}/subnets/10.244.200.0-24"
+    etcd.put(key, '{"PublicIP":"198.18.0.99","PublicIPv6":null}')
+    with flannel_node:
+        for node, (_, env) in zip(nodes, started, strict=True):
+            src = env["FLANNEL_SUBNET"].split("/")[0]
+            got = wait_for(lambda n=node, s=src: _send_and_catch(n, s, flannel_node), 20, "the new route")
+            assert got.src == src and got.dst == "10.244.200.7"
+        etcd.delete(key)
+        for node, (_, env) in zip(nodes, started, strict=True):
+            src = env["FLANNEL_SUBNET"].split("/")[0]
+            wait_for(lambda n=node, s=src: _unreachable(n, s), 20, "the route to go")
+
+
+def _send_and_catch(node: Host, src: str, flannel_node: socket.socket) -> object:
+    with host_socket(node) as s:
+        s.bind((src, 0))
+        s.sendto(b"hello flannel", ("10.244.200.7", 9))
+    try:
+        while True:
+            pkt = parse_ipv4(flannel_node.recv(65536))
+            if pkt.payload[8:] == b"hello flannel" and pkt.src == src:
+                return pkt
+    except TimeoutError:
+        return None
+
+
+def _unreachable(node: Host, src: str) -> bool:
+    with host_socket(node) as s:
+        s.setsockopt(socket.IPPROTO_IP, 11, 1)  # IP_RECVERR
+        s.bind((src, 0))
+        s.connect(("10.244.200.7", 9))
+        s.settimeout(1)
+        s.send(b"x")
+        try:
+            s.recv(10)
+        except OSError as exc:
+            return exc.errno == 101  # ENETUNREACH: no route any more
+    return False
+
+
+def test_restart_gets_the_same_subnet(tmp_path: Path) -> None:
+    conf = tmp_path / "net-conf.json"
+    conf.write_text(NET % "udp")
+    registry = ["--local-registry", str(tmp_path / "leases.db"), "--net-config-path", str(conf)]
+    env_file = tmp_path / "node.env"
+    with Rig(2, tag="pfd") as rig:
+        node = rig.hosts[0]
+        proc = start_flanneld(node, registry, env_file)
+        first = wait_for_env(env_file, proc)["FLANNEL_SUBNET"]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+        assert "flannel0" not in node.run("ip", "link").stdout, "flannel0 goes with the process"
+        env_file.unlink()
+        proc = start_flanneld(node, registry, env_file)
+        assert wait_for_env(env_file, proc)["FLANNEL_SUBNET"] == first, "from the registry (same PublicIP)"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+        # A new registry, but the old subnet.env: the previous subnet is taken again.
+        registry[1] = str(tmp_path / "fresh.db")
+        proc = start_flanneld(node, registry, env_file)
+        wait_for(lambda: read_env(env_file)["FLANNEL_SUBNET"] == first and (tmp_path / "fresh.db").exists(), 30)
+        time.sleep(1)
+        assert read_env(env_file)["FLANNEL_SUBNET"] == first, "from subnet.env"
+
+
+def test_twenty_daemons_racing_for_subnets(tmp_path: Path) -> None:
+    with Rig(21, tag="pfd") as rig:
+        *nodes, etcd_host = rig.hosts
+        etcd = Etcd(etcd_host, tmp_path / "etcd")
+        etcd.start()
+        etcd.put(f"{PREFIX}/config", '{"Network":"10.244.0.0/16","SubnetLen":24,"Backend":{"Type":"host-gw"}}')
+        procs = [start_flanneld(node, ["--etcd-endpoints", etcd.url], tmp_path / f"{node.ns}.env")
+                 for node in nodes]
+        envs = [wait_for_env(tmp_path / f"{node.ns}.env", proc, timeout=120) for node, proc in zip(nodes, procs,
+                                                                                                     strict=True)]
+        assert len({env["FLANNEL_SUBNET"] for env in envs}) == 20
+        assert all(proc.poll() is None for proc in procs), "nobody exited"
+        assert len(etcd.items(f"{PREFIX}/subnets/")) == 20
+
+
+def test_etcd_outage_keeps_traffic_and_catches_up(rig4: Rig, tmp_path: Path) -> None:
+    *nodes, etcd_host = rig4.hosts
+    etcd = Etcd(etcd_host, tmp_path / "etcd")
+    etcd.start()
+    etcd.put(f"{PREFIX}/config", NET % "udp")
+    started = _start_nodes(rig4, nodes, ["--etcd-endpoints", etcd.url], tmp_path)
+    envs = [env for _, env in started]
+    etcd.stop()
+    time.sleep(2)
+    _assert_all_pairs_reach(nodes, envs)  # forwarding goes on with the last known routes
+    etcd.start()
+    etcd_host.run("ip", "addr", "add", "198.18.0.99/24", "dev", "eth0")
+    etcd.put(f"{PREFIX}/subnets/10.244.200.0-24", '{"PublicIP":"198.18.0.99","PublicIPv6":null}')
+    with host_socket(etcd_host) as flannel_node:
+        flannel_node.bind(("198.18.0.99", 8285))
+        flannel_node.settimeout(1)
+        for node, env in zip(nodes, envs, strict=True):
+            src = env["FLANNEL_SUBNET"].split("/")[0]
+            wait_for(lambda n=node, s=src: _send_and_catch(n, s, flannel_node), 40, "the lease added during the outage")
+    assert all(proc.poll() is None for proc, _ in started)
+
+
+def test_metrics_and_readiness(tmp_path: Path) -> None:
+    conf = tmp_path / "net-conf.json"
+    conf.write_text(NET % "udp")
+    with Rig(2, tag="pfd") as rig:
+        node = rig.hosts[0]
+        proc = start_flanneld(node, ["--local-registry", str(tmp_path / "l.db"), "--net-config-path", str(conf)],
+                              tmp_path / "n.env", "--healthz-port", "8471")
+        env = wait_for_env(tmp_path / "n.env", proc)
+        body = _http(node, "/metrics")
+        assert f'flannel_lease_info{{subnet="{ipaddress.IPv4Interface(env["FLANNEL_SUBNET"]).network}"}} 1' in body
+        assert 'pyflannel_drops_total{reason="rx_spoofed_source"} 0' in body
+        assert _http(node, "/readyz").startswith("HTTP/1.0 200") and "flanneld is ready" in _http(node, "/readyz")
+        assert "flanneld is running" in _http(node, "/healthz")
+
+
+def _http(node: Host, path: str) -> str:
+    with host_socket(node, socket.SOCK_STREAM) as s:
+        s.settimeout(5)
+        s.connect(("127.0.0.1", 8471))
+        s.sendall(f"GET {path} HTTP/1.0\r\n\r\n".encode())
+        chunks = []
+        while data := s.recv(65536):
+            chunks.append(data)
+    return b"".join(chunks).decode()
