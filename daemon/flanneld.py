@@ -147,7 +147,7 @@ class Daemon:
                 return await fn()
             except Unavailable as exc:
                 self.registry_errors += 1
-                log.warning("%s: registry unavailable (%s); retrying in %.0f s", what, exc, delay)
+                log.warning("%s: %s; retrying in %.0f s", what, exc, delay)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stopping.wait(), delay)
             if self.stopping.is_set():

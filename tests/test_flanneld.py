@@ -9,12 +9,13 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import pytest
 from conftest import host_socket
 from daemons import Etcd, read_env, start_flanneld, wait_for, wait_for_env
-from packets import parse_ipv4
+from packets import Parsed, parse_ipv4
 
 from bench.rig import Host, Rig
 
@@ -49,9 +50,11 @@ def _assert_all_pairs_reach(nodes: list[Host], envs: list[dict[str, str]]) -> No
     for i, src in enumerate(nodes):
         for j, dst in enumerate(addrs):
             if i != j:
-                out = wait_for(lambda s=src, a=addrs[i], d=dst: "1 received" in s.run(
-                    "ping", "-c", "1", "-W", "1", "-I", a, d, check=False).stdout, 20, f"{addrs[i]} -> {dst}")
-                assert out
+                wait_for(partial(_pings, src, addrs[i], dst), 20, f"{addrs[i]} -> {dst}")
+
+
+def _pings(host: Host, src: str, dst: str) -> bool:
+    return "1 received" in host.run("ping", "-c", "1", "-W", "1", "-I", src, dst, check=False).stdout
 
 
 def _assert_env_format(env_text: str, network: str, mtu: int) -> None:
@@ -123,15 +126,15 @@ def test_a_flannel_nodes_hand_written_lease_becomes_a_route(rig4: Rig, tmp_path:
     with flannel_node:
         for node, (_, env) in zip(nodes, started, strict=True):
             src = env["FLANNEL_SUBNET"].split("/")[0]
-            got = wait_for(lambda n=node, s=src: _send_and_catch(n, s, flannel_node), 20, "the new route")
+            got = wait_for(partial(_send_and_catch, node, src, flannel_node), 20, "the new route")
             assert got.src == src and got.dst == "10.244.200.7"
         etcd.delete(key)
         for node, (_, env) in zip(nodes, started, strict=True):
             src = env["FLANNEL_SUBNET"].split("/")[0]
-            wait_for(lambda n=node, s=src: _unreachable(n, s), 20, "the route to go")
+            wait_for(partial(_unreachable, node, src), 20, "the route to go")
 
 
-def _send_and_catch(node: Host, src: str, flannel_node: socket.socket) -> object:
+def _send_and_catch(node: Host, src: str, flannel_node: socket.socket) -> Parsed | None:
     with host_socket(node) as s:
         s.bind((src, 0))
         s.sendto(b"hello flannel", ("10.244.200.7", 9))
@@ -216,7 +219,7 @@ def test_etcd_outage_keeps_traffic_and_catches_up(rig4: Rig, tmp_path: Path) -> 
         flannel_node.settimeout(1)
         for node, env in zip(nodes, envs, strict=True):
             src = env["FLANNEL_SUBNET"].split("/")[0]
-            wait_for(lambda n=node, s=src: _send_and_catch(n, s, flannel_node), 40, "the lease added during the outage")
+            wait_for(partial(_send_and_catch, node, src, flannel_node), 40, "the lease added during the outage")
     assert all(proc.poll() is None for proc, _ in started)
 
 
@@ -244,3 +247,34 @@ def _http(node: Host, path: str) -> str:
         while data := s.recv(65536):
             chunks.append(data)
     return b"".join(chunks).decode()
+
+
+def test_ports_in_use_are_one_line_errors(tmp_path: Path) -> None:
+    conf = tmp_path / "net-conf.json"
+    conf.write_text(NET % "udp")
+    registry = ["--local-registry", str(tmp_path / "l.db"), "--net-config-path", str(conf)]
+    with Rig(2, tag="pfd") as rig:
+        node = rig.hosts[0]
+        for port, extra, message in ((8285, [], "UDP port 8285 on 198.18.0.1 is already in use"),
+                                     (8471, ["--healthz-port", "8471"], "healthz port 0.0.0.0:8471 is already in use")):
+            with host_socket(node, socket.SOCK_DGRAM if port == 8285 else socket.SOCK_STREAM) as squatter:
+                squatter.bind(("198.18.0.1" if port == 8285 else "0.0.0.0", port))
+                if port == 8471:
+                    squatter.listen()
+                proc = start_flanneld(node, registry, tmp_path / "n.env", *extra)
+                proc.wait(30)
+                assert proc.stderr is not None
+                err = proc.stderr.read()
+                assert proc.returncode == 1 and err.strip().endswith(message) and "Traceback" not in err, err
+        assert "flannel0" not in node.run("ip", "link").stdout
+
+
+def test_waits_for_etcd_to_come_up(rig4: Rig, tmp_path: Path) -> None:
+    node, etcd_host = rig4.hosts[0], rig4.hosts[3]
+    etcd = Etcd(etcd_host, tmp_path / "etcd")
+    proc = start_flanneld(node, ["--etcd-endpoints", etcd.url], tmp_path / "n.env")
+    time.sleep(3)
+    assert proc.poll() is None, "etcd down at start: flanneld keeps trying, as flannel does"
+    etcd.start()
+    etcd.put(f"{PREFIX}/config", NET % "host-gw")
+    assert wait_for_env(tmp_path / "n.env", proc, timeout=40)["FLANNEL_MTU"] == "1500"

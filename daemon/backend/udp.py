@@ -15,8 +15,10 @@ import logging
 import os
 
 from daemon.backend.base import Context, Idle
+from daemon.errors import FlannelError
 from daemon.lease import Event, EventType, Lease, LeaseAttrs
 from dataplane import offload
+from dataplane.errors import DataplaneError
 from dataplane.pump import DEFAULT_PORT, Pump
 from dataplane.tun import ENCAP_OVERHEAD, configure_tun, open_tun
 from dataplane.udp import enable_offloads, open_udp_socket
@@ -50,7 +52,10 @@ class UdpNetwork(Idle):
 
 async def register(ctx: Context) -> UdpNetwork:
     lease = await ctx.acquire(LeaseAttrs(public_ip=ctx.ext.public_ip))
-    return await asyncio.to_thread(_start, ctx, lease)
+    try:
+        return await asyncio.to_thread(_start, ctx, lease)
+    except DataplaneError as exc:  # port in use, no /dev/net/tun, ...: the user's to fix, one line
+        raise FlannelError(str(exc)) from None
 
 
 def _start(ctx: Context, lease: Lease) -> UdpNetwork:

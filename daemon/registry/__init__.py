@@ -24,6 +24,10 @@ class Unavailable(Exception):
     """The registry cannot be reached right now."""
 
 
+class ConfigMissing(Unavailable):
+    """No network config stored yet: like flannel, wait for an operator to write it rather than exit."""
+
+
 class Registry(Protocol):
     async def get_config(self) -> str:
         """The network config JSON text."""

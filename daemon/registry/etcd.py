@@ -17,9 +17,9 @@ from urllib.parse import urlsplit
 
 import aetcd
 
-from daemon.errors import ConfigError, FlannelError
+from daemon.errors import FlannelError
 from daemon.lease import Event, EventType, Lease, LeaseAttrs, parse_subnet_key, subnet_key
-from daemon.registry import Compacted, LeaseExists, Unavailable
+from daemon.registry import Compacted, ConfigMissing, LeaseExists, Unavailable
 
 T = TypeVar("T")
 TIMEOUT = 10  # seconds per request: a dead etcd is reported (and retried) rather than waited on forever
@@ -84,8 +84,8 @@ class EtcdRegistry:
     async def get_config(self) -> str:
         result: Any = await self._call(lambda c: c.get(f"{self.prefix}/config".encode()))
         if result is None:
-            raise ConfigError(f"{self.prefix}/config not found in etcd (was it written with the etcd v3 API, "
-                              "e.g. etcdctl put, with ETCDCTL_API=3?)")
+            raise ConfigMissing(f"{self.prefix}/config not found in etcd (was it written with the etcd v3 API, "
+                                "e.g. etcdctl put, with ETCDCTL_API=3?)")
         return bytes(result.value).decode()
 
     async def list_leases(self) -> tuple[list[Lease], int]:

@@ -1,0 +1,184 @@
+"""flanneld's pieces against flannel's documented behaviour: config checks, lease JSON, keys, flags, subnet.env,
+the iptables payload, and the allocation policy over a real SQLite registry."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import subprocess
+from pathlib import Path
+
+import pytest
+from daemons import FLANNELD
+
+from daemon import config, flags, iptables, subnet_env, subnets
+from daemon.errors import ConfigError, FlannelError
+from daemon.lease import Lease, LeaseAttrs, parse_subnet_key, subnet_key
+from daemon.registry import LeaseExists
+from daemon.registry.local import LocalRegistry
+
+Net = ipaddress.IPv4Network
+IP = ipaddress.IPv4Address
+
+
+@pytest.mark.parametrize(("network", "subnet_len"), [
+    ("10.0.0.0/8", 24), ("10.244.0.0/16", 24), ("10.0.0.0/22", 24), ("10.0.0.0/23", 25), ("10.0.0.0/24", 26),
+    ("10.0.0.0/28", 30),
+])
+def test_subnet_len_defaults(network: str, subnet_len: int) -> None:
+    cfg = config.parse(f'{{"network": "{network}"}}')
+    assert cfg.subnet_len == subnet_len
+    size = 1 << (32 - subnet_len)
+    assert cfg.subnet_min == Net(network).network_address + size, "the first subnet is never handed out"
+    assert cfg.subnet_max == Net(network).broadcast_address + 1 - size
+    assert cfg.backend_type == "udp", "no Backend means udp, as flannel's code (not its docs) says"
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ('{"Network": "10.0.0.0/29"}', "network is too small. Minimum useful network prefix is /28"),
+    ('{"Network": "10.0.0.0/16", "SubnetLen": 31}', "SubnetLen must be less than /31"),
+    ('{"Network": "10.0.0.0/16", "SubnetLen": 17}', "network must be able to accommodate at least four subnets"),
+    ('{"Network": "10.0.0.0/16", "SubnetMin": "10.1.0.0"}', "SubnetMin is not in the range of the Network"),
+    ('{"Network": "10.0.0.0/16", "SubnetMax": "10.0.5.7"}', "SubnetMax is not on a SubnetLen boundary: 10.0.5.7"),
+    ('{"SubnetLen": 24}', "please define a correct Network parameter in the flannel config"),
+    ('{"Network": "fc00::/64"}', "invalid IPv4 CIDR format"),
+    ('{"Network": "10.0.0.0/16", "Backend": {"Port": 1}}', "unknown backend type: ''"),
+    ('{"Network": "10.0.0.0/16", "Backend": {"Type": "ipsec"}}', "unknown backend type: 'ipsec'"),
+    ('{"Network": ', "invalid network config"),
+])
+def test_config_errors(text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        config.parse(text)
+
+
+def test_config_keys_are_case_insensitive_and_host_bits_masked() -> None:
+    cfg = config.parse('{"NETWORK": "10.244.3.4/16", "subnetlen": 26, "BACKEND": {"type": "VXLAN", "vni": 4}}')
+    assert cfg.network == Net("10.244.0.0/16") and cfg.subnet_len == 26
+    assert cfg.backend_type == "vxlan" and cfg.backend_option("VNI", 1) == 4
+
+
+def test_lease_json_is_flannels() -> None:
+    assert LeaseAttrs(IP("10.0.0.1")).to_json() == '{"PublicIP":"10.0.0.1","PublicIPv6":null}'
+    vxlan = LeaseAttrs(IP("192.168.64.3"), "vxlan", {"VNI": 1, "VtepMAC": "c6:d2:32:6f:8f:44"})
+    assert vxlan.to_json() == ('{"PublicIP":"192.168.64.3","PublicIPv6":null,"BackendType":"vxlan",'
+                               '"BackendData":{"VNI":1,"VtepMAC":"c6:d2:32:6f:8f:44"}}')
+    assert LeaseAttrs.from_json(vxlan.to_json()) == vxlan
+    assert LeaseAttrs.from_json("{}").public_ip == IP("0.0.0.0"), "a missing PublicIP decodes as 0.0.0.0"
+    with pytest.raises(ValueError):
+        LeaseAttrs.from_json('{"PublicIP": ""}')
+
+
+def test_subnet_keys() -> None:
+    assert subnet_key(Net("10.5.52.0/24")) == "10.5.52.0-24"
+    assert parse_subnet_key("/coreos.com/network/subnets/10.5.52.0-24") == Net("10.5.52.0/24")
+    assert parse_subnet_key("/x/subnets/10.5.52.0-24&fc00::-64") == Net("10.5.52.0/24")
+    assert parse_subnet_key("/x/subnets/10.5.52.0-24/junk") is None
+    assert parse_subnet_key("/x/subnets/garbage") is None
+
+
+def test_flags_go_syntax_and_environment() -> None:
+    opts = flags.parse(["-ip-masq", "--iface", "eth0", "-iface=eth1", "--healthz-port=8471", "-etcd-prefix", "/p"],
+                       {"FLANNELD_IFACE": "ignored", "FLANNELD_SUBNET_FILE": "/tmp/s.env", "FLANNELD_IP_MASQ": ""})
+    assert opts.ip_masq is True and opts.iface == ["eth0", "eth1"] and opts.healthz_port == 8471
+    assert opts.etcd_prefix == "/p" and opts.subnet_file == "/tmp/s.env"
+    assert flags.parse(["--ip-masq=false"], {"FLANNELD_IP_MASQ": "true"}).ip_masq is False
+    assert flags.parse([], {"FLANNELD_IP_MASQ": "true"}).ip_masq is True
+    assert flags.parse([], {}).etcd_endpoints == "http://127.0.0.1:4001,http://127.0.0.1:2379"
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--bogus"], "unrecognized arguments: --bogus"),
+    (["--healthz-port", "x"], "invalid integer value 'x'"),
+    (["--ip-masq=maybe"], "invalid boolean value 'maybe'"),
+    (["--subnet-lease-renew-margin", "0"], "invalid subnet-lease-renew-margin 0"),
+])
+def test_bad_flags_exit_2_with_one_line(argv: list[str], message: str) -> None:
+    r = subprocess.run([FLANNELD, *argv], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and message in r.stderr, r.stderr
+
+
+def test_version_and_not_root(tmp_path: Path) -> None:
+    r = subprocess.run([FLANNELD, "--version"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and r.stderr.startswith("v") and r.stdout == ""
+    r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", FLANNELD],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1 and r.stderr.strip() == \
+        "flanneld: error: must run as root (it creates network devices, routes and rules)"
+
+
+def test_bad_config_file_exits_1(tmp_path: Path) -> None:
+    conf = tmp_path / "net-conf.json"
+    conf.write_text('{"Network": "10.0.0.0/29"}')
+    r = subprocess.run([FLANNELD, "--local-registry", str(tmp_path / "r.db"), "--net-config-path", str(conf)],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1 and r.stderr.strip().endswith("network is too small. Minimum useful network prefix "
+                                                            "is /28"), r.stderr
+    r = subprocess.run([FLANNELD, "--local-registry", str(tmp_path / "r.db"), "--net-config-path",
+                        str(tmp_path / "missing.json")], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1 and "cannot read network config" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_subnet_env(tmp_path: Path) -> None:
+    text = subnet_env.render(network=Net("10.42.0.0/16"), subnet=Net("10.42.7.0/24"), mtu=1450, ip_masq=True)
+    assert text == "FLANNEL_NETWORK=10.42.0.0/16\nFLANNEL_SUBNET=10.42.7.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n"
+    path = tmp_path / "run" / "subnet.env"
+    subnet_env.write(str(path), text)
+    assert path.read_text() == text and path.stat().st_mode & 0o777 == 0o644
+    assert subnet_env.previous_subnet(str(path)) == Net("10.42.7.0/24")
+    path.write_text('export FLANNEL_SUBNET="10.1.2.3/24"\n')
+    assert subnet_env.previous_subnet(str(path)) == Net("10.1.2.0/24")
+    path.write_text("FLANNEL_SUBNET=10.1.2.1/24,10.1.3.1/24\n")
+    assert subnet_env.previous_subnet(str(path)) is None
+
+
+def test_masq_rules_are_flannels() -> None:
+    rs = iptables.masq_rules(Net("10.244.0.0/16"), Net("10.244.1.0/24"), fully_random=True)
+    rendered = [f"-A {rs.chain} {iptables._join(rule)}" for rule in rs.rules]
+    c = '-m comment --comment "flanneld masq"'
+    assert rendered == [
+        f"-A FLANNEL-POSTRTG -m mark --mark 0x4000/0x4000 {c} -j RETURN",
+        f"-A FLANNEL-POSTRTG -s 10.244.1.0/24 -d 10.244.0.0/16 {c} -j RETURN",
+        f"-A FLANNEL-POSTRTG -s 10.244.0.0/16 -d 10.244.1.0/24 {c} -j RETURN",
+        f"-A FLANNEL-POSTRTG ! -s 10.244.0.0/16 -d 10.244.1.0/24 {c} -j RETURN",
+        f"-A FLANNEL-POSTRTG -s 10.244.0.0/16 ! -d 224.0.0.0/4 {c} -j MASQUERADE --random-fully",
+        f"-A FLANNEL-POSTRTG ! -s 10.244.0.0/16 -d 10.244.0.0/16 {c} -j MASQUERADE --random-fully",
+    ]
+
+
+def _registry(tmp_path: Path, network: str = '{"Network": "10.244.0.0/16"}'
+              ) -> tuple[LocalRegistry, config.NetworkConfig]:
+    conf = tmp_path / "net.json"
+    conf.write_text(network)
+    return LocalRegistry(str(tmp_path / "r.db"), str(conf)), config.parse(network)
+
+
+def test_allocation_order(tmp_path: Path) -> None:
+    async def go() -> None:
+        reg, cfg = _registry(tmp_path)
+        me = LeaseAttrs(IP("198.18.0.1"))
+        first = await subnets.acquire(reg, cfg, me, None)
+        assert first.subnet.prefixlen == 24 and Net("10.244.1.0/24").network_address <= first.subnet.network_address
+        again = await subnets.acquire(reg, cfg, me, Net("10.244.9.0/24"))
+        assert again.subnet == first.subnet, "a lease held by this PublicIP wins over the previous subnet"
+        other = await subnets.acquire(reg, cfg, LeaseAttrs(IP("198.18.0.2")), Net("10.244.9.0/24"))
+        assert other.subnet == Net("10.244.9.0/24"), "then the previous subnet from subnet.env"
+        third = await subnets.acquire(reg, cfg, LeaseAttrs(IP("198.18.0.3")), first.subnet)
+        assert third.subnet not in (first.subnet, other.subnet), "a previous subnet held by another is skipped"
+        with pytest.raises(LeaseExists):
+            await reg.create_lease(first.subnet, LeaseAttrs(IP("198.18.0.4")), 60)
+        await reg.close()
+    asyncio.run(go())
+
+
+def test_racing_acquisitions_get_distinct_subnets(tmp_path: Path) -> None:
+    async def go() -> list[Lease]:
+        reg, cfg = _registry(tmp_path, '{"Network": "10.244.0.0/28", "SubnetLen": 30}')
+        # Three subnets exist (the first is never handed out); all want the same previous one.
+        leases = await asyncio.gather(*(subnets.acquire(reg, cfg, LeaseAttrs(IP(f"198.18.0.{i}")),
+                                                        Net("10.244.0.4/30")) for i in range(1, 4)))
+        with pytest.raises(FlannelError, match="out of subnets"):
+            await subnets.acquire(reg, cfg, LeaseAttrs(IP("198.18.0.9")), None)
+        await reg.close()
+        return leases
+    leases = asyncio.run(go())
+    assert sorted(str(lease.subnet) for lease in leases) == ["10.244.0.12/30", "10.244.0.4/30", "10.244.0.8/30"]
