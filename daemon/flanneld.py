@@ -30,7 +30,7 @@ from typing import TypeVar
 import uvloop
 
 from daemon import config, flags, iptables, subnet_env, subnets
-from daemon.backend import hostgw, udp, vxlan
+from daemon.backend import hostgw, routes, udp, vxlan
 from daemon.backend.base import Context, Network
 from daemon.errors import ConfigError, FlannelError
 from daemon.health import Health
@@ -74,7 +74,7 @@ class Daemon:
     async def _run(self) -> int:
         cfg = config.parse(await self._retry(self.registry.get_config, "reading the network config"))
         ext = await asyncio.to_thread(select, iface=self.opts.iface, iface_regex=self.opts.iface_regex,
-                                      public_ip=self.opts.public_ip)
+                                      can_reach=self.opts.iface_can_reach, public_ip=self.opts.public_ip)
         log.info("using interface %s (%s), public IP %s, backend %s", ext.name, ext.addr, ext.public_ip,
                  cfg.backend_type)
         previous = subnet_env.previous_subnet(self.opts.subnet_file)
@@ -86,6 +86,8 @@ class Daemon:
         rules = self._rules(cfg, network.lease)
         for rs in rules:
             iptables.apply(rs)
+        if self.opts.ip_blackhole_route:
+            await asyncio.to_thread(routes.add_blackhole, network.lease.subnet)
         subnet_env.write(self.opts.subnet_file, subnet_env.render(network=cfg.network, subnet=network.lease.subnet,
                                                                   mtu=network.mtu, ip_masq=self.opts.ip_masq))
         self.health.ready = True
@@ -174,6 +176,8 @@ class Daemon:
 def _registry(opts: flags.Options) -> Registry:
     if opts.kube_subnet_mgr:
         raise FlannelError("--kube-subnet-mgr is not supported yet")
+    if opts.public_ipv6:
+        raise FlannelError("--public-ipv6: IPv6 is not supported by pyflannel yet")
     if opts.local_registry:
         return LocalRegistry(opts.local_registry, opts.net_config_path)
     return EtcdRegistry(opts.etcd_endpoints, opts.etcd_prefix, username=opts.etcd_username,

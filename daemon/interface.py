@@ -1,7 +1,8 @@
 """Choosing the external interface and public IP, as flanneld does (main.go, pkg/ipmatch).
 
 --iface (names or addresses, in order), then --iface-regex (matched against addresses first, then names), then
-the interface holding --public-ip, then the interface of the default route. The public IP is --public-ip if
+--iface-can-reach (the route to that address), then the interface holding --public-ip, then the interface of the
+default route. The public IP is --public-ip if
 given, else the chosen interface's first global IPv4 address.
 """
 
@@ -35,14 +36,17 @@ def _links(ipr: IPRoute) -> list[tuple[int, str, int, list[ipaddress.IPv4Address
             for link in ipr.get_links()]
 
 
-def select(*, iface: list[str], iface_regex: list[str], public_ip: str) -> ExternalInterface:
+def select(*, iface: list[str], iface_regex: list[str], can_reach: str, public_ip: str) -> ExternalInterface:
     with IPRoute() as ipr:
         links = _links(ipr)
         chosen = _by_iface(links, iface) if iface else None
         if chosen is None and iface_regex:
             chosen = _by_regex(links, iface_regex)
-        if (iface or iface_regex) and chosen is None:
-            raise FlannelError(f"no interface matches --iface {iface} / --iface-regex {iface_regex}")
+        if chosen is None and can_reach:
+            chosen = _by_route(ipr, links, can_reach)
+        if (iface or iface_regex or can_reach) and chosen is None:
+            raise FlannelError(f"no interface matches --iface {iface} / --iface-regex {iface_regex} / "
+                               f"--iface-can-reach {can_reach!r}")
         if chosen is None and public_ip:
             chosen = next(((i, n, m, [a]) for i, n, m, addrs in links for a in addrs if str(a) == public_ip), None)
             if chosen is None:
@@ -87,6 +91,18 @@ def _by_regex(links: list[Link], patterns: list[str]) -> Link | None:
             if rx.search(name):
                 return index, name, mtu, addrs
     return None
+
+
+def _by_route(ipr: IPRoute, links: list[Link], target: str) -> Link | None:
+    """The interface the kernel would use to reach target (ip route get)."""
+    try:
+        routes = ipr.route("get", dst=str(ipaddress.IPv4Address(target)))
+    except ValueError:
+        raise FlannelError(f"--iface-can-reach {target!r} is not an IPv4 address", status=2) from None
+    except Exception:
+        return None
+    oif = routes[0].get("RTA_OIF") if routes else None
+    return next((link for link in links if link[0] == oif), None)
 
 
 def _default_route(ipr: IPRoute, links: list[Link]) -> Link:

@@ -66,9 +66,11 @@ class Etcd:
 
 
 def start_flanneld(host: Host, registry: list[str], subnet_file: Path, *extra: str,
-                   env: dict[str, str] | None = None) -> subprocess.Popen[str]:
-    return host.popen(FLANNELD, *registry, "--subnet-file", str(subnet_file), "--iface", "eth0", *extra,
-                      stderr=subprocess.PIPE, text=True, env=env)
+                   iface: tuple[str, ...] = ("--iface", "eth0")) -> subprocess.Popen[str]:
+    """flanneld on host; the test hosts have no default route, so the interface is named unless `iface` says how
+    else to find it."""
+    return host.popen(FLANNELD, *registry, "--subnet-file", str(subnet_file), *iface, *extra,
+                      stderr=subprocess.PIPE, text=True)
 
 
 def read_env(path: Path) -> dict[str, str]:

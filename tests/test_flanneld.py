@@ -229,13 +229,16 @@ def test_metrics_and_readiness(tmp_path: Path) -> None:
     with Rig(2, tag="pfd") as rig:
         node = rig.hosts[0]
         proc = start_flanneld(node, ["--local-registry", str(tmp_path / "l.db"), "--net-config-path", str(conf)],
-                              tmp_path / "n.env", "--healthz-port", "8471")
+                              tmp_path / "n.env", "--healthz-port", "8471", iface=("--iface-can-reach", "198.18.0.2"))
         env = wait_for_env(tmp_path / "n.env", proc)
         body = _http(node, "/metrics")
         assert f'flannel_lease_info{{subnet="{ipaddress.IPv4Interface(env["FLANNEL_SUBNET"]).network}"}} 1' in body
         assert 'pyflannel_drops_total{reason="rx_spoofed_source"} 0' in body
         assert _http(node, "/readyz").startswith("HTTP/1.0 200") and "flanneld is ready" in _http(node, "/readyz")
         assert "flanneld is running" in _http(node, "/healthz")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0 and proc.stderr is not None
+        assert "using interface eth0 (198.18.0.1)" in proc.stderr.read(), "found by the route to 198.18.0.2"
 
 
 def _http(node: Host, path: str) -> str:
@@ -278,3 +281,22 @@ def test_waits_for_etcd_to_come_up(rig4: Rig, tmp_path: Path) -> None:
     etcd.start()
     etcd.put(f"{PREFIX}/config", NET % "host-gw")
     assert wait_for_env(tmp_path / "n.env", proc, timeout=40)["FLANNEL_MTU"] == "1500"
+
+
+def test_own_lease_revoked_exits_0_and_bad_config_in_etcd_exits_1(rig4: Rig, tmp_path: Path) -> None:
+    node, etcd_host = rig4.hosts[0], rig4.hosts[3]
+    etcd = Etcd(etcd_host, tmp_path / "etcd")
+    etcd.start()
+    etcd.put(f"{PREFIX}/config", NET % "host-gw")
+    proc = start_flanneld(node, ["--etcd-endpoints", etcd.url], tmp_path / "n.env", "--ip-blackhole-route")
+    subnet = ipaddress.IPv4Interface(wait_for_env(tmp_path / "n.env", proc)["FLANNEL_SUBNET"]).network
+    assert f"blackhole {subnet}" in node.run("ip", "route").stdout
+    etcd.delete(f"{PREFIX}/subnets/{subnet.network_address}-24")
+    assert proc.wait(30) == 0, "flannel exits 0 for its supervisor to restart it"
+    assert proc.stderr is not None and "Lease has been revoked" in proc.stderr.read()
+    etcd.put(f"{PREFIX}/config", '{"Network": "10.244.0.0/16", "Backend": {"Type": "wireguard"}}')
+    proc = start_flanneld(node, ["--etcd-endpoints", etcd.url], tmp_path / "m.env")
+    assert proc.wait(30) == 1
+    assert proc.stderr is not None
+    assert proc.stderr.read().strip().endswith("unknown backend type: 'wireguard' (pyflannel supports udp, vxlan, "
+                                               "host-gw)")

@@ -18,6 +18,12 @@ def add_route(ipr: IPRoute, *, subnet: ipaddress.IPv4Network, gateway: ipaddress
     ipr.route("replace", dst=str(subnet), gateway=str(gateway), oif=ifindex)
 
 
+def add_blackhole(subnet: ipaddress.IPv4Network) -> None:
+    """--ip-blackhole-route: traffic for unassigned addresses of our own subnet is dropped here, not routed on."""
+    with IPRoute() as ipr:
+        ipr.route("replace", dst=str(subnet), type="blackhole")
+
+
 def del_route(ipr: IPRoute, *, subnet: ipaddress.IPv4Network) -> None:
     """Remove the route to subnet; a route that is already gone is fine."""
     try:
