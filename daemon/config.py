@@ -25,7 +25,6 @@ class NetworkConfig:
     subnet_max: ipaddress.IPv4Address
     backend_type: str
     backend: dict[str, Any] = field(default_factory=dict)  # the Backend object, keys lower-cased
-    enable_nftables: bool = False
 
     def subnets(self) -> list[ipaddress.IPv4Network]:
         """Every allocatable subnet from SubnetMin to SubnetMax, in order."""
@@ -52,6 +51,8 @@ def parse(text: str) -> NetworkConfig:
     cfg = _folded(raw)
     if cfg.get("enableipv6"):
         raise ConfigError("EnableIPv6 is not supported by pyflannel yet")
+    if cfg.get("enablenftables"):
+        raise ConfigError("EnableNFTables is not supported by pyflannel yet: use iptables mode")
     if cfg.get("enableipv4", True) is False:
         raise ConfigError("none defined stack: EnableIPv4 and EnableIPv6 are both false")
     network = _network(cfg.get("network"))
@@ -61,8 +62,7 @@ def parse(text: str) -> NetworkConfig:
     subnet_max = _bound(cfg, "SubnetMax", network, subnet_len, network.broadcast_address + 1 - size)
     backend, backend_type = _backend(cfg.get("backend"))
     return NetworkConfig(network=network, subnet_len=subnet_len, subnet_min=subnet_min, subnet_max=subnet_max,
-                         backend_type=backend_type, backend=backend,
-                         enable_nftables=bool(cfg.get("enablenftables", False)))
+                         backend_type=backend_type, backend=backend)
 
 
 def _network(value: Any) -> ipaddress.IPv4Network:

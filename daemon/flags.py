@@ -67,6 +67,8 @@ FLAGS = (
     Flag("set-node-network-unavailable", True, "set NetworkUnavailable=False on the Node (kube mode)"),
     Flag("version", False, "print version and exit"),
     Flag("v", 0, "log verbosity"),
+    Flag("vmodule", "", "accepted for compatibility with flannel's klog flags; ignored"),
+    Flag("log_backtrace_at", "", "accepted for compatibility with flannel's klog flags; ignored"),
 )
 
 
@@ -102,6 +104,8 @@ class Options:
     set_node_network_unavailable: bool
     version: bool
     v: int
+    vmodule: str
+    log_backtrace_at: str
 
 
 assert [f.name.replace("-", "_") for f in FLAGS] == [f.name for f in fields(Options)]
