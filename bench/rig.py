@@ -73,6 +73,7 @@ class Rig:
             raise ValueError("a rig has 2 to 200 hosts")
         self.prefix = f"{tag}-{os.getpid()}-{secrets.token_hex(3)}"
         self.switch = f"{self.prefix}-sw"
+        self.extra: list[str] = []
         self.mtu = mtu
         self.netem = netem
         self.hosts = [
@@ -121,13 +122,23 @@ class Rig:
                 port = sw.link_lookup(ifname=f"p{i}")[0]
                 sw.link("set", index=port, master=bridge, mtu=self.mtu, state="up")
 
+    def add_namespace(self, name: str) -> Host:
+        """A bare namespace (lo up) that goes with the rig, for a pod or a server: no underlay, no subnet."""
+        ns = f"{self.prefix}-{name}"
+        netns.create(ns)
+        self.extra.append(ns)
+        host = Host(ns, ipaddress.IPv4Address(0), ipaddress.IPv4Network("0.0.0.0/32"))
+        with host.ipr() as ipr:
+            ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+        return host
+
     def close(self) -> None:
         """Kill what the rig started and delete its namespaces; safe to call twice."""
         for host in self.hosts:
             for proc in host.procs:
                 _terminate(proc)
             host.procs.clear()
-        for ns in [host.ns for host in self.hosts] + [self.switch]:
+        for ns in [host.ns for host in self.hosts] + [self.switch, *self.extra]:
             if ns in netns.listnetns():
                 netns.remove(ns)
 
