@@ -38,6 +38,7 @@ from daemon.interface import ExternalInterface, select
 from daemon.lease import Lease, LeaseAttrs
 from daemon.registry import Registry, Unavailable
 from daemon.registry.etcd import EtcdRegistry
+from daemon.registry.kube import KubeManager
 from daemon.registry.local import LocalRegistry
 
 VERSION = "v0.1.0-pyflannel"
@@ -51,7 +52,7 @@ T = TypeVar("T")
 class Daemon:
     def __init__(self, opts: flags.Options) -> None:
         self.opts = opts
-        self.registry = _registry(opts)
+        self.manager = _manager(opts)
         self.health = Health(self._metrics)
         self.stopping = asyncio.Event()
         self.network: Network | None = None
@@ -69,10 +70,10 @@ class Daemon:
         finally:
             if self.network is not None:
                 self.network.close()
-            await self.registry.close()
+            await self.manager.close()
 
     async def _run(self) -> int:
-        cfg = config.parse(await self._retry(self.registry.get_config, "reading the network config"))
+        cfg = config.parse(await self._retry(self.manager.get_config, "reading the network config"))
         ext = await asyncio.to_thread(select, iface=self.opts.iface, iface_regex=self.opts.iface_regex,
                                       can_reach=self.opts.iface_can_reach, public_ip=self.opts.public_ip)
         log.info("using interface %s (%s), public IP %s, backend %s", ext.name, ext.addr, ext.public_ip,
@@ -80,7 +81,7 @@ class Daemon:
         previous = subnet_env.previous_subnet(self.opts.subnet_file)
 
         async def acquire(attrs: LeaseAttrs) -> Lease:
-            return await self._retry(lambda: subnets.acquire(self.registry, cfg, attrs, previous), "acquiring a lease")
+            return await self._retry(lambda: self.manager.acquire(cfg, attrs, previous), "acquiring a lease")
 
         self.network = network = await BACKENDS[cfg.backend_type](Context(ext, cfg, acquire))
         rules = self._rules(cfg, network.lease)
@@ -97,8 +98,7 @@ class Daemon:
     async def _supervise(self, network: Network, rules: list[iptables.RuleSet], ext: ExternalInterface) -> int:
         tasks = {
             asyncio.create_task(self._follow_leases(network), name="lease watch"),
-            asyncio.create_task(subnets.renew_forever(self.registry, network.lease,
-                                                      self.opts.subnet_lease_renew_margin), name="lease renewal"),
+            asyncio.create_task(self.manager.complete(network.lease), name="lease upkeep"),
             asyncio.create_task(network.run(), name="backend upkeep"),
             asyncio.create_task(self._resync_rules(rules), name="rule resync"),
             asyncio.create_task(self.stopping.wait(), name="signals"),
@@ -119,7 +119,7 @@ class Daemon:
 
     async def _follow_leases(self, network: Network) -> None:
         known: set[ipaddress.IPv4Network] = set()
-        async for events in subnets.watch_leases(self.registry, network.lease.subnet):
+        async for events in self.manager.watch(network.lease.subnet):
             await asyncio.to_thread(network.handle, events)
             for event in events:
                 (known.add if event.type.value == "added" else known.discard)(event.lease.subnet)
@@ -173,15 +173,20 @@ class Daemon:
         return out
 
 
-def _registry(opts: flags.Options) -> Registry:
-    if opts.kube_subnet_mgr:
-        raise FlannelError("--kube-subnet-mgr is not supported yet")
+def _manager(opts: flags.Options) -> subnets.Manager:
     if opts.public_ipv6:
         raise FlannelError("--public-ipv6: IPv6 is not supported by pyflannel yet")
+    if opts.kube_subnet_mgr:
+        return KubeManager(net_config_path=opts.net_config_path, kubeconfig=opts.kubeconfig_file,
+                           api_url=opts.kube_api_url, annotation_prefix=opts.kube_annotation_prefix,
+                           set_network_unavailable=opts.set_node_network_unavailable)
+    registry: Registry
     if opts.local_registry:
-        return LocalRegistry(opts.local_registry, opts.net_config_path)
-    return EtcdRegistry(opts.etcd_endpoints, opts.etcd_prefix, username=opts.etcd_username,
-                        password=opts.etcd_password, keyfile=opts.etcd_keyfile, certfile=opts.etcd_certfile)
+        registry = LocalRegistry(opts.local_registry, opts.net_config_path)
+    else:
+        registry = EtcdRegistry(opts.etcd_endpoints, opts.etcd_prefix, username=opts.etcd_username,
+                                password=opts.etcd_password, keyfile=opts.etcd_keyfile, certfile=opts.etcd_certfile)
+    return subnets.RegistryManager(registry, opts.subnet_lease_renew_margin)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,6 +14,7 @@ import logging
 import random
 import time
 from collections.abc import AsyncIterator
+from typing import Protocol
 
 from daemon.config import NetworkConfig
 from daemon.errors import FlannelError
@@ -128,3 +129,42 @@ async def watch_leases(registry: Registry, own: ipaddress.IPv4Network) -> AsyncI
             log.warning("lease watch interrupted (%s); listing again in %.1f s", exc, backoff)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, BACKOFF_MAX)
+
+
+class Manager(Protocol):
+    """Where leases come from: a registry with flannel's allocation policy, or the Kubernetes API."""
+
+    async def get_config(self) -> str: ...
+
+    async def acquire(self, cfg: NetworkConfig, attrs: LeaseAttrs, previous: ipaddress.IPv4Network | None) -> Lease:
+        ...
+
+    async def complete(self, lease: Lease) -> None:
+        """What the node does with its lease from then on (renew it; tell Kubernetes the network is up)."""
+
+    def watch(self, own: ipaddress.IPv4Network) -> AsyncIterator[list[Event]]: ...
+
+    async def close(self) -> None: ...
+
+
+class RegistryManager:
+    """flannel's LocalManager: the policy above over a storage registry (etcd, or the embedded SQLite one)."""
+
+    def __init__(self, registry: Registry, renew_margin_minutes: int) -> None:
+        self.registry = registry
+        self.renew_margin = renew_margin_minutes
+
+    async def get_config(self) -> str:
+        return await self.registry.get_config()
+
+    async def acquire(self, cfg: NetworkConfig, attrs: LeaseAttrs, previous: ipaddress.IPv4Network | None) -> Lease:
+        return await acquire(self.registry, cfg, attrs, previous)
+
+    async def complete(self, lease: Lease) -> None:
+        await renew_forever(self.registry, lease, self.renew_margin)
+
+    def watch(self, own: ipaddress.IPv4Network) -> AsyncIterator[list[Event]]:
+        return watch_leases(self.registry, own)
+
+    async def close(self) -> None:
+        await self.registry.close()

@@ -1,0 +1,124 @@
+"""flanneld --kube-subnet-mgr against the fake API server (tests/fake_kube.py): leases from podCIDRs,
+annotations, the NetworkUnavailable condition, peers from other Nodes, and the documented errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+from collections.abc import Iterator
+from functools import partial
+from pathlib import Path
+
+import pytest
+from conftest import host_socket
+from daemons import FLANNELD, wait_for, wait_for_env
+from fake_kube import FakeKube
+from test_flanneld import _assert_all_pairs_reach, _send_and_catch, _unreachable
+
+from bench.rig import Host, Rig
+
+P = "flannel.alpha.coreos.com/"
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[tuple[Rig, FakeKube, Path]]:
+    """Two nodes and an API server host; kubeconfig and net-conf.json written to tmp_path."""
+    with Rig(3, tag="pfk") as rig:
+        api_host = rig.hosts[2]
+        sock = host_socket(api_host, socket.SOCK_STREAM)
+        sock.bind((str(api_host.underlay), 6443))
+        sock.listen()
+        kube = FakeKube()
+        kube.start(sock)
+        (tmp_path / "kubeconfig").write_text(json.dumps({
+            "apiVersion": "v1", "kind": "Config", "current-context": "test",
+            "clusters": [{"name": "fake", "cluster": {"server": f"http://{api_host.underlay}:6443"}}],
+            "users": [{"name": "flannel", "user": {}}],
+            "contexts": [{"name": "test", "context": {"cluster": "fake", "user": "flannel"}}]}))
+        (tmp_path / "net-conf.json").write_text('{"Network": "10.244.0.0/16", "Backend": {"Type": "udp"}}')
+        try:
+            yield rig, kube, tmp_path
+        finally:
+            rig.close()
+            kube.stop()
+
+
+def _flanneld(node: Host, name: str, tmp: Path) -> subprocess.Popen[str]:
+    return node.popen(FLANNELD, "--kube-subnet-mgr", "--kubeconfig-file", str(tmp / "kubeconfig"),
+                      "--net-config-path", str(tmp / "net-conf.json"), "--subnet-file", str(tmp / f"{name}.env"),
+                      "--iface", "eth0", stderr=subprocess.PIPE, text=True, env={**os.environ, "NODE_NAME": name})
+
+
+def test_nodes_get_their_pod_cidrs_and_reach_each_other(cluster: tuple[Rig, FakeKube, Path]) -> None:
+    rig, kube, tmp = cluster
+    nodes = rig.hosts[:2]
+    for i in range(2):
+        kube.add_node(f"n{i}", f"10.244.{i + 1}.0/24")
+    envs = []
+    for i, node in enumerate(nodes):
+        env = wait_for_env(tmp / f"n{i}.env", _flanneld(node, f"n{i}", tmp))
+        assert env["FLANNEL_SUBNET"] == f"10.244.{i + 1}.1/24", "the lease is the Node's podCIDR"
+        with node.ipr() as ipr:
+            ipr.addr("add", index=ipr.link_lookup(ifname="lo")[0], address=f"10.244.{i + 1}.1", prefixlen=32)
+        envs.append(env)
+    for i, node in enumerate(nodes):
+        obj = wait_for(partial(_network_up, kube, f"n{i}"), 20, "NetworkUnavailable=False")
+        assert {k: v for k, v in obj["metadata"]["annotations"].items() if k.startswith(P)} == {
+            P + "backend-data": "null", P + "backend-type": "", P + "kube-subnet-manager": "true",
+            P + "public-ip": str(node.underlay)}
+    assert all(ctype == "application/strategic-merge-patch+json" for ctype, _ in kube.patches)
+    _assert_all_pairs_reach(nodes, envs)
+
+    # A flannel node elsewhere, announced only through its Node object.
+    api_host = rig.hosts[2]
+    api_host.run("ip", "addr", "add", "198.18.0.99/24", "dev", "eth0")
+    kube.add_node("far", "10.244.200.0/24", {P + "kube-subnet-manager": "true", P + "public-ip": "198.18.0.99",
+                                             P + "backend-type": "", P + "backend-data": "null"})
+    with host_socket(api_host) as flannel_node:
+        flannel_node.bind(("198.18.0.99", 8285))
+        flannel_node.settimeout(1)
+        for i, node in enumerate(nodes):
+            pkt = wait_for(partial(_send_and_catch, node, f"10.244.{i + 1}.1", flannel_node), 20, "route to far")
+            assert pkt is not None and pkt.dst == "10.244.200.7"
+    kube.delete_node("far")
+    for i, node in enumerate(nodes):
+        wait_for(partial(_unreachable, node, f"10.244.{i + 1}.1"), 20, "the route to go")
+
+
+def _network_up(kube: FakeKube, name: str) -> dict[str, object] | None:
+    node = kube.node(name)
+    conds = [c for c in node["status"]["conditions"] if c["type"] == "NetworkUnavailable"]
+    if conds and conds[0]["status"] == "False" and conds[0]["reason"] == "FlannelIsUp":
+        return node
+    return None
+
+
+def test_pod_cidr_outside_the_network_and_missing(cluster: tuple[Rig, FakeKube, Path]) -> None:
+    rig, kube, tmp = cluster
+    kube.add_node("n0", "10.99.1.0/24")
+    proc = _flanneld(rig.hosts[0], "n0", tmp)
+    assert proc.wait(30) == 1 and proc.stderr is not None
+    assert proc.stderr.read().strip().endswith(
+        "subnet 10.99.1.0/24 (the podCIDR of node n0) is not inside the network 10.244.0.0/16")
+    kube.add_node("n1")
+    proc = _flanneld(rig.hosts[1], "n1", tmp)
+    assert proc.wait(60) == 1 and proc.stderr is not None
+    assert proc.stderr.read().strip().endswith("node n1 pod cidr not assigned")
+
+
+def test_waits_for_a_pod_cidr_to_be_assigned(cluster: tuple[Rig, FakeKube, Path]) -> None:
+    rig, kube, tmp = cluster
+    kube.add_node("n0")
+    proc = _flanneld(rig.hosts[0], "n0", tmp)
+    wait_for(lambda: kube.patches == [] and proc.poll() is None, 5)
+    kube.set_pod_cidr("n0", "10.244.7.0/24")
+    assert wait_for_env(tmp / "n0.env", proc)["FLANNEL_SUBNET"] == "10.244.7.1/24"
+
+
+def test_node_name_is_required(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("NODE_NAME", "POD_NAME", "POD_NAMESPACE")}
+    r = subprocess.run([FLANNELD, "--kube-subnet-mgr"], capture_output=True, text=True, timeout=30, env=env)
+    assert r.returncode == 1
+    assert r.stderr.strip() == "flanneld: error: env variables POD_NAME and POD_NAMESPACE must be set (or NODE_NAME)"
