@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from daemon.errors import ConfigError
+from daemon.errors import ConfigError, FlannelError
 from daemon.lease import Event, EventType, Lease, LeaseAttrs, parse_subnet_key, subnet_key
 from daemon.registry import Compacted, LeaseExists
 
@@ -34,10 +34,7 @@ class LocalRegistry:
     def __init__(self, path: str, config_path: str) -> None:
         self.path = path
         self.config_path = config_path
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.executescript(SCHEMA)
+        self._db = _open(path)
         self._lock = asyncio.Lock()
 
     async def get_config(self) -> str:
@@ -132,6 +129,26 @@ class LocalRegistry:
 
     async def close(self) -> None:
         self._db.close()
+
+
+def _open(path: str) -> sqlite3.Connection:
+    """Open (creating if needed) the shared file. Switching to WAL takes an exclusive lock and fails at once,
+    without the busy timeout, while another daemon is doing the same: so that step is retried."""
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
+    except (OSError, sqlite3.Error) as exc:
+        raise FlannelError(f"cannot open the local registry {path}: {exc}") from None
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.executescript(SCHEMA)
+            return db
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise FlannelError(f"cannot use the local registry {path}: {exc}") from None
+            time.sleep(0.05)
 
 
 def _lease(key: str, value: str, expires: float) -> Lease | None:
