@@ -55,6 +55,18 @@ def host_socket(host: Host, kind: int = socket.SOCK_DGRAM, proto: int = 0) -> so
         return socket.socket(socket.AF_INET, kind, proto)
 
 
+def flannel_peer_and_app(a: Host, b: Host) -> tuple[socket.socket, socket.socket]:
+    """What flannel's C proxy has on b (one plain socket on :8285, raw IPv4 payloads), and an application
+    socket on a's overlay address, port 7001."""
+    peer = host_socket(b)
+    peer.bind((str(b.underlay), 8285))
+    peer.settimeout(5)
+    app = host_socket(a)
+    app.bind((str(a.overlay_ip), 7001))
+    app.settimeout(5)
+    return peer, app
+
+
 @pytest.fixture
 def rig() -> Iterator[Rig]:
     with Rig(tag="pft") as r:

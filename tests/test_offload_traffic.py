@@ -9,7 +9,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import Tunnel, host_socket, start_tunnel
+from conftest import Tunnel, flannel_peer_and_app, host_socket, start_tunnel
 from packets import parse_ipv4, udp4
 from traffic import start_transfer
 
@@ -114,13 +114,8 @@ def test_flannel_peer_without_offloads(rig: Rig, tmp_path: Path) -> None:
     """Our side with every offload on; the peer is a plain socket, as flannel's C proxy is."""
     a, b = rig.hosts
     ta = start_tunnel(a, [b], tmp_path)
-    flannel_peer = host_socket(b)
-    app = host_socket(a)
+    flannel_peer, app = flannel_peer_and_app(a, b)
     with flannel_peer, app:
-        flannel_peer.bind((str(b.underlay), 8285))
-        flannel_peer.settimeout(5)
-        app.bind((str(a.overlay_ip), 7001))
-        app.settimeout(5)
         app.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)  # the burst must not overflow the app
         # One send of 40 datagrams through UDP_SEGMENT: a USO super-packet on flannel0, split by the engine.
         app.setsockopt(socket.IPPROTO_UDP, UDP_SEGMENT, 1000)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from conftest import host_socket, start_tunnel
+from conftest import flannel_peer_and_app, start_tunnel
 from packets import parse_ipv4, udp4
 
 from bench.rig import Rig
@@ -13,14 +13,8 @@ from bench.rig import Rig
 def test_raw_ipv4_in_udp_both_ways(rig: Rig, tmp_path: Path) -> None:
     a, b = rig.hosts
     start_tunnel(a, [b], tmp_path)
-    flannel_peer = host_socket(b)  # what flannel's C proxy does: one socket on :8285, raw IPv4 payloads
-    app = host_socket(a)
+    flannel_peer, app = flannel_peer_and_app(a, b)
     with flannel_peer, app:
-        flannel_peer.bind((str(b.underlay), 8285))
-        flannel_peer.settimeout(5)
-        app.bind((str(a.overlay_ip), 7001))
-        app.settimeout(5)
-
         app.sendto(b"to flannel", (str(b.overlay_ip), 7002))
         datagram, sender = flannel_peer.recvfrom(65536)
         assert sender == (str(a.underlay), 8285), "sent from the socket bound to the interface address"
