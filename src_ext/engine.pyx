@@ -280,9 +280,11 @@ cdef class Engine:
 
     # ---- TX: TUN -> UDP -------------------------------------------------------------------------------------
 
-    cdef int _tx_loop(self) noexcept nogil:
+    cdef int _serve(self, int fd, bint tx) noexcept nogil:
+        """Wait for fd to become readable, then drain it batch by batch (TX or RX) until it would block; again
+        until stop(). 0 on stop, or the errno of a failed poll."""
         cdef pollfd fds[2]
-        fds[0].fd = self.tun_fd
+        fds[0].fd = fd
         fds[0].events = POLLIN
         fds[1].fd = self.stop_fd
         fds[1].events = POLLIN
@@ -293,8 +295,11 @@ cdef class Engine:
                 return errno
             if fds[1].revents:
                 return 0
-            while self._tx_batch():
+            while (self._tx_batch() if tx else self._rx_batch()):
                 pass
+
+    cdef int _tx_loop(self) noexcept nogil:
+        return self._serve(self.tun_fd, True)
 
     cdef bint _tx_batch(self) noexcept nogil:
         """Read up to one batch from the TUN and send it; True if the TUN may have more."""
@@ -509,7 +514,6 @@ cdef class Engine:
     # ---- RX: UDP -> TUN -------------------------------------------------------------------------------------
 
     cdef int _rx_loop(self) noexcept nogil:
-        cdef pollfd fds[2]
         cdef int i
         for i in range(MAX_BATCH):
             self.rx_iov[i].iov_base = self.rx_bufs + <size_t>i * SLOT
@@ -518,19 +522,7 @@ cdef class Engine:
             self.rx_msgs[i].msg_hdr.msg_iovlen = 1
             self.rx_msgs[i].msg_hdr.msg_name = &self.rx_addr[i]
             self.rx_msgs[i].msg_hdr.msg_control = self.rx_cmsg + <size_t>i * CMSG_ROOM
-        fds[0].fd = self.sock_fd
-        fds[0].events = POLLIN
-        fds[1].fd = self.stop_fd
-        fds[1].events = POLLIN
-        while True:
-            if poll(fds, 2, -1) < 0:
-                if errno == EINTR:
-                    continue
-                return errno
-            if fds[1].revents:
-                return 0
-            while self._rx_batch():
-                pass
+        return self._serve(self.sock_fd, False)
 
     cdef bint _rx_batch(self) noexcept nogil:
         """Receive one batch of datagrams and deliver them; True if the socket may have more."""
