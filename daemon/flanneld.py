@@ -34,8 +34,8 @@ from daemon.backend import hostgw, routes, udp, vxlan
 from daemon.backend.base import Context, Network
 from daemon.errors import ConfigError, FlannelError
 from daemon.health import Health
-from daemon.interface import ExternalInterface, select
-from daemon.lease import Lease, LeaseAttrs
+from daemon.interface import select
+from daemon.lease import EventType, Lease, LeaseAttrs
 from daemon.registry import Registry, Unavailable
 from daemon.registry.etcd import EtcdRegistry
 from daemon.registry.kube import KubeManager
@@ -93,9 +93,9 @@ class Daemon:
                                                                   mtu=network.mtu, ip_masq=self.opts.ip_masq))
         self.health.ready = True
         log.info("lease %s ready; subnet.env written to %s", network.lease.subnet, self.opts.subnet_file)
-        return await self._supervise(network, rules, ext)
+        return await self._supervise(network, rules)
 
-    async def _supervise(self, network: Network, rules: list[iptables.RuleSet], ext: ExternalInterface) -> int:
+    async def _supervise(self, network: Network, rules: list[iptables.RuleSet]) -> int:
         tasks = {
             asyncio.create_task(self._follow_leases(network), name="lease watch"),
             asyncio.create_task(self.manager.complete(network.lease), name="lease upkeep"),
@@ -122,7 +122,7 @@ class Daemon:
         async for events in self.manager.watch(network.lease.subnet):
             await asyncio.to_thread(network.handle, events)
             for event in events:
-                (known.add if event.type.value == "added" else known.discard)(event.lease.subnet)
+                (known.add if event.type is EventType.ADDED else known.discard)(event.lease.subnet)
             self.peers = len(known)
 
     async def _resync_rules(self, rules: list[iptables.RuleSet]) -> None:
