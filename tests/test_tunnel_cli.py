@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -43,6 +44,13 @@ def test_bad_flags_exit_2_with_one_line(argv: list[str], message: str) -> None:
     assert r.returncode == 2
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("flannel-tunnel: error: "), r.stderr
     assert message in r.stderr
+
+
+def test_unknown_offload_name_in_the_environment() -> None:
+    r = subprocess.run([TUNNEL, *BASE], capture_output=True, text=True, timeout=30,
+                       env={**os.environ, "PYFLANNEL_DISABLE_OFFLOADS": "gso,warp"})
+    assert r.returncode == 2 and r.stderr.count("\n") == 1
+    assert "PYFLANNEL_DISABLE_OFFLOADS: unknown offload 'warp' (known: coalesce, gro, gso, tso, uso)" in r.stderr
 
 
 def _host_error(r: subprocess.CompletedProcess[str], message: str) -> None:
