@@ -56,3 +56,7 @@ cdef extern from "<sys/eventfd.h>" nogil:
     int eventfd(unsigned int initval, int flags)
     int EFD_NONBLOCK
     int EFD_CLOEXEC
+
+
+cdef extern from "<sched.h>" nogil:
+    int sched_yield()
