@@ -170,6 +170,11 @@ class Daemon:
                     out[f'pyflannel_bytes_total{{direction="{direction}"}}'] = stats[f"{direction}_bytes"]
                 for reason, n in stats["drops"].items():
                     out[f'pyflannel_drops_total{{reason="{reason}"}}'] = n
+                for peer, counts in stats["peers"].items():
+                    for direction in ("tx", "rx"):
+                        labels = f'peer="{peer}",direction="{direction}"'
+                        out[f"pyflannel_peer_packets_total{{{labels}}}"] = counts[f"{direction}_packets"]
+                        out[f"pyflannel_peer_bytes_total{{{labels}}}"] = counts[f"{direction}_bytes"]
         return out
 
 

@@ -46,7 +46,7 @@ from prefix_table cimport pt_table, pt_handle, pt_hop, pt_lookup, pt_acquire, pt
 from offload cimport (
     csum_partial, csum_fold, csum_finish, csum_replace2, ip4_set_check, VNET_HDR_LEN, VNET_F_NEEDS_CSUM,
     VNET_GSO_NONE, VNET_GSO_TCPV4, VNET_GSO_UDP_L4, GSO_MAX_SEGS, GRO_BUF, vnet_hdr, gro_item, gro_table, vnet_finish_csum, gso_split, gro_reset,
-    gro_add, gro_finish, CMSG_ROOM, cmsg_set_segment, cmsg_parse_rx,
+    gro_add, gro_finish, CMSG_ROOM, cmsg_set_segment, cmsg_parse_rx, PEER_SLOTS, peer_table, peer_count,
 )
 
 
@@ -139,6 +139,17 @@ cdef inline bint ttl_decrement(uint8_t *iph) noexcept nogil:
     return True
 
 
+cdef void _peer_counts(peer_table *table, str direction, dict peers):
+    """Fold one direction's per-peer table into {peer address: {tx_packets, tx_bytes, rx_packets, rx_bytes}}."""
+    cdef int i
+    for i in range(PEER_SLOTS):
+        if table.slot[i].used:
+            entry = peers.setdefault(str(ipaddress.IPv4Address(ntohl(table.slot[i].addr))),
+                                     {"tx_packets": 0, "tx_bytes": 0, "rx_packets": 0, "rx_bytes": 0})
+            entry[f"{direction}_packets"] = table.slot[i].packets
+            entry[f"{direction}_bytes"] = table.slot[i].bytes
+
+
 cdef class Engine:
     """Moves packets between a TUN fd and a UDP socket fd; both fds stay owned by the caller.
 
@@ -152,6 +163,8 @@ cdef class Engine:
     cdef readonly PrefixTable table
     cdef pt_handle *routes
     cdef uint64_t counters[N_COUNTERS]
+    cdef peer_table *tx_peers       # per peer: what the TX thread sent to it
+    cdef peer_table *rx_peers       # per peer: what the RX thread received from it (before validation)
     # TX state
     cdef vnet_hdr tx_hdr
     cdef uint8_t *rbuf              # one TUN read when the TUN carries virtio headers
@@ -216,11 +229,13 @@ cdef class Engine:
         self.flows = new_gro_table(RX_PACKETS, GRO_POOL)
         self.rx_split = <uint8_t *>calloc(GRO_BUF + ARENA_SLACK, 1)
         self.rx_split_len = <uint16_t *>calloc(SPLIT_SEGS, sizeof(uint16_t))
+        self.tx_peers = <peer_table *>calloc(1, sizeof(peer_table))
+        self.rx_peers = <peer_table *>calloc(1, sizeof(peer_table))
         if (not self.rbuf or not self.arena or not self.seg_off or not self.seg_len or not self.seg_hop
                 or not self.tx_msgs or not self.tx_iov or not self.tx_addr or not self.tx_cmsg
                 or not self.tx_msg_segs or not self.tx_msg_first or not self.rx_bufs or not self.rx_msgs
                 or not self.rx_iov or not self.rx_addr or not self.rx_cmsg or not self.flows or not self.rx_split
-                or not self.rx_split_len):
+                or not self.rx_split_len or not self.tx_peers or not self.rx_peers):
             raise MemoryError()
         self.stop_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
         if self.stop_fd < 0:
@@ -248,6 +263,8 @@ cdef class Engine:
         free_gro_table(self.flows)
         free(self.rx_split)
         free(self.rx_split_len)
+        free(self.tx_peers)
+        free(self.rx_peers)
 
     # ---- Python surface -------------------------------------------------------------------------------------
 
@@ -273,10 +290,15 @@ cdef class Engine:
         write(self.stop_fd, &one, 8)
 
     def stats(self) -> dict:
-        """Counters as plain ints, drops by reason under "drops", and the offloads in use under "offloads"."""
+        """Counters as plain ints, drops by reason under "drops", the offloads in use under "offloads", and
+        per peer address under "peers" (tx: inner packets sent to it; rx: datagrams from it, before checks)."""
         out = {name: self.counters[i] for i, name in enumerate(COUNTERS)}
         out["drops"] = {name: self.counters[D_TX_NOT_IPV4 + i] for i, name in enumerate(DROPS)}
         out["offloads"] = {"vnet_hdr": self.vnet_hdr, "gso": self.gso, "gro": self.gro, "coalesce": self.coalesce}
+        peers: dict = {}
+        _peer_counts(self.tx_peers, "tx", peers)
+        _peer_counts(self.rx_peers, "rx", peers)
+        out["peers"] = peers
         return out
 
     # ---- TX: TUN -> UDP -------------------------------------------------------------------------------------
@@ -503,6 +525,8 @@ cdef class Engine:
                     self.counters[C_TX_PACKETS] += self.tx_msg_segs[i]
                     self.counters[C_TX_BYTES] += self.tx_iov[i].iov_len
                     self.counters[C_TX_GSO_MESSAGES] += self.tx_msg_segs[i] > 1
+                    peer_count(self.tx_peers, self.tx_addr[i].sin_addr.s_addr, self.tx_msg_segs[i],
+                               self.tx_iov[i].iov_len)
                 start += r
             elif errno == EINTR:
                 continue
@@ -555,6 +579,8 @@ cdef class Engine:
             cmsg_parse_rx(&self.rx_msgs[i].msg_hdr, &gso_size, &self.rx_overflow)
             p = self.rx_bufs + <size_t>i * SLOT
             n = self.rx_msgs[i].msg_len
+            peer_count(self.rx_peers, self.rx_addr[i].sin_addr.s_addr,
+                       (n + gso_size - 1) // gso_size if 0 < gso_size < n else 1, n)
             if gso_size <= 0 or n <= <size_t>gso_size:
                 self._rx_packet(t, p, n, &self.rx_addr[i])
                 continue

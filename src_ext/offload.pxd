@@ -1,4 +1,4 @@
-# C declarations of offload.h (virtio header, GSO split, TCP coalescing), cmsg.h and csum.h.
+# C declarations of offload.h (virtio header, GSO split, TCP coalescing), cmsg.h, csum.h and peer_stats.h.
 
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int16_t, int32_t
 
@@ -58,3 +58,17 @@ cdef extern from "cmsg.h" nogil:
         CMSG_ROOM
     void cmsg_set_segment(msghdr *m, void *room, uint16_t size)
     void cmsg_parse_rx(msghdr *m, int *gso_size, uint32_t *drops)
+
+
+cdef extern from "peer_stats.h" nogil:
+    enum:
+        PEER_SLOTS
+    ctypedef struct peer_slot:
+        uint32_t addr
+        uint32_t used
+        uint64_t packets
+        uint64_t bytes
+    ctypedef struct peer_table:
+        peer_slot slot[1024]
+    # Add to the counters of one peer (one writer thread per table).
+    void peer_count(peer_table *t, uint32_t addr, uint64_t packets, uint64_t bytes)

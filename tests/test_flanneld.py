@@ -4,6 +4,7 @@ with Debian's etcd; flannel's etcd layout byte for byte; restarts, races and an 
 from __future__ import annotations
 
 import ipaddress
+import re
 import signal
 import socket
 import subprocess
@@ -226,14 +227,24 @@ def test_etcd_outage_keeps_traffic_and_catches_up(rig4: Rig, tmp_path: Path) -> 
 def test_metrics_and_readiness(tmp_path: Path) -> None:
     conf = tmp_path / "net-conf.json"
     conf.write_text(NET % "udp")
+    registry = ["--local-registry", str(tmp_path / "l.db"), "--net-config-path", str(conf)]
     with Rig(2, tag="pfd") as rig:
-        node = rig.hosts[0]
-        proc = start_flanneld(node, ["--local-registry", str(tmp_path / "l.db"), "--net-config-path", str(conf)],
-                              tmp_path / "n.env", "--healthz-port", "8471", iface=("--iface-can-reach", "198.18.0.2"))
+        node, peer = rig.hosts
+        proc = start_flanneld(node, registry, tmp_path / "n.env", "--healthz-port", "8471",
+                              iface=("--iface-can-reach", "198.18.0.2"))
         env = wait_for_env(tmp_path / "n.env", proc)
+        peer_env = wait_for_env(tmp_path / "p.env", start_flanneld(peer, registry, tmp_path / "p.env"))
+        src, dst = env["FLANNEL_SUBNET"].split("/")[0], peer_env["FLANNEL_SUBNET"].split("/")[0]
+        for host, addr in ((node, src), (peer, dst)):
+            with host.ipr() as ipr:
+                ipr.addr("add", index=ipr.link_lookup(ifname="lo")[0], address=addr, prefixlen=32)
+        wait_for(partial(_pings, node, src, dst), 20, "a ping between the nodes")
         body = _http(node, "/metrics")
         assert f'flannel_lease_info{{subnet="{ipaddress.IPv4Interface(env["FLANNEL_SUBNET"]).network}"}} 1' in body
         assert 'pyflannel_drops_total{reason="rx_spoofed_source"} 0' in body
+        assert "flannel_peers 1" in body
+        sent = re.search(r'pyflannel_peer_packets_total\{peer="198.18.0.2",direction="tx"\} (\d+)', body)
+        assert sent is not None and int(sent.group(1)) >= 1, body
         assert _http(node, "/readyz").startswith("HTTP/1.0 200") and "flanneld is ready" in _http(node, "/readyz")
         assert "flanneld is running" in _http(node, "/healthz")
         proc.send_signal(signal.SIGTERM)

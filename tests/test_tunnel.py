@@ -31,7 +31,10 @@ def test_ping_both_ways(rig: Rig, tunnels: tuple[Tunnel, Tunnel]) -> None:
         assert "3 received" in out, out
         assert "ttl=62" in out, "each side decrements the TTL once, as flannel does"
     a, b = tunnels
-    assert a.stats()["tx_packets"] >= 6 and b.stats()["rx_packets"] >= 6
+    sa, sb = a.stats(), b.stats()
+    assert sa["tx_packets"] >= 6 and sb["rx_packets"] >= 6
+    assert sa["peers"]["198.18.0.2"]["tx_packets"] >= 6 and sa["peers"]["198.18.0.2"]["rx_packets"] >= 6
+    assert sb["peers"]["198.18.0.1"]["rx_bytes"] >= 6 * 84, "per-peer counters, each way"
 
 
 def test_200mb_tcp_transfer_arrives_intact(rig: Rig, tunnels: tuple[Tunnel, Tunnel]) -> None:
