@@ -77,6 +77,27 @@ def parse_subnet_key(key: str) -> ipaddress.IPv4Network | None:
         return None
 
 
+def lease_from_record(key: str, value: str | bytes, expires: float = 0.0) -> Lease | None:
+    """The lease a registry record holds, or None for a key or value flannel would skip."""
+    subnet = parse_subnet_key(key)
+    if subnet is None:
+        return None
+    try:
+        return Lease(subnet, LeaseAttrs.from_json(value), expires)
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
+def event_from_record(key: str, value: str | bytes | None) -> Event | None:
+    """A registry change as an event: a value is Added, None (deleted or expired) is Removed. A Removed event
+    carries only the subnet; watchers fill in the attributes they last saw (see diff)."""
+    if value is None:
+        subnet = parse_subnet_key(key)
+        return None if subnet is None else Event(EventType.REMOVED, Lease(subnet, LeaseAttrs(ipaddress.IPv4Address(0))))
+    lease = lease_from_record(key, value)
+    return None if lease is None else Event(EventType.ADDED, lease)
+
+
 def diff(known: dict[ipaddress.IPv4Network, Lease], snapshot: list[Lease]) -> list[Event]:
     """Events that turn `known` into `snapshot` (flannel's LeaseWatcher.Reset), updating `known` in place.
 

@@ -45,8 +45,8 @@ from syscalls cimport (
 from prefix_table cimport pt_table, pt_handle, pt_hop, pt_lookup, pt_acquire, pt_release
 from offload cimport (
     csum_partial, csum_fold, csum_finish, csum_replace2, ip4_set_check, VNET_HDR_LEN, VNET_F_NEEDS_CSUM,
-    VNET_GSO_NONE, VNET_GSO_TCPV4, VNET_GSO_UDP_L4, GSO_MAX_SEGS, GRO_BUF, vnet_hdr, gro_item, gro_table, vnet_finish_csum, gso_split, gro_reset,
-    gro_add, gro_finish, CMSG_ROOM, cmsg_set_segment, cmsg_parse_rx, PEER_SLOTS, peer_table, peer_count,
+    VNET_GSO_NONE, VNET_GSO_TCPV4, VNET_GSO_UDP_L4, GSO_MAX_SEGS, GRO_BUF, vnet_hdr, gro_item, gro_table,
+    vnet_finish_csum, gso_split, gro_reset, gro_add, gro_finish, CMSG_ROOM, cmsg_set_segment, cmsg_parse_rx, PEER_SLOTS, peer_table, peer_count,
 )
 
 

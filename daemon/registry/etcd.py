@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 import aetcd
 
 from daemon.errors import FlannelError
-from daemon.lease import Event, EventType, Lease, LeaseAttrs, parse_subnet_key, subnet_key
+from daemon.lease import Event, Lease, LeaseAttrs, event_from_record, lease_from_record, subnet_key
 from daemon.registry import Compacted, ConfigMissing, LeaseExists, Unavailable
 
 T = TypeVar("T")
@@ -93,7 +93,7 @@ class EtcdRegistry:
             result = await c.get_prefix(f"{self.prefix}/subnets/".encode())
             leases = []
             for kv in result:
-                lease = _lease(kv.key, kv.value)
+                lease = lease_from_record(bytes(kv.key).decode(errors="replace"), bytes(kv.value))
                 if lease is None:
                     continue
                 expires = 0.0
@@ -134,13 +134,10 @@ class EtcdRegistry:
         try:
             watch = await client.watch_prefix(prefix, start_revision=revision + 1)
             async for ev in watch:
-                subnet = parse_subnet_key(bytes(ev.kv.key).decode(errors="replace"))
-                if subnet is None:
-                    continue
-                if ev.kind == "DELETE":
-                    yield [Event(EventType.REMOVED, Lease(subnet, LeaseAttrs(ipaddress.IPv4Address(0))))]
-                elif (lease := _lease(ev.kv.key, ev.kv.value)) is not None:
-                    yield [Event(EventType.ADDED, lease)]
+                value = None if ev.kind == "DELETE" else bytes(ev.kv.value)
+                event = event_from_record(bytes(ev.kv.key).decode(errors="replace"), value)
+                if event is not None:
+                    yield [event]
         except aetcd.RevisionCompactedError:
             raise Compacted(revision) from None
         except aetcd.ClientError as exc:
@@ -150,13 +147,3 @@ class EtcdRegistry:
 
     async def close(self) -> None:
         await self._drop()
-
-
-def _lease(key: bytes, value: bytes) -> Lease | None:
-    subnet = parse_subnet_key(bytes(key).decode(errors="replace"))
-    if subnet is None:
-        return None
-    try:
-        return Lease(subnet, LeaseAttrs.from_json(bytes(value)))
-    except (ValueError, UnicodeDecodeError):
-        return None

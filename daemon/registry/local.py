@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from daemon.errors import ConfigError, FlannelError
-from daemon.lease import Event, EventType, Lease, LeaseAttrs, parse_subnet_key, subnet_key
+from daemon.lease import Event, Lease, LeaseAttrs, event_from_record, lease_from_record, subnet_key
 from daemon.registry import Compacted, LeaseExists
 
 T = TypeVar("T")
@@ -78,7 +78,8 @@ class LocalRegistry:
     def _list(cur: sqlite3.Cursor) -> tuple[list[Lease], int]:
         rows = cur.execute("SELECT key, value, expires FROM leases").fetchall()
         (rev,) = cur.execute("SELECT COALESCE(MAX(rev), 0) FROM events").fetchone()
-        leases = [lease for key, value, expires in rows if (lease := _lease(key, value, expires)) is not None]
+        leases = [lease for key, value, expires in rows
+                  if (lease := lease_from_record(key, value, expires)) is not None]
         return leases, int(rev)
 
     async def create_lease(self, subnet: ipaddress.IPv4Network, attrs: LeaseAttrs, ttl: int) -> float:
@@ -107,16 +108,9 @@ class LocalRegistry:
             rows, oldest = await self._run(self._write, self._events_after, revision)
             if rows and oldest > revision + 1:
                 raise Compacted(revision)
-            events = []
-            for rev, key, value in rows:
-                revision = rev
-                subnet = parse_subnet_key(key)
-                if subnet is None:
-                    continue
-                if value is None:
-                    events.append(Event(EventType.REMOVED, Lease(subnet, LeaseAttrs(ipaddress.IPv4Address(0)))))
-                elif (lease := _lease(key, value, 0)) is not None:
-                    events.append(Event(EventType.ADDED, lease))
+            events = [event for _, key, value in rows if (event := event_from_record(key, value)) is not None]
+            if rows:
+                revision = rows[-1][0]
             if events:
                 yield events
             await asyncio.sleep(POLL_SECONDS)
@@ -149,13 +143,3 @@ def _open(path: str) -> sqlite3.Connection:
             if "locked" not in str(exc) or time.monotonic() > deadline:
                 raise FlannelError(f"cannot use the local registry {path}: {exc}") from None
             time.sleep(0.05)
-
-
-def _lease(key: str, value: str, expires: float) -> Lease | None:
-    subnet = parse_subnet_key(key)
-    if subnet is None:
-        return None
-    try:
-        return Lease(subnet, LeaseAttrs.from_json(value), expires)
-    except ValueError:
-        return None
