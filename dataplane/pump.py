@@ -6,20 +6,24 @@ the C loop with the GIL released and stays there until stop().
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 import threading
 from typing import Any
 
 from dataplane._engine import Engine, PrefixTable
 from dataplane.offload import Offloads
-from dataplane.tun import TunDevice
+from dataplane.tun import TunDevice, configure_tun, open_tun
+from dataplane.udp import enable_offloads, open_udp_socket
 
 DEFAULT_PORT = 8285
 DEFAULT_BATCH = 64
 
 
 class Pump:
-    """Moves packets between a TUN device and a UDP socket; routes map overlay subnets to peers."""
+    """Moves packets between a TUN device and a UDP socket; routes map overlay subnets to peers.
+
+    It owns both: close() stops the engine and closes them, which removes the TUN device."""
 
     def __init__(
         self,
@@ -31,6 +35,8 @@ class Pump:
         check_source: bool = True,
     ) -> None:
         """`offloads` must be what the TUN and socket were actually set up with (dataplane.tun, dataplane.udp)."""
+        self.tun = tun
+        self.sock = sock
         self.routes = PrefixTable()
         self.offloads = offloads
         self._engine = Engine(
@@ -61,6 +67,14 @@ class Pump:
         if self._errors:
             raise self._errors[0]
 
+    def close(self) -> None:
+        """Stop (if running) and release the TUN device and the socket."""
+        try:
+            self.stop()
+        finally:
+            self.tun.close()
+            self.sock.close()
+
     def set_route(self, subnet: str, peer: str, port: int = DEFAULT_PORT) -> None:
         """Send traffic for subnet to peer:port (add or replace)."""
         self.routes.set(subnet, peer, port)
@@ -73,3 +87,24 @@ class Pump:
         """Engine counters (dataplane._engine.COUNTERS, DROPS) and the offloads still on (GSO and coalescing
         switch themselves off if the kernel refuses them at run time)."""
         return self._engine.stats()
+
+
+def open_pump(*, iface_ip: ipaddress.IPv4Address, port: int, tun_name: str, subnet: ipaddress.IPv4Network,
+              network: ipaddress.IPv4Network, mtu: int, wanted: Offloads, batch: int = DEFAULT_BATCH,
+              check_source: bool = True) -> Pump:
+    """The udp dataplane as flannel's udp backend sets it up: the socket bound to iface_ip:port, the TUN device
+    configured for subnet, network and mtu, and the offloads both accept out of `wanted`. Not started yet;
+    DataplaneError (nothing left open) if the host refuses any step."""
+    sock = open_udp_socket(iface_ip, port)
+    try:
+        tun = open_tun(tun_name, wanted)
+        try:
+            configure_tun(tun, subnet=subnet, network=network, mtu=mtu)
+            offloads = enable_offloads(sock, tun.offloads)
+            return Pump(tun, sock, offloads=offloads, batch=batch, check_source=check_source)
+        except BaseException:
+            tun.close()
+            raise
+    except BaseException:
+        sock.close()
+        raise

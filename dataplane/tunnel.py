@@ -21,9 +21,8 @@ from typing import NoReturn
 
 from dataplane import offload
 from dataplane.errors import DataplaneError
-from dataplane.pump import DEFAULT_BATCH, DEFAULT_PORT, Pump
-from dataplane.tun import ENCAP_OVERHEAD, configure_tun, open_tun, underlay_mtu
-from dataplane.udp import enable_offloads, open_udp_socket
+from dataplane.pump import DEFAULT_BATCH, DEFAULT_PORT, Pump, open_pump
+from dataplane.tun import ENCAP_OVERHEAD, underlay_mtu
 
 log = logging.getLogger("flannel-tunnel")
 
@@ -135,17 +134,13 @@ def run(cfg: TunnelConfig) -> None:
     if os.geteuid() != 0:
         raise DataplaneError("must run as root (creating flannel0 needs CAP_NET_ADMIN)")
     mtu = underlay_mtu(cfg.iface_ip) - ENCAP_OVERHEAD
-    sock = open_udp_socket(cfg.iface_ip, cfg.port)
+    pump = open_pump(iface_ip=cfg.iface_ip, port=cfg.port, tun_name=cfg.tun, subnet=cfg.subnet,
+                     network=cfg.network, mtu=mtu, wanted=cfg.offloads, batch=cfg.batch,
+                     check_source=cfg.check_source)
     try:
-        tun = open_tun(cfg.tun, cfg.offloads)
-        try:
-            configure_tun(tun, subnet=cfg.subnet, network=cfg.network, mtu=mtu)
-            offloads = enable_offloads(sock, tun.offloads)
-            _forward(cfg, Pump(tun, sock, offloads=offloads, batch=cfg.batch, check_source=cfg.check_source), mtu)
-        finally:
-            tun.close()
+        _forward(cfg, pump, mtu)
     finally:
-        sock.close()
+        pump.close()
 
 
 def _forward(cfg: TunnelConfig, pump: Pump, mtu: int) -> None:

@@ -38,7 +38,7 @@ class Network(Protocol):
 
 
 class Idle:
-    """Mixin: no background upkeep, nothing to close."""
+    """Mixin: the defaults, no background upkeep and nothing to close; a network overrides what it needs."""
 
     async def run(self) -> None:
         await asyncio.Event().wait()

@@ -13,7 +13,7 @@ import logging
 from pyroute2 import IPRoute
 
 from daemon.backend import routes
-from daemon.backend.base import Context
+from daemon.backend.base import Context, Idle
 from daemon.errors import FlannelError
 from daemon.lease import Event, EventType, Lease, LeaseAttrs
 
@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 RECHECK_SECONDS = 10
 
 
-class HostGwNetwork:
+class HostGwNetwork(Idle):
     def __init__(self, lease: Lease, mtu: int, ifindex: int) -> None:
         self.lease = lease
         self.mtu = mtu
@@ -53,9 +53,6 @@ class HostGwNetwork:
                 if str(subnet.network_address) not in present:
                     log.info("re-adding missing route %s via %s", subnet, gateway)
                     routes.add_route(ipr, subnet=subnet, gateway=gateway, ifindex=self.ifindex)
-
-    def close(self) -> None:
-        return None
 
 
 async def register(ctx: Context) -> HostGwNetwork:

@@ -19,20 +19,18 @@ from daemon.errors import FlannelError
 from daemon.lease import Event, EventType, Lease, LeaseAttrs
 from dataplane import offload
 from dataplane.errors import DataplaneError
-from dataplane.pump import DEFAULT_PORT, Pump
-from dataplane.tun import ENCAP_OVERHEAD, configure_tun, open_tun
-from dataplane.udp import enable_offloads, open_udp_socket
+from dataplane.pump import DEFAULT_PORT, Pump, open_pump
+from dataplane.tun import ENCAP_OVERHEAD
 
 log = logging.getLogger(__name__)
 
 
 class UdpNetwork(Idle):
-    def __init__(self, lease: Lease, mtu: int, pump: Pump, port: int, close: list[object]) -> None:
+    def __init__(self, lease: Lease, mtu: int, pump: Pump, port: int) -> None:
         self.lease = lease
         self.mtu = mtu
         self.pump = pump
         self.port = port
-        self._owned = close
 
     def handle(self, events: list[Event]) -> None:
         for event in events:
@@ -45,9 +43,7 @@ class UdpNetwork(Idle):
                 self.pump.del_route(subnet)
 
     def close(self) -> None:
-        self.pump.stop()
-        for thing in self._owned:
-            thing.close()  # type: ignore[attr-defined]
+        self.pump.close()
 
 
 async def register(ctx: Context) -> UdpNetwork:
@@ -62,16 +58,10 @@ def _start(ctx: Context, lease: Lease) -> UdpNetwork:
     """flannel0, the socket and the engine threads (blocking netlink calls: run in a worker thread)."""
     port = int(ctx.config.backend_option("port", DEFAULT_PORT))
     mtu = ctx.ext.mtu - ENCAP_OVERHEAD
-    sock = open_udp_socket(ctx.ext.addr, port)
-    tun = open_tun("flannel%d", offload.wanted(os.environ.get("PYFLANNEL_OFFLOAD", "auto")))
-    try:
-        configure_tun(tun, subnet=lease.subnet, network=ctx.config.network, mtu=mtu)
-        offloads = enable_offloads(sock, tun.offloads)
-        pump = Pump(tun, sock, offloads=offloads)
-    except BaseException:
-        tun.close()
-        sock.close()
-        raise
+    pump = open_pump(iface_ip=ctx.ext.addr, port=port, tun_name="flannel%d", subnet=lease.subnet,
+                     network=ctx.config.network, mtu=mtu,
+                     wanted=offload.wanted(os.environ.get("PYFLANNEL_OFFLOAD", "auto")))
     pump.start()
-    log.info("%s up: mtu %d, udp %s:%d, offloads: %s", tun.name, mtu, ctx.ext.addr, port, offloads.describe())
-    return UdpNetwork(lease, mtu, pump, port, [tun, sock])
+    log.info("%s up: mtu %d, udp %s:%d, offloads: %s", pump.tun.name, mtu, ctx.ext.addr, port,
+             pump.offloads.describe())
+    return UdpNetwork(lease, mtu, pump, port)
