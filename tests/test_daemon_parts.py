@@ -182,3 +182,19 @@ def test_racing_acquisitions_get_distinct_subnets(tmp_path: Path) -> None:
         return leases
     leases = asyncio.run(go())
     assert sorted(str(lease.subnet) for lease in leases) == ["10.244.0.12/30", "10.244.0.4/30", "10.244.0.8/30"]
+
+
+def test_expired_leases_are_removed_with_an_event(tmp_path: Path) -> None:
+    async def go() -> None:
+        reg, _ = _registry(tmp_path)
+        await reg.create_lease(Net("10.244.5.0/24"), LeaseAttrs(IP("198.18.0.5")), 3600)
+        leases, revision = await reg.list_leases()
+        assert [lease.subnet for lease in leases] == [Net("10.244.5.0/24")]
+        await reg.update_lease(Net("10.244.6.0/24"), LeaseAttrs(IP("198.18.0.6")), -1)  # already expired
+        leases, _ = await reg.list_leases()
+        assert [lease.subnet for lease in leases] == [Net("10.244.5.0/24")], "an expired lease is swept on read"
+        events = await anext(aiter(reg.watch(revision)))
+        assert [(e.type.value, str(e.lease.subnet)) for e in events] == [("added", "10.244.6.0/24"),
+                                                                          ("removed", "10.244.6.0/24")]
+        await reg.close()
+    asyncio.run(go())

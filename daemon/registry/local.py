@@ -1,10 +1,11 @@
 """LocalRegistry: leases in a SQLite file that several daemons on one machine share (the embedded default).
 
 WAL mode lets readers run beside the one writer; every write happens in a BEGIN IMMEDIATE transaction, so
-"create only if absent" is as atomic as etcd's transaction. Each change is also appended to an event log whose
-row id is the revision that watchers poll from; the log keeps the last EVENT_HISTORY changes, and a watcher
-that falls further behind gets Compacted and lists again, as with etcd. Expired leases are deleted (with an
-event) by whichever daemon touches the file next. The network config comes from a file (--net-config-path).
+"create only if absent" is as atomic as etcd's transaction, and reads share a snapshot without a write lock.
+Each change is also appended to an event log whose row id is the revision that watchers poll from; the log
+keeps the last EVENT_HISTORY changes, and a watcher that falls further behind gets Compacted and lists again,
+as with etcd. Expired leases are deleted (with an event) by whichever daemon touches the file next. The network
+config comes from a file (--net-config-path).
 """
 
 from __future__ import annotations
@@ -47,6 +48,23 @@ class LocalRegistry:
         async with self._lock:
             return await asyncio.to_thread(fn, *args)
 
+    def _read(self, fn: Callable[..., T], *args: Any) -> T:
+        """fn(cursor, *args) on one consistent snapshot. Reads (the watch polls several times a second in every
+        daemon) take no write lock, unless an expired lease is waiting to be swept: then it is a write."""
+        cur = self._db.cursor()
+        cur.execute("BEGIN")
+        try:
+            if cur.execute("SELECT 1 FROM leases WHERE expires < ? LIMIT 1", (time.time(),)).fetchone():
+                cur.execute("COMMIT")
+                return self._write(fn, *args)
+            result = fn(cur, *args)
+            cur.execute("COMMIT")
+            return result
+        except BaseException:
+            if self._db.in_transaction:
+                cur.execute("ROLLBACK")
+            raise
+
     def _write(self, fn: Callable[..., T], *args: Any) -> T:
         """fn(cursor, *args) inside one immediate transaction, after sweeping expired leases."""
         cur = self._db.cursor()
@@ -72,7 +90,7 @@ class LocalRegistry:
         cur.execute("INSERT INTO events (key, value) VALUES (?, ?)", (key, value))
 
     async def list_leases(self) -> tuple[list[Lease], int]:
-        return await self._run(self._write, self._list)
+        return await self._run(self._read, self._list)
 
     @staticmethod
     def _list(cur: sqlite3.Cursor) -> tuple[list[Lease], int]:
@@ -105,7 +123,7 @@ class LocalRegistry:
 
     async def watch(self, revision: int) -> AsyncIterator[list[Event]]:
         while True:
-            rows, oldest = await self._run(self._write, self._events_after, revision)
+            rows, oldest = await self._run(self._read, self._events_after, revision)
             if rows and oldest > revision + 1:
                 raise Compacted(revision)
             events = [event for _, key, value in rows if (event := event_from_record(key, value)) is not None]
