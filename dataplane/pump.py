@@ -59,13 +59,14 @@ class Pump:
             self._errors.append(exc)
 
     def stop(self) -> None:
-        """Stop both threads and wait for them; re-raises the first error a thread died with."""
+        """Stop both threads and wait for them; re-raises (once) the first error a thread died with."""
         self._engine.stop()
         for thread in self._threads:
             thread.join()
         self._threads.clear()
-        if self._errors:
-            raise self._errors[0]
+        errors, self._errors = self._errors, []
+        if errors:
+            raise errors[0]
 
     def close(self) -> None:
         """Stop (if running) and release the TUN device and the socket."""
