@@ -8,13 +8,14 @@ IPv4 only here: IPv6 settings are accepted and rejected with a clear message if 
 from __future__ import annotations
 
 import ipaddress
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from daemon import safejson
 from daemon.errors import ConfigError
 
 BACKENDS = ("udp", "vxlan", "host-gw")
+MAX_BYTES, MAX_DEPTH = 1 << 20, 32
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,19 @@ class NetworkConfig:
         return self.backend.get(name.lower(), default)
 
 
+def read(path: str) -> str:
+    """A network config file's text (net-conf.json); ConfigError for a file that cannot be read or is not text."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"cannot read network config {path}: {exc.strerror}") from None
+    try:
+        return data.decode()
+    except UnicodeDecodeError:
+        raise ConfigError(f"network config {path} is not UTF-8 text") from None
+
+
 def _folded(obj: dict[str, Any]) -> dict[str, Any]:
     return {str(k).lower(): v for k, v in obj.items()}
 
@@ -43,9 +57,9 @@ def _folded(obj: dict[str, Any]) -> dict[str, Any]:
 def parse(text: str) -> NetworkConfig:
     """Parse and validate (flannel's ParseConfig + CheckNetworkConfig); ConfigError says what is wrong."""
     try:
-        raw = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"invalid network config: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+        raw = safejson.loads(text, max_bytes=MAX_BYTES, max_depth=MAX_DEPTH)
+    except ValueError as exc:
+        raise ConfigError(f"invalid network config: {exc}") from None
     if not isinstance(raw, dict):
         raise ConfigError("invalid network config: expected a JSON object")
     cfg = _folded(raw)

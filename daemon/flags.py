@@ -57,6 +57,8 @@ FLAGS = (
     Flag("public-ipv6", "", "IPv6 accessible by other nodes for inter-host communication"),
     Flag("subnet-file", "/run/flannel/subnet.env", "filename where env variables (subnet, MTU, ...) are written"),
     Flag("subnet-lease-renew-margin", 60, "subnet lease renewal margin, in minutes (1-1439)"),
+    Flag("exit-on-lease-loss", False, "pyflannel: exit 0 when this node's lease is deleted, as flannel does, "
+         "instead of creating it again while the subnet is free"),
     Flag("ip-masq", False, "setup IP masquerade rule for traffic destined outside of overlay network"),
     Flag("ip-masq-fully-random-disable", False, "disable --random-fully on the MASQUERADE rules"),
     Flag("iptables-resync", 5, "resync period for iptables rules, in seconds"),
@@ -94,6 +96,7 @@ class Options:
     public_ipv6: str
     subnet_file: str
     subnet_lease_renew_margin: int
+    exit_on_lease_loss: bool
     ip_masq: bool
     ip_masq_fully_random_disable: bool
     iptables_resync: int

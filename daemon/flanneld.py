@@ -1,30 +1,35 @@
 """flanneld: acquire a lease, set up the backend, write subnet.env, then follow the other nodes' leases.
 
-Startup follows flannel's main.go: flags, registry, signals and healthz, network config, interface, backend
-(which acquires the lease), masquerade and forward rules, subnet.env (ready), then the supervised loops: lease
-watch -> backend, lease renewal, backend upkeep, rule resync. Any loop ending stops the others (kopf-style).
-SIGTERM/SIGINT: stop, close the engine and flannel0, keep the lease, rules and routes for the restart, exit 0.
-Our own lease revoked: exit 0, as flannel does, for the supervisor to restart us.
+Startup follows flannel's main.go: flags, registry, signals and healthz, local files checked (subnet.env), network
+config, interface, backend (which acquires the lease), masquerade and forward rules, subnet.env (ready), then the
+supervised loops: lease watch -> backend, lease renewal, backend upkeep, rule resync. A loop that fails is logged
+with where it failed and restarted with backoff (kopf-style); only a FlannelError (another node took our subnet,
+--exit-on-lease-loss) ends the daemon. Registry and iptables trouble is retried and logged once per change of
+state (daemon.outage). /healthz fails only when the dataplane is broken; /readyz also while the registry is
+unreachable. SIGTERM/SIGINT: stop, close the engine and flannel0, keep the lease, rules and routes for the
+restart, exit 0.
 
 Netlink on uvloop: pyroute2's asyncio API cannot run on uvloop (uvloop's datagram transport refuses AF_NETLINK
 sockets: "cannot open a UDP handle, invalid family 16"), and its synchronous IPRoute refuses to start inside a
 running loop. So every pyroute2 call (interface selection, backend setup, lease events) runs in a worker thread
 through asyncio.to_thread, where the synchronous IPRoute has a loop of its own.
 
-Exit status: 0 clean stop or lease revoked; 1 setup failed (bad network config, no interface, out of subnets,
-port in use, not root); 2 bad flags.
+Exit status: 0 clean stop, or lease deleted with --exit-on-lease-loss; 1 setup failed (bad network config, bad
+local files, no interface, out of subnets, port in use, not root) or our subnet taken by another node; 2 bad
+flags.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import os
 import signal
 import sys
+import traceback
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import TypeVar
 
 import uvloop
@@ -35,10 +40,12 @@ from daemon.backend.base import Context, Network
 from daemon.errors import ConfigError, FlannelError
 from daemon.health import Health
 from daemon.interface import select
-from daemon.lease import EventType, Lease, LeaseAttrs
+from daemon.kube import KubeManager
+from daemon.lease import Lease, LeaseAttrs
+from daemon.outage import Outage
+from daemon.peers import PeerTable, follow
 from daemon.registry import Registry, Unavailable
 from daemon.registry.etcd import EtcdRegistry
-from daemon.registry.kube import KubeManager
 from daemon.registry.local import LocalRegistry
 
 VERSION = "v0.1.0-pyflannel"
@@ -47,17 +54,21 @@ BACKENDS: dict[str, Callable[[Context], Awaitable[Network]]] = {
 }
 log = logging.getLogger("flanneld")
 T = TypeVar("T")
+RESTART_MIN, RESTART_MAX = 1.0, 30.0
+IPTABLES_ATTEMPTS = 5
+REJECT_REASONS = ("bad_key", "bad_value", "bad_public_ip", "oversize", "outside_network", "wrong_length", "overlap")
 
 
 class Daemon:
     def __init__(self, opts: flags.Options) -> None:
         self.opts = opts
-        self.manager = _manager(opts)
-        self.health = Health(self._metrics)
+        self.registry = Outage("registry")
+        self.rules_state = Outage("iptables")
+        self.manager = _manager(opts, self.registry)
+        self.health = Health(self._metrics, self._unhealthy, self._unready)
         self.stopping = asyncio.Event()
         self.network: Network | None = None
-        self.peers = 0
-        self.registry_errors = 0
+        self.peers: PeerTable | None = None
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -73,64 +84,82 @@ class Daemon:
             await self.manager.close()
 
     async def _run(self) -> int:
-        cfg = config.parse(await self._retry(self.manager.get_config, "reading the network config"))
+        subnet_env.check_target(self.opts.subnet_file)
+        previous = subnet_env.previous_subnet(self.opts.subnet_file)
+        cfg = config.parse(await self._retry(self.manager.get_config, "reading the network config", self.registry))
         ext = await asyncio.to_thread(select, iface=self.opts.iface, iface_regex=self.opts.iface_regex,
                                       can_reach=self.opts.iface_can_reach, public_ip=self.opts.public_ip)
         log.info("using interface %s (%s), public IP %s, backend %s", ext.name, ext.addr, ext.public_ip,
                  cfg.backend_type)
-        previous = subnet_env.previous_subnet(self.opts.subnet_file)
 
         async def acquire(attrs: LeaseAttrs) -> Lease:
-            return await self._retry(lambda: self.manager.acquire(cfg, attrs, previous), "acquiring a lease")
+            return await self._retry(lambda: self.manager.acquire(cfg, attrs, previous), "acquiring a lease",
+                                     self.registry)
 
         self.network = network = await BACKENDS[cfg.backend_type](Context(ext, cfg, acquire))
+        self.peers = PeerTable(network.lease)
         rules = self._rules(cfg, network.lease)
         for rs in rules:
-            iptables.apply(rs)
+            await self._retry(partial(asyncio.to_thread, iptables.apply, rs), f"installing the {rs.chain} rules",
+                              self.rules_state, attempts=IPTABLES_ATTEMPTS)
         if self.opts.ip_blackhole_route:
             await asyncio.to_thread(routes.add_blackhole, network.lease.subnet)
         subnet_env.write(self.opts.subnet_file, subnet_env.render(network=cfg.network, subnet=network.lease.subnet,
                                                                   mtu=network.mtu, ip_masq=self.opts.ip_masq))
         self.health.ready = True
         log.info("lease %s ready; subnet.env written to %s", network.lease.subnet, self.opts.subnet_file)
-        return await self._supervise(network, rules)
+        return await self._supervise(cfg, network, self.peers, rules)
 
-    async def _supervise(self, network: Network, rules: list[iptables.RuleSet]) -> int:
-        tasks = {
-            asyncio.create_task(self._follow_leases(network), name="lease watch"),
-            asyncio.create_task(self.manager.complete(network.lease), name="lease upkeep"),
-            asyncio.create_task(network.run(), name="backend upkeep"),
-            asyncio.create_task(self._resync_rules(rules), name="rule resync"),
-            asyncio.create_task(self.stopping.wait(), name="signals"),
+    async def _supervise(self, cfg: config.NetworkConfig, network: Network, peers: PeerTable,
+                         rules: list[iptables.RuleSet]) -> int:
+        """Run the loops until a signal or a fatal error. A loop that fails for any other reason is logged with
+        where it failed and started again after a backoff (kopf's way), never turned into a traceback exit."""
+        loops: dict[str, Callable[[], Awaitable[None]]] = {
+            "lease watch": lambda: self._follow_leases(cfg, network, peers),
+            "lease upkeep": lambda: self.manager.complete(network.lease),
+            "backend upkeep": network.run,
+            "rule resync": lambda: self._resync_rules(rules),
         }
+        tasks: set[asyncio.Task[object]] = {asyncio.create_task(self._keep(name, fn), name=name)
+                                             for name, fn in loops.items()}
+        tasks.add(asyncio.create_task(self.stopping.wait(), name="signals"))
         done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
         for task in done:
-            exc = task.exception()
-            if isinstance(exc, subnets.LeaseRevoked):
-                log.error("%s", exc)
-                return 0
-            if exc is not None:
+            if (exc := task.exception()) is not None:
                 raise exc
         log.info("stopping; lease %s, routes and rules stay for the restart", network.lease.subnet)
         return 0
 
-    async def _follow_leases(self, network: Network) -> None:
-        known: set[ipaddress.IPv4Network] = set()
-        async for events in self.manager.watch(network.lease.subnet):
+    async def _keep(self, name: str, fn: Callable[[], Awaitable[None]]) -> None:
+        delay = RESTART_MIN
+        while True:
+            try:
+                await fn()
+                log.error("%s ended by itself; starting it again in %.0f s", name, delay)
+            except FlannelError:
+                raise
+            except Exception as exc:
+                log.error("%s failed: %s; starting it again in %.0f s", name, _where(exc), delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RESTART_MAX)
+
+    async def _follow_leases(self, cfg: config.NetworkConfig, network: Network, peers: PeerTable) -> None:
+        async for events in follow(self.manager.source(cfg), peers, self.registry):
             await asyncio.to_thread(network.handle, events)
-            for event in events:
-                (known.add if event.type is EventType.ADDED else known.discard)(event.lease.subnet)
-            self.peers = len(known)
 
     async def _resync_rules(self, rules: list[iptables.RuleSet]) -> None:
         while True:
             await asyncio.sleep(self.opts.iptables_resync)
             for rs in rules:
-                if await asyncio.to_thread(iptables.ensure, rs):
-                    log.warning("%s rules were missing and have been restored", rs.chain)
+                try:
+                    if await asyncio.to_thread(iptables.ensure, rs):
+                        log.warning("%s rules were missing and have been restored", rs.chain)
+                    self.rules_state.ok()
+                except iptables.IptablesError as exc:
+                    self.rules_state.failed(str(exc))
 
     def _rules(self, cfg: config.NetworkConfig, lease: Lease) -> list[iptables.RuleSet]:
         rules = []
@@ -141,44 +170,63 @@ class Daemon:
             rules.append(iptables.forward_rules(cfg.network))
         return rules
 
-    async def _retry(self, fn: Callable[[], Awaitable[T]], what: str) -> T:
-        """Keep trying while the registry is unreachable (flannel blocks the same way), until stopped."""
-        delay = 1.0
+    async def _retry(self, fn: Callable[[], Awaitable[T]], what: str, outage: Outage, attempts: int = 0) -> T:
+        """Keep trying while the registry is unreachable or iptables is busy (flannel blocks the same way),
+        until stopped, or until `attempts` (0: no limit) have failed."""
+        delay, tries = 1.0, 0
         while True:
             try:
-                return await fn()
-            except Unavailable as exc:
-                self.registry_errors += 1
-                log.warning("%s: %s; retrying in %.0f s", what, exc, delay)
+                result = await fn()
+                outage.ok()
+                return result
+            except (Unavailable, iptables.IptablesError) as exc:
+                tries += 1
+                if attempts and tries >= attempts:
+                    raise FlannelError(f"{what}: {exc}") from None
+                outage.failed(f"{what}: {exc}")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stopping.wait(), delay)
             if self.stopping.is_set():
                 raise FlannelError(f"stopped while {what}", status=0)
             delay = min(delay * 2, 10.0)
 
+    def _unhealthy(self) -> str | None:
+        """/healthz: only what a restart of flanneld could mend (the dataplane), never a registry outage."""
+        return self.network.failure() if self.network is not None else None
+
+    def _unready(self) -> str | None:
+        if not self.health.ready:
+            return "flanneld is not ready yet"
+        if self.registry.since is not None:
+            return f"registry unreachable: {self.registry.reason}"
+        return self._unhealthy()
+
     def _metrics(self) -> dict[str, float]:
-        out: dict[str, float] = {"flannel_ready": float(self.health.ready), "flannel_peers": float(self.peers),
-                                 "flannel_registry_errors_total": float(self.registry_errors)}
+        out: dict[str, float] = {"flannel_ready": float(self.health.ready),
+                                 "flannel_registry_errors_total": float(self.registry.errors),
+                                 "flannel_registry_up": float(self.registry.since is None),
+                                 "flannel_iptables_errors_total": float(self.rules_state.errors)}
+        if self.peers is not None:
+            out["flannel_peers"] = float(len(self.peers.routed))
+            for reason in REJECT_REASONS:
+                out[f'flannel_lease_records_rejected_total{{reason="{reason}"}}'] = self.peers.rejected[reason]
         if self.network is not None:
             out[f'flannel_lease_info{{subnet="{self.network.lease.subnet}"}}'] = 1.0
             out["flannel_lease_expiration_seconds"] = self.network.lease.expiration
-            pump = getattr(self.network, "pump", None)
-            if pump is not None:
-                stats = pump.stats()
-                for direction in ("tx", "rx"):
-                    out[f'pyflannel_packets_total{{direction="{direction}"}}'] = stats[f"{direction}_packets"]
-                    out[f'pyflannel_bytes_total{{direction="{direction}"}}'] = stats[f"{direction}_bytes"]
-                for reason, n in stats["drops"].items():
-                    out[f'pyflannel_drops_total{{reason="{reason}"}}'] = n
-                for peer, counts in stats["peers"].items():
-                    for direction in ("tx", "rx"):
-                        labels = f'peer="{peer}",direction="{direction}"'
-                        out[f"pyflannel_peer_packets_total{{{labels}}}"] = counts[f"{direction}_packets"]
-                        out[f"pyflannel_peer_bytes_total{{{labels}}}"] = counts[f"{direction}_bytes"]
+            out.update(self.network.metrics())
         return out
 
 
-def _manager(opts: flags.Options) -> subnets.Manager:
+def _where(exc: BaseException) -> str:
+    """The exception and the innermost line of ours that it passed through, for a one-line log."""
+    place = ""
+    for frame in traceback.extract_tb(exc.__traceback__):
+        if "/daemon/" in frame.filename or "/dataplane/" in frame.filename:
+            place = f" at {os.path.basename(frame.filename)}:{frame.lineno}"
+    return f"{type(exc).__name__}: {exc}{place}"
+
+
+def _manager(opts: flags.Options, outage: Outage) -> subnets.Manager:
     if opts.public_ipv6:
         raise FlannelError("--public-ipv6: IPv6 is not supported by pyflannel yet")
     if opts.kube_subnet_mgr:
@@ -191,7 +239,8 @@ def _manager(opts: flags.Options) -> subnets.Manager:
     else:
         registry = EtcdRegistry(opts.etcd_endpoints, opts.etcd_prefix, username=opts.etcd_username,
                                 password=opts.etcd_password, keyfile=opts.etcd_keyfile, certfile=opts.etcd_certfile)
-    return subnets.RegistryManager(registry, opts.subnet_lease_renew_margin)
+    return subnets.RegistryManager(registry, opts.subnet_lease_renew_margin, outage,
+                                   exit_on_loss=opts.exit_on_lease_loss)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -216,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     except FlannelError as exc:
         if exc.status:
             print(f"flanneld: error: {exc}", file=sys.stderr)
+        else:
+            log.warning("%s", exc)  # a clean end that says why (lease revoked, stopped during startup)
         return exc.status
 
 

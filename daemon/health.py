@@ -13,12 +13,15 @@ from collections.abc import Callable
 from daemon.errors import FlannelError
 
 Metrics = Callable[[], dict[str, float]]
+Problem = Callable[[], "str | None"]  # what is wrong, or None
 
 
 class Health:
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(self, metrics: Metrics, unhealthy: Problem, unready: Problem) -> None:
         self.ready = False
         self._metrics = metrics
+        self._unhealthy = unhealthy
+        self._unready = unready
 
     async def serve(self, host: str, port: int) -> asyncio.Server:
         try:
@@ -30,10 +33,11 @@ class Health:
 
     def _respond(self, path: str) -> tuple[int, str, str]:
         if path == "/healthz":
-            return 200, "text/plain", "flanneld is running\n"
+            problem = self._unhealthy()
+            return (500, "text/plain", f"{problem}\n") if problem else (200, "text/plain", "flanneld is running\n")
         if path == "/readyz":
-            return (200, "text/plain", "flanneld is ready\n") if self.ready else \
-                (503, "text/plain", "flanneld is not ready yet\n")
+            problem = self._unready()
+            return (503, "text/plain", f"{problem}\n") if problem else (200, "text/plain", "flanneld is ready\n")
         if path == "/metrics":
             return 200, "text/plain; version=0.0.4", render(self._metrics())
         return 404, "text/plain", "not found\n"
@@ -43,7 +47,7 @@ class Health:
             request = await asyncio.wait_for(reader.readline(), 5)
             parts = request.decode("latin-1").split()
             status, kind, body = self._respond(parts[1].split("?")[0] if len(parts) >= 2 else "")
-            reason = {200: "OK", 404: "Not Found", 503: "Service Unavailable"}[status]
+            reason = {200: "OK", 404: "Not Found", 500: "Internal Server Error", 503: "Service Unavailable"}[status]
             data = body.encode()
             writer.write(f"HTTP/1.0 {status} {reason}\r\nContent-Type: {kind}\r\nContent-Length: {len(data)}\r\n"
                          f"Connection: close\r\n\r\n".encode() + data)

@@ -7,6 +7,7 @@ The rule set and order are flannel's (N = the network, P = this node's subnet, R
 Each chain is flushed and refilled, and the jump from the built-in chain is deleted and appended again, in one
 `iptables-restore --noflush --wait` payload per table. ensure() checks every rule with `iptables -C` and
 re-applies the set if any is missing (the periodic resync). Rules stay in place on shutdown, as with flannel.
+Every call is blocking (flanneld runs them in worker threads) and bounded by TIMEOUT; IptablesError is retried.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 
 from daemon.errors import FlannelError
 
+TIMEOUT = 30  # seconds for one iptables call
 MASQ = "flanneld masq"
 FORWARD = "flanneld forward"
 
@@ -63,11 +65,18 @@ def supports_random_fully() -> bool:
     return bool(m) and tuple(int(x) for x in m.groups()) >= (1, 6, 2)  # type: ignore[union-attr]
 
 
+class IptablesError(FlannelError):
+    """iptables refused or did not answer in time (another program holding the xtables lock): retried."""
+
+
 def _run(argv: list[str], stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     try:
-        return subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=30)
+        return subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=TIMEOUT)
     except FileNotFoundError:
         raise FlannelError(f"{argv[0]} not found: install iptables") from None
+    except subprocess.TimeoutExpired:
+        raise IptablesError(f"{argv[0]} did not finish within {TIMEOUT} s (is another program holding the "
+                            "xtables lock?)") from None
 
 
 def _exists(table: str, chain: str, rule: tuple[str, ...]) -> bool:
@@ -93,7 +102,7 @@ def payload(rs: RuleSet) -> str:
 def apply(rs: RuleSet) -> None:
     r = _run(["iptables-restore", "--noflush", "--wait"], payload(rs))
     if r.returncode != 0:
-        raise FlannelError(f"iptables-restore failed for {rs.chain}: {r.stderr.strip().splitlines()[-1:]}")
+        raise IptablesError(f"iptables-restore failed for {rs.chain}: {r.stderr.strip().splitlines()[-1:]}")
 
 
 def ensure(rs: RuleSet) -> bool:

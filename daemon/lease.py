@@ -3,6 +3,10 @@
 flannel's LeaseAttrs (pkg/lease/lease.go) marshals, in Go field order, PublicIP, PublicIPv6 (no omitempty, so
 null when unset), then BackendType, BackendData and BackendV6Data, each omitted when empty; Go's encoder writes
 no spaces and compacts embedded raw JSON. The udp backend sets only PublicIP.
+
+Whatever a registry holds was written by anyone with access to it, so decode() checks every part before a record
+can become a route: the whole key in flannel's form naming a network address with no host bits, inside the
+Network with the configured SubnetLen, a bounded JSON object, a unicast IPv4 PublicIP.
 """
 
 from __future__ import annotations
@@ -14,9 +18,21 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
+from daemon import safejson
+
 SUBNET_TTL = 24 * 3600  # seconds; flannel's subnetTTL
-# Anchored at the end only, as flannel's subnetRegex: "<a.b.c.d>-<len>" with an optional "&<ipv6>-<len>".
-_KEY = re.compile(r"(\d+\.\d+\.\d+\.\d+)-(\d+)(?:&([a-f\d:]+)-(\d+))?$")
+MAX_VALUE = 16 * 1024  # bytes; flannel's own lease values are under 300
+MAX_DEPTH = 8
+# flannel's subnetRegex, but for the whole key: "<a.b.c.d>-<len>" with an optional "&<ipv6>-<len>".
+_KEY = re.compile(r"(\d{1,3}(?:\.\d{1,3}){3})-(\d{1,2})(?:&([0-9a-f:]{2,39})-(\d{1,3}))?")
+
+
+class BadRecord(ValueError):
+    """A registry record that must not become a route. `reason` is a short label for the metrics."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -34,13 +50,32 @@ class LeaseAttrs:
         return json.dumps(out, separators=(",", ":"))
 
     @classmethod
-    def from_json(cls, text: str | bytes) -> LeaseAttrs:
-        """ValueError for anything flannel would skip as a "bad subnet node"."""
-        raw = json.loads(text)
+    def from_json(cls, value: str | bytes) -> LeaseAttrs:
+        """BadRecord unless the value is a bounded JSON object with a unicast IPv4 PublicIP."""
+        try:
+            raw = safejson.loads(value, max_bytes=MAX_VALUE, max_depth=MAX_DEPTH)
+        except ValueError as exc:
+            reason = "oversize" if len(value) > MAX_VALUE else "bad_value"
+            raise BadRecord(reason, f"value is {exc}") from None
         if not isinstance(raw, dict):
-            raise ValueError("lease value is not a JSON object")
-        return cls(public_ip=ipaddress.IPv4Address(raw.get("PublicIP", "0.0.0.0")),
-                   backend_type=str(raw.get("BackendType") or ""), backend_data=raw.get("BackendData"))
+            raise BadRecord("bad_value", "value is not a JSON object")
+        return cls.checked(raw.get("PublicIP"), raw.get("BackendType"), raw.get("BackendData"))
+
+    @classmethod
+    def checked(cls, public_ip: Any, backend_type: Any, backend_data: Any) -> LeaseAttrs:
+        """BadRecord unless public_ip is a unicast IPv4 address and backend_type a string (or absent)."""
+        try:
+            ip = ipaddress.IPv4Address(public_ip) if isinstance(public_ip, str) else None
+        except ValueError:
+            ip = None
+        if ip is None or ip in _NOT_UNICAST or ip.is_multicast or ip.is_loopback or ip.is_reserved:
+            raise BadRecord("bad_public_ip", f"PublicIP {str(public_ip)[:50]!r} is not a unicast IPv4 address")
+        if not isinstance(backend_type or "", str):
+            raise BadRecord("bad_value", "BackendType is not a string")
+        return cls(public_ip=ip, backend_type=backend_type or "", backend_data=backend_data)
+
+
+_NOT_UNICAST = ipaddress.IPv4Network("0.0.0.0/8")
 
 
 @dataclass(frozen=True)
@@ -66,51 +101,29 @@ def subnet_key(subnet: ipaddress.IPv4Network) -> str:
     return f"{subnet.network_address}-{subnet.prefixlen}"
 
 
-def parse_subnet_key(key: str) -> ipaddress.IPv4Network | None:
-    """The subnet in a registry key, or None for keys flannel would skip."""
-    m = _KEY.search(key)
-    if not m:
-        return None
+def parse_subnet_key(key: str) -> ipaddress.IPv4Network:
+    """The subnet a key names ("10.5.52.0-24", relative to the subnets prefix); BadRecord unless the whole key is
+    in flannel's form with the subnet's own network address (no host bits, no leading zeros)."""
+    m = _KEY.fullmatch(key)
     try:
-        return ipaddress.IPv4Network(f"{m.group(1)}/{m.group(2)}", strict=False)
+        subnet = ipaddress.IPv4Network(f"{m.group(1)}/{m.group(2)}") if m else None
     except ValueError:
-        return None
+        subnet = None
+    if subnet is None or subnet_key(subnet) != key.split("&")[0]:
+        raise BadRecord("bad_key", "key is not a subnet in flannel's form (a.b.c.d-len)")
+    return subnet
 
 
-def lease_from_record(key: str, value: str | bytes, expires: float = 0.0) -> Lease | None:
-    """The lease a registry record holds, or None for a key or value flannel would skip."""
+def check_subnet(subnet: ipaddress.IPv4Network, network: ipaddress.IPv4Network, subnet_len: int | None) -> None:
+    """BadRecord unless subnet lies inside the network with the configured length (None: any length)."""
+    if not subnet.subnet_of(network):
+        raise BadRecord("outside_network", f"{subnet} is not inside the network {network}")
+    if subnet_len is not None and subnet.prefixlen != subnet_len:
+        raise BadRecord("wrong_length", f"{subnet} is not a /{subnet_len} (the network's SubnetLen)")
+
+
+def decode(key: str, value: str | bytes, network: ipaddress.IPv4Network, subnet_len: int) -> Lease:
+    """The lease a registry record holds, every part checked; BadRecord says what is wrong."""
     subnet = parse_subnet_key(key)
-    if subnet is None:
-        return None
-    try:
-        return Lease(subnet, LeaseAttrs.from_json(value), expires)
-    except (ValueError, UnicodeDecodeError):
-        return None
-
-
-def event_from_record(key: str, value: str | bytes | None) -> Event | None:
-    """A registry change as an event: a value is Added, None (deleted or expired) is Removed. A Removed event
-    carries only the subnet; watchers fill in the attributes they last saw (see diff)."""
-    if value is None:
-        subnet = parse_subnet_key(key)
-        return None if subnet is None else Event(EventType.REMOVED, Lease(subnet, LeaseAttrs(ipaddress.IPv4Address(0))))
-    lease = lease_from_record(key, value)
-    return None if lease is None else Event(EventType.ADDED, lease)
-
-
-def diff(known: dict[ipaddress.IPv4Network, Lease], snapshot: list[Lease]) -> list[Event]:
-    """Events that turn `known` into `snapshot` (flannel's LeaseWatcher.Reset), updating `known` in place.
-
-    Removed events carry the attributes last seen, so backends can still find the MAC and public IP to remove.
-    """
-    events = []
-    current = {lease.subnet: lease for lease in snapshot}
-    for subnet, lease in list(known.items()):
-        if subnet not in current:
-            events.append(Event(EventType.REMOVED, lease))
-            del known[subnet]
-    for subnet, lease in current.items():
-        if known.get(subnet) is None or known[subnet].attrs != lease.attrs:
-            events.append(Event(EventType.ADDED, lease))
-        known[subnet] = lease
-    return events
+    check_subnet(subnet, network, subnet_len)
+    return Lease(subnet, LeaseAttrs.from_json(value))

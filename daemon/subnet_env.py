@@ -12,6 +12,10 @@ import os
 import tempfile
 from pathlib import Path
 
+from daemon.errors import FlannelError
+
+MAX_BYTES = 64 * 1024
+
 
 def render(*, network: ipaddress.IPv4Network, subnet: ipaddress.IPv4Network, mtu: int, ip_masq: bool) -> str:
     return (f"FLANNEL_NETWORK={network}\n"
@@ -36,13 +40,37 @@ def write(path: str, content: str) -> None:
         raise
 
 
-def previous_subnet(path: str) -> ipaddress.IPv4Network | None:
-    """FLANNEL_SUBNET from an earlier run, masked to its network (10.5.72.1/24 -> 10.5.72.0/24); None if absent,
-    unreadable or a list (flannel treats more than one value as no previous value)."""
+def check_target(path: str) -> None:
+    """FlannelError now, before anything is set up, if subnet.env could not be written at the end."""
+    target = Path(path)
+    if target.is_dir():
+        raise FlannelError(f"--subnet-file {path} is a directory")
     try:
-        lines = Path(path).read_text().splitlines()
-    except OSError:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as exc:
+        raise FlannelError(f"cannot write --subnet-file {path}: {exc.strerror}") from None
+
+
+def previous_subnet(path: str) -> ipaddress.IPv4Network | None:
+    """FLANNEL_SUBNET from an earlier run, masked to its network (10.5.72.1/24 -> 10.5.72.0/24); None if absent
+    or a list (flannel treats more than one value as no previous value); FlannelError if it is not text."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_BYTES + 1)
+    except FileNotFoundError:
         return None
+    except OSError as exc:
+        raise FlannelError(f"cannot read --subnet-file {path}: {exc.strerror}") from None
+    try:
+        text = data.decode() if len(data) <= MAX_BYTES and b"\0" not in data else None
+    except UnicodeDecodeError:
+        text = None
+    if text is None:
+        raise FlannelError(f"--subnet-file {path} is not a subnet.env (binary data): remove it")
+    lines = text.splitlines()
     for line in lines:
         key, sep, value = line.removeprefix("export ").partition("=")
         if sep and key.strip() == "FLANNEL_SUBNET":

@@ -1,9 +1,16 @@
-"""Lease policy over any registry: acquisition in flannel's order, renewal, and the lease watch.
+"""Lease policy over a storage registry (flannel's LocalManager): acquisition, ownership and renewal.
 
 Acquisition (flannel's tryAcquireLease): a lease already held by this node's public IP is reused (refreshed, or
 deleted if the config no longer admits it); else the subnet from the previous subnet.env if free; else one picked
 at random among the first 100 free subnets. It is created with "only if absent", and a lost race simply tries
 again (flannel exits there, because it compares the wrong error; we do not copy that).
+
+Ownership, where we differ from flannel on purpose: every write to our own record is conditional on the revision
+we last wrote, so a node never overwrites another node's lease. When our record vanishes (etcd lost its data, an
+operator deleted it, it expired during a long partition) and the subnet is still free, it is created again with
+the same subnet and the routes stay; while the network config is missing too (data loss) we wait for it with the
+dataplane untouched. Only when another node now holds our subnet do we exit (status 1, one line). flannel exits 0
+whenever its lease is deleted; --exit-on-lease-loss keeps that for operators whose supervisor relies on it.
 """
 
 from __future__ import annotations
@@ -13,54 +20,196 @@ import ipaddress
 import logging
 import random
 import time
-from collections.abc import AsyncIterator
-from typing import Protocol
+from collections.abc import AsyncGenerator
+from typing import Any, Protocol
 
+from daemon import config
 from daemon.config import NetworkConfig
 from daemon.errors import FlannelError
-from daemon.lease import SUBNET_TTL, Event, EventType, Lease, LeaseAttrs, diff
-from daemon.registry import Compacted, LeaseExists, Registry, Unavailable
+from daemon.lease import MAX_VALUE, SUBNET_TTL, BadRecord, Lease, LeaseAttrs, parse_subnet_key, subnet_key
+from daemon.lease import decode as decode_lease
+from daemon.outage import Outage
+from daemon.peers import Changes, Entry, Source
+from daemon.registry import ConfigMissing, LeaseChanged, LeaseExists, Record, Registry, Unavailable
 
 log = logging.getLogger(__name__)
 
 RACE_RETRIES = 10
 CANDIDATES = 100
 RENEW_RETRY = 60.0
-BACKOFF_MIN, BACKOFF_MAX = 0.1, 5.0
+CONFIG_POLL = 2.0
 
 
 class LeaseRevoked(FlannelError):
-    """Our own lease was deleted or expired: flannel exits so that its supervisor restarts it."""
+    """Our own lease was deleted and --exit-on-lease-loss asks for flannel's behaviour: exit 0."""
+
+
+class LeaseTaken(FlannelError):
+    """Another node holds our subnet now: we must not take it back."""
 
 
 def _fits(cfg: NetworkConfig, subnet: ipaddress.IPv4Network) -> bool:
     return (subnet.prefixlen == cfg.subnet_len and cfg.subnet_min <= subnet.network_address <= cfg.subnet_max)
 
 
-async def acquire(registry: Registry, cfg: NetworkConfig, attrs: LeaseAttrs,
-                  previous: ipaddress.IPv4Network | None) -> Lease:
-    """A lease for this node, following flannel's order; FlannelError("out of subnets") when none is free."""
-    for _ in range(RACE_RETRIES):
-        leases, _ = await registry.list_leases()
-        mine = [lease for lease in leases if lease.attrs.public_ip == attrs.public_ip]
-        for lease in mine:
-            if _fits(cfg, lease.subnet):
-                expires = await registry.update_lease(lease.subnet, attrs, SUBNET_TTL)
-                log.info("reusing the lease of %s: %s", attrs.public_ip, lease.subnet)
-                return Lease(lease.subnet, attrs, expires)
-            log.info("deleting lease %s: it no longer fits the network config", lease.subnet)
-            await registry.delete_lease(lease.subnet)
-        taken = [lease.subnet for lease in leases if lease not in mine]
-        subnet = _choose(cfg, taken, previous)
+def decode(record: Record, cfg: NetworkConfig) -> Lease | BadRecord:
+    """A registry record checked against the network config."""
+    if record.oversize:
+        return BadRecord("oversize", f"value of {record.oversize} bytes, more than the {MAX_VALUE} allowed")
+    try:
+        return decode_lease(record.key, record.value or b"", cfg.network, cfg.subnet_len)
+    except BadRecord as exc:
+        return exc
+
+
+class Manager(Protocol):
+    """Where leases come from: a registry with flannel's allocation policy, or the Kubernetes API."""
+
+    async def get_config(self) -> str: ...
+
+    async def acquire(self, cfg: NetworkConfig, attrs: LeaseAttrs, previous: ipaddress.IPv4Network | None) -> Lease:
+        ...
+
+    async def complete(self, lease: Lease) -> None:
+        """What the node does with its lease from then on (renew it; tell Kubernetes the network is up)."""
+
+    def source(self, cfg: NetworkConfig) -> Source:
+        """The other nodes' leases, for daemon.peers.follow."""
+
+    async def close(self) -> None: ...
+
+
+class OwnLease:
+    """This node's record in the registry, and the revision it last wrote there."""
+
+    def __init__(self, registry: Registry, cfg: NetworkConfig, lease: Lease, record: Record, outage: Outage,
+                 *, exit_on_loss: bool) -> None:
+        self.registry = registry
+        self.cfg = cfg
+        self.lease = lease
+        self.key = record.key
+        self.value = lease.attrs.to_json().encode()
+        self.revision = record.revision
+        self.expires = record.expires
+        self.outage = outage
+        self.exit_on_loss = exit_on_loss
+        self._lock = asyncio.Lock()
+
+    def _taken(self, current: Record) -> LeaseTaken:
+        found = decode(current, self.cfg)
+        holder = found.attrs.public_ip if isinstance(found, Lease) else "an unreadable value"
+        return LeaseTaken(f"subnet {self.lease.subnet} is now held by {holder}: another node wrote it while this "
+                          "node's lease was gone; exiting without touching it (a restart acquires another subnet)")
+
+    async def renew(self) -> None:
+        """Refresh the TTL, only if the record is still the one we wrote."""
+        async with self._lock:
+            for _ in range(2):
+                try:
+                    written = await self.registry.replace(self.key, self.value, SUBNET_TTL, self.revision)
+                except LeaseChanged as exc:
+                    if exc.current is None:
+                        await self._recreate()
+                        return
+                    if exc.current.value != self.value:
+                        raise self._taken(exc.current) from None
+                    self.revision = exc.current.revision  # our value, written by a call whose answer was lost
+                    continue
+                self.revision, self.expires = written.revision, written.expires
+                log.info("renewed lease %s until %s", self.lease.subnet, time.ctime(self.expires))
+                return
+
+    async def observe(self, entry: Entry | None) -> None:
+        """Our record as the watch shows it: gone (re-create it), someone else's (exit), garbled (restore)."""
+        async with self._lock:
+            if entry is None:
+                await self._recreate()
+            elif isinstance(entry.lease, BadRecord):
+                log.warning("our lease record %s was overwritten with a bad value (%s); writing ours back",
+                            self.key, entry.lease)
+                try:
+                    written = await self.registry.replace(self.key, self.value, SUBNET_TTL, entry.revision)
+                    self.revision, self.expires = written.revision, written.expires
+                except LeaseChanged:
+                    pass  # changed again meanwhile: the watch shows us what it is now
+            elif entry.lease.attrs != self.lease.attrs:
+                raise self._taken(Record(self.key, entry.lease.attrs.to_json().encode()))
+            else:
+                self.revision = max(self.revision, entry.revision)
+
+    async def _recreate(self) -> None:
+        if self.exit_on_loss:
+            raise LeaseRevoked("Lease has been revoked. Shutting down daemon.", status=0)
+        await self._wait_for_config()
         try:
-            expires = await registry.create_lease(subnet, attrs, SUBNET_TTL)
+            written = await self.registry.create(self.key, self.value, SUBNET_TTL)
         except LeaseExists:
-            log.info("lost the race for %s; trying again", subnet)
-            previous = None
-            continue
-        log.info("acquired lease %s", subnet)
-        return Lease(subnet, attrs, expires)
+            return  # someone wrote it meanwhile: the watch shows us whose it is
+        self.revision, self.expires = written.revision, written.expires
+        log.warning("lease %s had gone from the registry (expired, deleted, or lost with the registry's data); "
+                    "created it again", self.lease.subnet)
+
+    async def _wait_for_config(self) -> None:
+        """After a data loss the config is gone too: forward with the routes we have until it is back."""
+        while True:
+            try:
+                text = await self.registry.get_config()
+                break
+            except ConfigMissing as exc:
+                self.outage.failed(f"{exc}; forwarding with the routes we have until it is written again")
+            await asyncio.sleep(CONFIG_POLL)
+        if config.parse(text) != self.cfg:
+            raise FlannelError("the network config changed while flanneld ran; restart flanneld to apply it")
+
+
+async def acquire(registry: Registry, cfg: NetworkConfig, attrs: LeaseAttrs,
+                  previous: ipaddress.IPv4Network | None) -> tuple[Lease, Record]:
+    """A lease for this node, following flannel's order; FlannelError("out of subnets") when none is free."""
+    value = attrs.to_json().encode()
+    for _ in range(RACE_RETRIES):
+        records, _ = await registry.list_records()
+        taken, mine = _survey(records, attrs.public_ip)
+        for subnet, record in mine.items():
+            try:
+                if _fits(cfg, subnet):
+                    written = await registry.replace(record.key, value, SUBNET_TTL, record.revision)
+                    log.info("reusing the lease of %s: %s", attrs.public_ip, subnet)
+                    return Lease(subnet, attrs, written.expires), written
+                log.info("deleting lease %s: it no longer fits the network config", subnet)
+                await registry.delete(record.key, record.revision)
+            except LeaseChanged:
+                break
+        else:
+            subnet = _choose(cfg, taken, previous)
+            try:
+                written = await registry.create(subnet_key(subnet), value, SUBNET_TTL)
+            except LeaseExists:
+                log.info("lost the race for %s; trying again", subnet)
+                previous = None
+                continue
+            log.info("acquired lease %s", subnet)
+            return Lease(subnet, attrs, written.expires), written
     raise FlannelError("max retries reached trying to acquire a subnet")
+
+
+def _survey(records: list[Record], public_ip: ipaddress.IPv4Address
+            ) -> tuple[list[ipaddress.IPv4Network], dict[ipaddress.IPv4Network, Record]]:
+    """Subnets other records occupy (whatever their values), and the records that carry our public IP."""
+    taken, mine = [], {}
+    for record in records:
+        try:
+            subnet = parse_subnet_key(record.key)
+        except BadRecord:
+            continue
+        try:
+            ours = LeaseAttrs.from_json(record.value or b"").public_ip == public_ip
+        except BadRecord:
+            ours = False
+        if ours:
+            mine[subnet] = record
+        else:
+            taken.append(subnet)
+    return taken, mine
 
 
 def _choose(cfg: NetworkConfig, taken: list[ipaddress.IPv4Network],
@@ -81,90 +230,64 @@ def _choose(cfg: NetworkConfig, taken: list[ipaddress.IPv4Network],
     return random.choice(candidates)
 
 
-async def renew_forever(registry: Registry, lease: Lease, margin_minutes: int) -> None:
-    """Renew the lease at expiry minus the margin; retry every minute while the registry fails."""
-    expires = lease.expiration
-    while True:
-        await asyncio.sleep(max(expires - margin_minutes * 60 - time.time(), 0))
-        try:
-            expires = await registry.update_lease(lease.subnet, lease.attrs, SUBNET_TTL)
-            log.info("renewed lease %s until %s", lease.subnet, time.ctime(expires))
-        except Unavailable as exc:
-            log.error("renewing lease %s failed (%s); retrying in %.0f s", lease.subnet, exc, RENEW_RETRY)
-            expires = time.time() + margin_minutes * 60 + RENEW_RETRY
+class RegistrySource:
+    """The registry's lease records as a daemon.peers Source."""
 
+    def __init__(self, registry: Registry, cfg: NetworkConfig, own: OwnLease) -> None:
+        self.registry = registry
+        self.cfg = cfg
+        self.own = own
+        self.own_key = own.key
 
-async def watch_leases(registry: Registry, own: ipaddress.IPv4Network) -> AsyncIterator[list[Event]]:
-    """Other nodes' lease changes, forever: list, diff against what we knew, watch; after any failure
-    (registry down, watch compacted) back off, list again and diff, so no change is missed.
-    Raises LeaseRevoked when our own lease disappears."""
-    known: dict[ipaddress.IPv4Network, Lease] = {}
-    backoff = BACKOFF_MIN
-    while True:
-        try:
-            leases, revision = await registry.list_leases()
-            if not any(lease.subnet == own for lease in leases):
-                raise LeaseRevoked("Lease has been revoked. Shutting down daemon.", status=0)
-            events = diff(known, [lease for lease in leases if lease.subnet != own])
-            if events:
-                yield events
-            backoff = BACKOFF_MIN
-            async for batch in registry.watch(revision):
-                if any(e.lease.subnet == own and e.type is EventType.REMOVED for e in batch):
-                    raise LeaseRevoked("Lease has been revoked. Shutting down daemon.", status=0)
-                out = []
-                for event in batch:
-                    if event.lease.subnet == own:
-                        continue
-                    if event.type is EventType.REMOVED:
-                        gone = known.pop(event.lease.subnet, None)
-                        if gone is not None:
-                            out.append(Event(EventType.REMOVED, gone))
-                    elif (old := known.get(event.lease.subnet)) is None or old.attrs != event.lease.attrs:
-                        known[event.lease.subnet] = event.lease
-                        out.append(event)
-                if out:
-                    yield out
-        except (Unavailable, Compacted) as exc:
-            log.warning("lease watch interrupted (%s); listing again in %.1f s", exc, backoff)
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, BACKOFF_MAX)
+    async def snapshot(self) -> tuple[dict[str, Entry], Any]:
+        records, revision = await self.registry.list_records()
+        return {r.key: Entry(decode(r, self.cfg), r.revision) for r in records}, revision
 
+    async def changes(self, cursor: Any) -> AsyncGenerator[Changes, None]:
+        async for batch in self.registry.watch(cursor):
+            yield [(r.key, None if r.value is None and not r.oversize else Entry(decode(r, self.cfg), r.revision))
+                   for r in batch]
 
-class Manager(Protocol):
-    """Where leases come from: a registry with flannel's allocation policy, or the Kubernetes API."""
-
-    async def get_config(self) -> str: ...
-
-    async def acquire(self, cfg: NetworkConfig, attrs: LeaseAttrs, previous: ipaddress.IPv4Network | None) -> Lease:
-        ...
-
-    async def complete(self, lease: Lease) -> None:
-        """What the node does with its lease from then on (renew it; tell Kubernetes the network is up)."""
-
-    def watch(self, own: ipaddress.IPv4Network) -> AsyncIterator[list[Event]]: ...
-
-    async def close(self) -> None: ...
+    async def observe_own(self, entry: Entry | None) -> None:
+        await self.own.observe(entry)
 
 
 class RegistryManager:
     """flannel's LocalManager: the policy above over a storage registry (etcd, or the embedded SQLite one)."""
 
-    def __init__(self, registry: Registry, renew_margin_minutes: int) -> None:
+    def __init__(self, registry: Registry, renew_margin_minutes: int, outage: Outage, *, exit_on_loss: bool) -> None:
         self.registry = registry
         self.renew_margin = renew_margin_minutes
+        self.outage = outage
+        self.exit_on_loss = exit_on_loss
+        self.own: OwnLease | None = None
 
     async def get_config(self) -> str:
         return await self.registry.get_config()
 
     async def acquire(self, cfg: NetworkConfig, attrs: LeaseAttrs, previous: ipaddress.IPv4Network | None) -> Lease:
-        return await acquire(self.registry, cfg, attrs, previous)
+        lease, record = await acquire(self.registry, cfg, attrs, previous)
+        self.own = OwnLease(self.registry, cfg, lease, record, self.outage, exit_on_loss=self.exit_on_loss)
+        return lease
+
+    def _own(self) -> OwnLease:
+        if self.own is None:
+            raise RuntimeError("no lease acquired yet")
+        return self.own
 
     async def complete(self, lease: Lease) -> None:
-        await renew_forever(self.registry, lease, self.renew_margin)
+        """Renew at expiry minus the margin; while the registry fails, try again every RENEW_RETRY seconds."""
+        own = self._own()
+        while True:
+            await asyncio.sleep(max(own.expires - self.renew_margin * 60 - time.time(), 0))
+            try:
+                await own.renew()
+            except Unavailable as exc:
+                self.outage.failed(f"renewing lease {lease.subnet}: {exc}")
+                own.expires = time.time() + self.renew_margin * 60 + RENEW_RETRY
 
-    def watch(self, own: ipaddress.IPv4Network) -> AsyncIterator[list[Event]]:
-        return watch_leases(self.registry, own)
+    def source(self, cfg: NetworkConfig) -> RegistrySource:
+        return RegistrySource(self.registry, cfg, self._own())
 
     async def close(self) -> None:
         await self.registry.close()

@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-from bench.rig import Host
+from conftest import host_socket
+from packets import Parsed, parse_ipv4
 
+from bench.rig import Host, Rig
+
+PREFIX = "/coreos.com/network"
+NET = '{"Network":"10.244.0.0/16","Backend":{"Type":"%s"}}'
 FLANNELD = str(Path(sys.executable).with_name("flanneld"))
 ETCD_PORT = 2379
 ETCD_TOOL = str(Path(__file__).with_name("etcd_tool.py"))
@@ -36,13 +43,17 @@ class Etcd:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
+        self.start_unchecked()
+        wait_for(lambda: self._answers(), 30, "etcd to answer")
+
+    def start_unchecked(self) -> None:
+        """Start etcd without waiting for it to answer (a test may have cut it off)."""
         log = open(self.data.with_suffix(".log"), "ab")  # noqa: SIM115 (the process owns it)
         self.proc = self.host.popen(
             "etcd", "--name", "test", "--data-dir", str(self.data), "--listen-client-urls", self.url,
             "--advertise-client-urls", self.url, "--listen-peer-urls", "http://127.0.0.1:2380",
             "--initial-advertise-peer-urls", "http://127.0.0.1:2380",
             "--initial-cluster", "test=http://127.0.0.1:2380", stdout=log, stderr=log)
-        wait_for(lambda: self._answers(), 30, "etcd to answer")
 
     def _answers(self) -> bool:
         return self._tool("status", check=False).returncode == 0
@@ -57,6 +68,9 @@ class Etcd:
 
     def put(self, key: str, value: str) -> None:
         self._tool("put", key, value)
+
+    def put_file(self, key: str, path: Path) -> None:
+        self._tool("put-file", key, str(path))
 
     def delete(self, key: str) -> None:
         self._tool("delete", key)
@@ -84,3 +98,71 @@ def wait_for_env(path: Path, proc: subprocess.Popen[str], timeout: float = 30) -
         return path.exists()
     wait_for(ready, timeout, f"{path}")
     return read_env(path)
+
+
+def start_nodes(rig: Rig, nodes: list[Host], registry: list[str], tmp_path: Path, *extra: str
+                 ) -> list[tuple[subprocess.Popen[str], dict[str, str]]]:
+    procs = [(node, start_flanneld(node, registry, tmp_path / f"{node.ns}.env", *extra)) for node in nodes]
+    out = []
+    for node, proc in procs:
+        env = wait_for_env(tmp_path / f"{node.ns}.env", proc)
+        addr = env["FLANNEL_SUBNET"].split("/")[0]
+        with node.ipr() as ipr:
+            ipr.addr("add", index=ipr.link_lookup(ifname="lo")[0], address=addr, prefixlen=32)
+        out.append((proc, env))
+    return out
+
+
+def assert_all_pairs_reach(nodes: list[Host], envs: list[dict[str, str]]) -> None:
+    addrs = [env["FLANNEL_SUBNET"].split("/")[0] for env in envs]
+    for i, src in enumerate(nodes):
+        for j, dst in enumerate(addrs):
+            if i != j:
+                wait_for(partial(pings, src, addrs[i], dst), 20, f"{addrs[i]} -> {dst}")
+
+
+def pings(host: Host, src: str, dst: str) -> bool:
+    return "1 received" in host.run("ping", "-c", "1", "-W", "1", "-I", src, dst, check=False).stdout
+
+
+def send_and_catch(node: Host, src: str, flannel_node: socket.socket) -> Parsed | None:
+    with host_socket(node) as s:
+        s.bind((src, 0))
+        s.sendto(b"hello flannel", ("10.244.200.7", 9))
+    try:
+        while True:
+            pkt = parse_ipv4(flannel_node.recv(65536))
+            if pkt.payload[8:] == b"hello flannel" and pkt.src == src:
+                return pkt
+    except TimeoutError:
+        return None
+
+
+def unreachable(node: Host, src: str) -> bool:
+    with host_socket(node) as s:
+        s.setsockopt(socket.IPPROTO_IP, 11, 1)  # IP_RECVERR
+        s.bind((src, 0))
+        s.connect(("10.244.200.7", 9))
+        s.settimeout(1)
+        s.send(b"x")
+        try:
+            s.recv(10)
+        except OSError as exc:
+            return exc.errno == 101  # ENETUNREACH: no route any more
+    return False
+
+
+def http(node: Host, path: str) -> str:
+    with host_socket(node, socket.SOCK_STREAM) as s:
+        s.settimeout(5)
+        s.connect(("127.0.0.1", 8471))
+        s.sendall(f"GET {path} HTTP/1.0\r\n\r\n".encode())
+        chunks = []
+        while data := s.recv(65536):
+            chunks.append(data)
+    return b"".join(chunks).decode()
+
+
+def serves(node: Host, path: str, text: str) -> bool:
+    """Does flanneld's health server on node (port 8471) answer path with text in the response?"""
+    return text in http(node, path)

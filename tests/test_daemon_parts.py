@@ -14,7 +14,7 @@ from daemons import FLANNELD
 from daemon import config, flags, iptables, subnet_env, subnets
 from daemon.errors import ConfigError, FlannelError
 from daemon.lease import Lease, LeaseAttrs, parse_subnet_key, subnet_key
-from daemon.registry import LeaseExists
+from daemon.registry import LeaseExists, Record
 from daemon.registry.local import LocalRegistry
 
 Net = ipaddress.IPv4Network
@@ -63,17 +63,12 @@ def test_lease_json_is_flannels() -> None:
     assert vxlan.to_json() == ('{"PublicIP":"192.168.64.3","PublicIPv6":null,"BackendType":"vxlan",'
                                '"BackendData":{"VNI":1,"VtepMAC":"c6:d2:32:6f:8f:44"}}')
     assert LeaseAttrs.from_json(vxlan.to_json()) == vxlan
-    assert LeaseAttrs.from_json("{}").public_ip == IP("0.0.0.0"), "a missing PublicIP decodes as 0.0.0.0"
-    with pytest.raises(ValueError):
-        LeaseAttrs.from_json('{"PublicIP": ""}')
 
 
 def test_subnet_keys() -> None:
     assert subnet_key(Net("10.5.52.0/24")) == "10.5.52.0-24"
-    assert parse_subnet_key("/coreos.com/network/subnets/10.5.52.0-24") == Net("10.5.52.0/24")
-    assert parse_subnet_key("/x/subnets/10.5.52.0-24&fc00::-64") == Net("10.5.52.0/24")
-    assert parse_subnet_key("/x/subnets/10.5.52.0-24/junk") is None
-    assert parse_subnet_key("/x/subnets/garbage") is None
+    assert parse_subnet_key("10.5.52.0-24") == Net("10.5.52.0/24")
+    assert parse_subnet_key("10.5.52.0-24&fc00::-64") == Net("10.5.52.0/24"), "flannel's dual-stack key"
 
 
 def test_flags_go_syntax_and_environment() -> None:
@@ -156,22 +151,22 @@ def test_allocation_order(tmp_path: Path) -> None:
     async def go() -> None:
         reg, cfg = _registry(tmp_path)
         me = LeaseAttrs(IP("198.18.0.1"))
-        first = await subnets.acquire(reg, cfg, me, None)
+        first, _ = await subnets.acquire(reg, cfg, me, None)
         assert first.subnet.prefixlen == 24 and Net("10.244.1.0/24").network_address <= first.subnet.network_address
-        again = await subnets.acquire(reg, cfg, me, Net("10.244.9.0/24"))
+        again, _ = await subnets.acquire(reg, cfg, me, Net("10.244.9.0/24"))
         assert again.subnet == first.subnet, "a lease held by this PublicIP wins over the previous subnet"
-        other = await subnets.acquire(reg, cfg, LeaseAttrs(IP("198.18.0.2")), Net("10.244.9.0/24"))
+        other, _ = await subnets.acquire(reg, cfg, LeaseAttrs(IP("198.18.0.2")), Net("10.244.9.0/24"))
         assert other.subnet == Net("10.244.9.0/24"), "then the previous subnet from subnet.env"
-        third = await subnets.acquire(reg, cfg, LeaseAttrs(IP("198.18.0.3")), first.subnet)
+        third, _ = await subnets.acquire(reg, cfg, LeaseAttrs(IP("198.18.0.3")), first.subnet)
         assert third.subnet not in (first.subnet, other.subnet), "a previous subnet held by another is skipped"
         with pytest.raises(LeaseExists):
-            await reg.create_lease(first.subnet, LeaseAttrs(IP("198.18.0.4")), 60)
+            await reg.create(subnet_key(first.subnet), LeaseAttrs(IP("198.18.0.4")).to_json().encode(), 60)
         await reg.close()
     asyncio.run(go())
 
 
 def test_racing_acquisitions_get_distinct_subnets(tmp_path: Path) -> None:
-    async def go() -> list[Lease]:
+    async def go() -> list[tuple[Lease, Record]]:
         reg, cfg = _registry(tmp_path, '{"Network": "10.244.0.0/28", "SubnetLen": 30}')
         # Three subnets exist (the first is never handed out); all want the same previous one.
         leases = await asyncio.gather(*(subnets.acquire(reg, cfg, LeaseAttrs(IP(f"198.18.0.{i}")),
@@ -181,20 +176,19 @@ def test_racing_acquisitions_get_distinct_subnets(tmp_path: Path) -> None:
         await reg.close()
         return leases
     leases = asyncio.run(go())
-    assert sorted(str(lease.subnet) for lease in leases) == ["10.244.0.12/30", "10.244.0.4/30", "10.244.0.8/30"]
+    assert sorted(str(lease.subnet) for lease, _ in leases) == ["10.244.0.12/30", "10.244.0.4/30", "10.244.0.8/30"]
 
 
 def test_expired_leases_are_removed_with_an_event(tmp_path: Path) -> None:
     async def go() -> None:
         reg, _ = _registry(tmp_path)
-        await reg.create_lease(Net("10.244.5.0/24"), LeaseAttrs(IP("198.18.0.5")), 3600)
-        leases, revision = await reg.list_leases()
-        assert [lease.subnet for lease in leases] == [Net("10.244.5.0/24")]
-        await reg.update_lease(Net("10.244.6.0/24"), LeaseAttrs(IP("198.18.0.6")), -1)  # already expired
-        leases, _ = await reg.list_leases()
-        assert [lease.subnet for lease in leases] == [Net("10.244.5.0/24")], "an expired lease is swept on read"
+        await reg.create("10.244.5.0-24", b"{}", 3600)
+        records, revision = await reg.list_records()
+        assert [r.key for r in records] == ["10.244.5.0-24"]
+        await reg.create("10.244.6.0-24", b"{}", -1)  # already expired
+        records, _ = await reg.list_records()
+        assert [r.key for r in records] == ["10.244.5.0-24"], "an expired lease is swept on read"
         events = await anext(aiter(reg.watch(revision)))
-        assert [(e.type.value, str(e.lease.subnet)) for e in events] == [("added", "10.244.6.0/24"),
-                                                                          ("removed", "10.244.6.0/24")]
+        assert [(r.key, r.value) for r in events] == [("10.244.6.0-24", b"{}"), ("10.244.6.0-24", None)]
         await reg.close()
     asyncio.run(go())

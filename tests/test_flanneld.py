@@ -7,7 +7,7 @@ import ipaddress
 import re
 import signal
 import socket
-import subprocess
+import sqlite3
 import time
 from collections.abc import Iterator
 from functools import partial
@@ -15,13 +15,24 @@ from pathlib import Path
 
 import pytest
 from conftest import host_socket
-from daemons import Etcd, read_env, start_flanneld, wait_for, wait_for_env
-from packets import Parsed, parse_ipv4
+from daemons import (
+    NET,
+    PREFIX,
+    Etcd,
+    assert_all_pairs_reach,
+    http,
+    pings,
+    read_env,
+    send_and_catch,
+    serves,
+    start_flanneld,
+    start_nodes,
+    unreachable,
+    wait_for,
+    wait_for_env,
+)
 
-from bench.rig import Host, Rig
-
-PREFIX = "/coreos.com/network"
-NET = '{"Network":"10.244.0.0/16","Backend":{"Type":"%s"}}'
+from bench.rig import Rig
 
 
 @pytest.fixture
@@ -31,31 +42,6 @@ def rig4() -> Iterator[Rig]:
         yield r
 
 
-
-
-def _start_nodes(rig: Rig, nodes: list[Host], registry: list[str], tmp_path: Path, *extra: str
-                 ) -> list[tuple[subprocess.Popen[str], dict[str, str]]]:
-    procs = [(node, start_flanneld(node, registry, tmp_path / f"{node.ns}.env", *extra)) for node in nodes]
-    out = []
-    for node, proc in procs:
-        env = wait_for_env(tmp_path / f"{node.ns}.env", proc)
-        addr = env["FLANNEL_SUBNET"].split("/")[0]
-        with node.ipr() as ipr:
-            ipr.addr("add", index=ipr.link_lookup(ifname="lo")[0], address=addr, prefixlen=32)
-        out.append((proc, env))
-    return out
-
-
-def _assert_all_pairs_reach(nodes: list[Host], envs: list[dict[str, str]]) -> None:
-    addrs = [env["FLANNEL_SUBNET"].split("/")[0] for env in envs]
-    for i, src in enumerate(nodes):
-        for j, dst in enumerate(addrs):
-            if i != j:
-                wait_for(partial(_pings, src, addrs[i], dst), 20, f"{addrs[i]} -> {dst}")
-
-
-def _pings(host: Host, src: str, dst: str) -> bool:
-    return "1 received" in host.run("ping", "-c", "1", "-W", "1", "-I", src, dst, check=False).stdout
 
 
 def _assert_env_format(env_text: str, network: str, mtu: int) -> None:
@@ -77,13 +63,13 @@ def test_three_nodes_on_the_embedded_registry(backend: str, tmp_path: Path) -> N
     conf.write_text(NET % backend)
     with Rig(3, tag="pfd") as rig:
         nodes = rig.hosts
-        started = _start_nodes(rig, nodes, ["--local-registry", str(tmp_path / "leases.db"),
+        started = start_nodes(rig, nodes, ["--local-registry", str(tmp_path / "leases.db"),
                                             "--net-config-path", str(conf)], tmp_path)
         envs = [env for _, env in started]
         assert len({env["FLANNEL_SUBNET"] for env in envs}) == 3, "distinct subnets"
         for node in nodes:
             _assert_env_format((tmp_path / f"{node.ns}.env").read_text(), "10.244.0.0/16", MTU[backend])
-        _assert_all_pairs_reach(nodes, envs)
+        assert_all_pairs_reach(nodes, envs)
 
 
 @pytest.mark.parametrize("backend", ["udp", "host-gw", "vxlan"])
@@ -92,7 +78,7 @@ def test_three_nodes_on_etcd_with_flannels_layout(rig4: Rig, backend: str, tmp_p
     etcd = Etcd(etcd_host, tmp_path / "etcd")
     etcd.start()
     etcd.put(f"{PREFIX}/config", NET % backend)
-    started = _start_nodes(rig4, nodes, ["--etcd-endpoints", etcd.url], tmp_path)
+    started = start_nodes(rig4, nodes, ["--etcd-endpoints", etcd.url], tmp_path)
     envs = [env for _, env in started]
     keys = etcd.items(f"{PREFIX}/subnets/")
     expected = {}
@@ -108,7 +94,7 @@ def test_three_nodes_on_etcd_with_flannels_layout(rig4: Rig, backend: str, tmp_p
             expected[key] = (f'{{"PublicIP":"{node.underlay}","PublicIPv6":null,"BackendType":"vxlan",'
                              f'"BackendData":{{"VNI":1,"VtepMAC":"{mac}"}}}}')
     assert keys == expected, "keys and values exactly as flannel writes them"
-    _assert_all_pairs_reach(nodes, envs)
+    assert_all_pairs_reach(nodes, envs)
 
 
 def test_a_flannel_nodes_hand_written_lease_becomes_a_route(rig4: Rig, tmp_path: Path) -> None:
@@ -116,7 +102,7 @@ def test_a_flannel_nodes_hand_written_lease_becomes_a_route(rig4: Rig, tmp_path:
     etcd = Etcd(etcd_host, tmp_path / "etcd")
     etcd.start()
     etcd.put(f"{PREFIX}/config", NET % "udp")
-    started = _start_nodes(rig4, nodes, ["--etcd-endpoints", etcd.url], tmp_path)
+    started = start_nodes(rig4, nodes, ["--etcd-endpoints", etcd.url], tmp_path)
     # A flannel node with the udp backend at 198.18.0.99 (a second address on the etcd host), subnet .200.
     etcd_host.run("ip", "addr", "add", "198.18.0.99/24", "dev", "eth0")
     flannel_node = host_socket(etcd_host)
@@ -127,39 +113,12 @@ def test_a_flannel_nodes_hand_written_lease_becomes_a_route(rig4: Rig, tmp_path:
     with flannel_node:
         for node, (_, env) in zip(nodes, started, strict=True):
             src = env["FLANNEL_SUBNET"].split("/")[0]
-            got = wait_for(partial(_send_and_catch, node, src, flannel_node), 20, "the new route")
+            got = wait_for(partial(send_and_catch, node, src, flannel_node), 20, "the new route")
             assert got.src == src and got.dst == "10.244.200.7"
         etcd.delete(key)
         for node, (_, env) in zip(nodes, started, strict=True):
             src = env["FLANNEL_SUBNET"].split("/")[0]
-            wait_for(partial(_unreachable, node, src), 20, "the route to go")
-
-
-def _send_and_catch(node: Host, src: str, flannel_node: socket.socket) -> Parsed | None:
-    with host_socket(node) as s:
-        s.bind((src, 0))
-        s.sendto(b"hello flannel", ("10.244.200.7", 9))
-    try:
-        while True:
-            pkt = parse_ipv4(flannel_node.recv(65536))
-            if pkt.payload[8:] == b"hello flannel" and pkt.src == src:
-                return pkt
-    except TimeoutError:
-        return None
-
-
-def _unreachable(node: Host, src: str) -> bool:
-    with host_socket(node) as s:
-        s.setsockopt(socket.IPPROTO_IP, 11, 1)  # IP_RECVERR
-        s.bind((src, 0))
-        s.connect(("10.244.200.7", 9))
-        s.settimeout(1)
-        s.send(b"x")
-        try:
-            s.recv(10)
-        except OSError as exc:
-            return exc.errno == 101  # ENETUNREACH: no route any more
-    return False
+            wait_for(partial(unreachable, node, src), 20, "the route to go")
 
 
 def test_restart_gets_the_same_subnet(tmp_path: Path) -> None:
@@ -181,10 +140,12 @@ def test_restart_gets_the_same_subnet(tmp_path: Path) -> None:
         assert proc.wait(20) == 0
         # A new registry, but the old subnet.env: the previous subnet is taken again.
         registry[1] = str(tmp_path / "fresh.db")
+        written = env_file.stat().st_mtime_ns
         proc = start_flanneld(node, registry, env_file)
-        wait_for(lambda: read_env(env_file)["FLANNEL_SUBNET"] == first and (tmp_path / "fresh.db").exists(), 30)
-        time.sleep(1)
+        wait_for(lambda: env_file.stat().st_mtime_ns != written, 30, "subnet.env written by the new run")
         assert read_env(env_file)["FLANNEL_SUBNET"] == first, "from subnet.env"
+        leases = sqlite3.connect(tmp_path / "fresh.db").execute("SELECT key FROM leases").fetchall()
+        assert leases == [(first.split("/")[0].rsplit(".", 1)[0] + ".0-24",)], "and leased in the new registry"
 
 
 def test_twenty_daemons_racing_for_subnets(tmp_path: Path) -> None:
@@ -207,11 +168,12 @@ def test_etcd_outage_keeps_traffic_and_catches_up(rig4: Rig, tmp_path: Path) -> 
     etcd = Etcd(etcd_host, tmp_path / "etcd")
     etcd.start()
     etcd.put(f"{PREFIX}/config", NET % "udp")
-    started = _start_nodes(rig4, nodes, ["--etcd-endpoints", etcd.url], tmp_path)
+    started = start_nodes(rig4, nodes, ["--etcd-endpoints", etcd.url], tmp_path, "--healthz-port", "8471")
     envs = [env for _, env in started]
     etcd.stop()
-    time.sleep(2)
-    _assert_all_pairs_reach(nodes, envs)  # forwarding goes on with the last known routes
+    for node in nodes:
+        wait_for(partial(serves, node, "/readyz", "registry unreachable"), 20, "the outage noticed")
+    assert_all_pairs_reach(nodes, envs)  # forwarding goes on with the last known routes
     etcd.start()
     etcd_host.run("ip", "addr", "add", "198.18.0.99/24", "dev", "eth0")
     etcd.put(f"{PREFIX}/subnets/10.244.200.0-24", '{"PublicIP":"198.18.0.99","PublicIPv6":null}')
@@ -220,8 +182,10 @@ def test_etcd_outage_keeps_traffic_and_catches_up(rig4: Rig, tmp_path: Path) -> 
         flannel_node.settimeout(1)
         for node, env in zip(nodes, envs, strict=True):
             src = env["FLANNEL_SUBNET"].split("/")[0]
-            wait_for(partial(_send_and_catch, node, src, flannel_node), 40, "the lease added during the outage")
+            wait_for(partial(send_and_catch, node, src, flannel_node), 40, "the lease added during the outage")
     assert all(proc.poll() is None for proc, _ in started)
+    for node in nodes:
+        wait_for(partial(serves, node, "/readyz", "flanneld is ready"), 20, "the registry back")
 
 
 def test_metrics_and_readiness(tmp_path: Path) -> None:
@@ -238,29 +202,18 @@ def test_metrics_and_readiness(tmp_path: Path) -> None:
         for host, addr in ((node, src), (peer, dst)):
             with host.ipr() as ipr:
                 ipr.addr("add", index=ipr.link_lookup(ifname="lo")[0], address=addr, prefixlen=32)
-        wait_for(partial(_pings, node, src, dst), 20, "a ping between the nodes")
-        body = _http(node, "/metrics")
+        wait_for(partial(pings, node, src, dst), 20, "a ping between the nodes")
+        body = http(node, "/metrics")
         assert f'flannel_lease_info{{subnet="{ipaddress.IPv4Interface(env["FLANNEL_SUBNET"]).network}"}} 1' in body
         assert 'pyflannel_drops_total{reason="rx_spoofed_source"} 0' in body
         assert "flannel_peers 1" in body
         sent = re.search(r'pyflannel_peer_packets_total\{peer="198.18.0.2",direction="tx"\} (\d+)', body)
         assert sent is not None and int(sent.group(1)) >= 1, body
-        assert _http(node, "/readyz").startswith("HTTP/1.0 200") and "flanneld is ready" in _http(node, "/readyz")
-        assert "flanneld is running" in _http(node, "/healthz")
+        assert http(node, "/readyz").startswith("HTTP/1.0 200") and "flanneld is ready" in http(node, "/readyz")
+        assert "flanneld is running" in http(node, "/healthz")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0 and proc.stderr is not None
         assert "using interface eth0 (198.18.0.1)" in proc.stderr.read(), "found by the route to 198.18.0.2"
-
-
-def _http(node: Host, path: str) -> str:
-    with host_socket(node, socket.SOCK_STREAM) as s:
-        s.settimeout(5)
-        s.connect(("127.0.0.1", 8471))
-        s.sendall(f"GET {path} HTTP/1.0\r\n\r\n".encode())
-        chunks = []
-        while data := s.recv(65536):
-            chunks.append(data)
-    return b"".join(chunks).decode()
 
 
 def test_ports_in_use_are_one_line_errors(tmp_path: Path) -> None:
@@ -294,7 +247,8 @@ def test_waits_for_etcd_to_come_up(rig4: Rig, tmp_path: Path) -> None:
     assert wait_for_env(tmp_path / "n.env", proc, timeout=40)["FLANNEL_MTU"] == "1500"
 
 
-def test_own_lease_revoked_exits_0_and_bad_config_in_etcd_exits_1(rig4: Rig, tmp_path: Path) -> None:
+def test_own_lease_deleted_is_created_again_or_exits_0_on_request_and_bad_config_exits_1(rig4: Rig, tmp_path: Path
+                                                                                         ) -> None:
     node, etcd_host = rig4.hosts[0], rig4.hosts[3]
     etcd = Etcd(etcd_host, tmp_path / "etcd")
     etcd.start()
@@ -302,8 +256,18 @@ def test_own_lease_revoked_exits_0_and_bad_config_in_etcd_exits_1(rig4: Rig, tmp
     proc = start_flanneld(node, ["--etcd-endpoints", etcd.url], tmp_path / "n.env", "--ip-blackhole-route")
     subnet = ipaddress.IPv4Interface(wait_for_env(tmp_path / "n.env", proc)["FLANNEL_SUBNET"]).network
     assert f"blackhole {subnet}" in node.run("ip", "route").stdout
-    etcd.delete(f"{PREFIX}/subnets/{subnet.network_address}-24")
-    assert proc.wait(30) == 0, "flannel exits 0 for its supervisor to restart it"
+    key = f"{PREFIX}/subnets/{subnet.network_address}-24"
+    value = etcd.items(key)[key]
+    etcd.delete(key)
+    wait_for(lambda: etcd.items(key).get(key) == value, 20, "the lease created again, same subnet and value")
+    assert proc.poll() is None, "the node keeps running: its subnet was still free"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(20) == 0
+    (tmp_path / "n.env").unlink()
+    proc = start_flanneld(node, ["--etcd-endpoints", etcd.url], tmp_path / "n.env", "--exit-on-lease-loss")
+    wait_for_env(tmp_path / "n.env", proc)
+    etcd.delete(key)
+    assert proc.wait(30) == 0, "--exit-on-lease-loss: flannel's exit 0, for its supervisor to restart it"
     assert proc.stderr is not None and "Lease has been revoked" in proc.stderr.read()
     etcd.put(f"{PREFIX}/config", '{"Network": "10.244.0.0/16", "Backend": {"Type": "wireguard"}}')
     proc = start_flanneld(node, ["--etcd-endpoints", etcd.url], tmp_path / "m.env")

@@ -13,9 +13,8 @@ from pathlib import Path
 
 import pytest
 from conftest import host_socket
-from daemons import FLANNELD, wait_for, wait_for_env
+from daemons import FLANNELD, assert_all_pairs_reach, send_and_catch, unreachable, wait_for, wait_for_env
 from fake_kube import FakeKube
-from test_flanneld import _assert_all_pairs_reach, _send_and_catch, _unreachable
 
 from bench.rig import Host, Rig
 
@@ -69,7 +68,7 @@ def test_nodes_get_their_pod_cidrs_and_reach_each_other(cluster: tuple[Rig, Fake
             P + "backend-data": "null", P + "backend-type": "", P + "kube-subnet-manager": "true",
             P + "public-ip": str(node.underlay)}
     assert all(ctype == "application/strategic-merge-patch+json" for ctype, _ in kube.patches)
-    _assert_all_pairs_reach(nodes, envs)
+    assert_all_pairs_reach(nodes, envs)
 
     # A flannel node elsewhere, announced only through its Node object.
     api_host = rig.hosts[2]
@@ -80,11 +79,11 @@ def test_nodes_get_their_pod_cidrs_and_reach_each_other(cluster: tuple[Rig, Fake
         flannel_node.bind(("198.18.0.99", 8285))
         flannel_node.settimeout(1)
         for i, node in enumerate(nodes):
-            pkt = wait_for(partial(_send_and_catch, node, f"10.244.{i + 1}.1", flannel_node), 20, "route to far")
+            pkt = wait_for(partial(send_and_catch, node, f"10.244.{i + 1}.1", flannel_node), 20, "route to far")
             assert pkt is not None and pkt.dst == "10.244.200.7"
     kube.delete_node("far")
     for i, node in enumerate(nodes):
-        wait_for(partial(_unreachable, node, f"10.244.{i + 1}.1"), 20, "the route to go")
+        wait_for(partial(unreachable, node, f"10.244.{i + 1}.1"), 20, "the route to go")
 
 
 def _network_up(kube: FakeKube, name: str) -> dict[str, object] | None:

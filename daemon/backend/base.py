@@ -36,12 +36,25 @@ class Network(Protocol):
         """Release what must not outlive the process (udp: the engine and flannel0). Kernel state that a restart
         can reuse (routes, vxlan device) stays, as with flannel."""
 
+    def failure(self) -> str | None:
+        """Why forwarding is broken right now (for /healthz), or None."""
+
+    def metrics(self) -> dict[str, float]:
+        """Dataplane samples for /metrics, {"name{labels}": value}."""
+
 
 class Idle:
-    """Mixin: the defaults, no background upkeep and nothing to close; a network overrides what it needs."""
+    """Mixin: the defaults, no background upkeep, nothing to close, nothing to report; a network overrides what
+    it needs."""
 
     async def run(self) -> None:
         await asyncio.Event().wait()
 
     def close(self) -> None:
         return None
+
+    def failure(self) -> str | None:
+        return None
+
+    def metrics(self) -> dict[str, float]:
+        return {}

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 
 from daemon.backend.base import Context, Idle
 from daemon.errors import FlannelError
@@ -44,6 +45,28 @@ class UdpNetwork(Idle):
 
     def close(self) -> None:
         self.pump.close()
+
+    def failure(self) -> str | None:
+        try:
+            socket.if_nametoindex(self.pump.tun.name)
+        except OSError:
+            return f"{self.pump.tun.name} is gone"
+        return None
+
+    def metrics(self) -> dict[str, float]:
+        stats = self.pump.stats()
+        out: dict[str, float] = {}
+        for direction in ("tx", "rx"):
+            out[f'pyflannel_packets_total{{direction="{direction}"}}'] = stats[f"{direction}_packets"]
+            out[f'pyflannel_bytes_total{{direction="{direction}"}}'] = stats[f"{direction}_bytes"]
+        for reason, n in stats["drops"].items():
+            out[f'pyflannel_drops_total{{reason="{reason}"}}'] = n
+        for peer, counts in stats["peers"].items():
+            for direction in ("tx", "rx"):
+                labels = f'peer="{peer}",direction="{direction}"'
+                out[f"pyflannel_peer_packets_total{{{labels}}}"] = counts[f"{direction}_packets"]
+                out[f"pyflannel_peer_bytes_total{{{labels}}}"] = counts[f"{direction}_bytes"]
+        return out
 
 
 async def register(ctx: Context) -> UdpNetwork:

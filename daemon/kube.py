@@ -17,21 +17,23 @@ import logging
 import os
 import re
 import time
-from collections.abc import AsyncIterator
-from pathlib import Path
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from kubernetes_asyncio import client, config, watch
 from kubernetes_asyncio.client.exceptions import ApiException
 
+from daemon import config as netconf
+from daemon import safejson
 from daemon.config import NetworkConfig
-from daemon.errors import ConfigError, FlannelError
-from daemon.lease import SUBNET_TTL, Event, EventType, Lease, LeaseAttrs, diff
-from daemon.registry import Unavailable
+from daemon.errors import FlannelError
+from daemon.lease import MAX_DEPTH, MAX_VALUE, SUBNET_TTL, BadRecord, Lease, LeaseAttrs, check_subnet
+from daemon.peers import Changes, Entry
+from daemon.registry import Compacted, Unavailable
 
 log = logging.getLogger(__name__)
 PODCIDR_WAIT = 30.0
-BACKOFF_MAX = 5.0
+WATCH_SECONDS = 290  # the API server ends each watch after this; the loop lists again, quietly
 _PREFIX = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*(/[-a-z0-9.]*)?$")
 
 
@@ -92,10 +94,7 @@ class KubeManager:
             raise Unavailable(f"{what}: {exc}") from None
 
     async def get_config(self) -> str:
-        try:
-            return Path(self.net_config_path).read_text()
-        except OSError as exc:
-            raise ConfigError(f"cannot read network config {self.net_config_path}: {exc.strerror}") from None
+        return netconf.read(self.net_config_path)
 
     async def acquire(self, cfg: NetworkConfig, attrs: LeaseAttrs, previous: ipaddress.IPv4Network | None) -> Lease:
         api = await self._core()
@@ -146,65 +145,64 @@ class KubeManager:
                 log.error("%s", exc)
         await asyncio.Event().wait()
 
-    def _lease(self, node: Any) -> Lease | None:
-        """The lease another Node advertises, or None if it is not flannel-managed or incomplete."""
-        ann = node.metadata.annotations or {}
-        if ann.get(self.prefix + "kube-subnet-manager") != "true" or not node.spec.pod_cidr:
-            return None
-        try:
-            data = json.loads(ann.get(self.prefix + "backend-data") or "null")
-            attrs = LeaseAttrs(ipaddress.IPv4Address(ann.get(self.prefix + "public-ip", "")),
-                               ann.get(self.prefix + "backend-type", ""), data)
-            return Lease(ipaddress.IPv4Network(node.spec.pod_cidr, strict=False), attrs)
-        except ValueError:
-            return None
-
-    async def watch(self, own: ipaddress.IPv4Network) -> AsyncIterator[list[Event]]:
-        """List the Nodes, diff, watch from the list's resourceVersion; after a failure or 410 Gone, list again."""
-        api = await self._core()
-        known: dict[ipaddress.IPv4Network, Lease] = {}
-        names: dict[str, ipaddress.IPv4Network] = {}  # node name -> the subnet it advertised
-        backoff = 0.1
-        while True:
-            try:
-                nodes = await self._call("listing nodes", api.list_node())
-                leases = {n.metadata.name: lease for n in nodes.items if (lease := self._lease(n)) is not None}
-                names.clear()
-                names.update({name: lease.subnet for name, lease in leases.items()})
-                events = diff(known, [lease for lease in leases.values() if lease.subnet != own])
-                if events:
-                    yield events
-                backoff = 0.1
-                stream = watch.Watch().stream(api.list_node, resource_version=nodes.metadata.resource_version)
-                async for change in stream:
-                    batch = self._change(change, own, known, names)
-                    if batch:
-                        yield batch
-            except Exception as exc:  # kubernetes_asyncio raises bare Exception for malformed watch lines
-                if isinstance(exc, FlannelError):
-                    raise
-                log.warning("node watch interrupted (%s); listing again in %.1f s", exc, backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, BACKOFF_MAX)
-
-    def _change(self, change: dict[str, Any], own: ipaddress.IPv4Network, known: dict[ipaddress.IPv4Network, Lease],
-                names: dict[str, ipaddress.IPv4Network]) -> list[Event]:
-        node = change["object"]
-        name = node.metadata.name
-        lease = None if change["type"] == "DELETED" else self._lease(node)
-        old_subnet = names.pop(name, None)
-        if lease is not None:
-            names[name] = lease.subnet
-        out = []
-        if old_subnet is not None and old_subnet in known and (lease is None or lease.subnet != old_subnet):
-            out.append(Event(EventType.REMOVED, known.pop(old_subnet)))
-        if lease is not None and lease.subnet != own:
-            previous = known.get(lease.subnet)
-            if previous is None or previous.attrs != lease.attrs:  # a podCIDR-only change is not an event
-                known[lease.subnet] = lease
-                out.append(Event(EventType.ADDED, lease))
-        return out
+    def source(self, cfg: NetworkConfig) -> KubeSource:
+        return KubeSource(self, cfg)
 
     async def close(self) -> None:
         if self._client is not None:
             await self._client.close()
+
+
+class KubeSource:
+    """The Nodes that flannel manages, by node name, as a daemon.peers Source: listed, then watched from the
+    list's resourceVersion; 410 Gone is Compacted (list again), any other failure Unavailable."""
+
+    def __init__(self, manager: KubeManager, cfg: NetworkConfig) -> None:
+        self.manager = manager
+        self.cfg = cfg
+        self.own_key = manager.node
+
+    async def snapshot(self) -> tuple[dict[str, Entry], Any]:
+        api = await self.manager._core()
+        nodes = await self.manager._call("listing nodes", api.list_node())
+        entries = {n.metadata.name: entry for n in nodes.items if (entry := self._entry(n)) is not None}
+        return entries, nodes.metadata.resource_version
+
+    async def changes(self, cursor: Any) -> AsyncGenerator[Changes, None]:
+        api = await self.manager._core()
+        stream = watch.Watch().stream(api.list_node, resource_version=cursor, timeout_seconds=WATCH_SECONDS)
+        try:
+            async for change in stream:
+                node = change["object"]
+                yield [(node.metadata.name, None if change["type"] == "DELETED" else self._entry(node))]
+        except ApiException as exc:
+            if exc.status == 410:
+                raise Compacted(cursor) from None
+            raise Unavailable(f"node watch: {exc.status} {exc.reason}") from None
+        except (OSError, TimeoutError, ValueError) as exc:
+            raise Unavailable(f"node watch: {exc}") from None
+        except Exception as exc:  # kubernetes_asyncio raises bare Exception for a malformed watch line
+            if type(exc) is not Exception:
+                raise
+            raise Unavailable(f"node watch: {exc}") from None
+
+    async def observe_own(self, entry: Entry | None) -> None:
+        """Our own Node's lease is its podCIDR, which the controller manager owns: nothing to keep up here."""
+
+    def _entry(self, node: Any) -> Entry | None:
+        """The lease another Node advertises (checked), or None if it is not flannel-managed."""
+        prefix = self.manager.prefix
+        ann = node.metadata.annotations or {}
+        if ann.get(prefix + "kube-subnet-manager") != "true" or not node.spec.pod_cidr:
+            return None
+        try:
+            subnet = ipaddress.IPv4Network(str(node.spec.pod_cidr), strict=False)
+            check_subnet(subnet, self.cfg.network, None)
+            data = safejson.loads(ann.get(prefix + "backend-data") or "null", max_bytes=MAX_VALUE,
+                                  max_depth=MAX_DEPTH)
+            attrs = LeaseAttrs.checked(ann.get(prefix + "public-ip"), ann.get(prefix + "backend-type"), data)
+        except BadRecord as exc:
+            return Entry(exc)
+        except ValueError as exc:
+            return Entry(BadRecord("bad_value", f"node {node.metadata.name}: {exc}"))
+        return Entry(Lease(subnet, attrs))

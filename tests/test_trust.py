@@ -1,0 +1,234 @@
+"""flanneld under what operators and attackers do to it: hostile registry records, etcd losing its data or
+vanishing without a reset, a node away longer than its lease, the embedded registry's file deleted or damaged,
+and bad local files. Three nodes carry traffic through the udp backend while it happens; Debian's etcd runs in a
+test host."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import shutil
+import signal
+import sqlite3
+import subprocess
+import time
+from collections.abc import Iterator
+from functools import partial
+from pathlib import Path
+
+import pytest
+from daemons import (
+    NET,
+    PREFIX,
+    Etcd,
+    assert_all_pairs_reach,
+    http,
+    pings,
+    start_flanneld,
+    start_nodes,
+    wait_for,
+    wait_for_env,
+)
+
+from bench.rig import Host, Rig
+
+
+@pytest.fixture
+def rig5() -> Iterator[Rig]:
+    """Four nodes and an etcd host on one bridge."""
+    with Rig(5, tag="pft") as r:
+        yield r
+
+
+def _etcd_cluster(rig: Rig, tmp_path: Path, count: int = 3, *extra: str
+                  ) -> tuple[Etcd, list[Host], list[subprocess.Popen[str]], list[dict[str, str]]]:
+    etcd = Etcd(rig.hosts[-1], tmp_path / "etcd")
+    etcd.start()
+    etcd.put(f"{PREFIX}/config", NET % "udp")
+    nodes = rig.hosts[:count]
+    started = start_nodes(rig, nodes, ["--etcd-endpoints", etcd.url], tmp_path, "--healthz-port", "8471", *extra)
+    return etcd, nodes, [p for p, _ in started], [env for _, env in started]
+
+
+def _subnet(env: dict[str, str]) -> ipaddress.IPv4Network:
+    return ipaddress.IPv4Interface(env["FLANNEL_SUBNET"]).network
+
+
+def _key(subnet: ipaddress.IPv4Network) -> str:
+    return f"{PREFIX}/subnets/{subnet.network_address}-{subnet.prefixlen}"
+
+
+def _rejected(node: Host) -> int:
+    body = http(node, "/metrics")
+    return sum(int(float(n)) for n in re.findall(r"^flannel_lease_records_rejected_total\{[^}]*\} (\S+)$", body,
+                                                 re.M))
+
+
+def test_hostile_records_change_no_route_and_stop_no_daemon(rig5: Rig, tmp_path: Path) -> None:
+    etcd, nodes, procs, envs = _etcd_cluster(rig5, tmp_path)
+    victim = _subnet(envs[0])
+    v = victim.network_address
+    sub = f"{PREFIX}/subnets/"
+    attacker = '{"PublicIP":"198.18.0.99","PublicIPv6":null}'
+    corpus = {
+        f"{sub}10.244.250.0-24": "[" * 5000,
+        f"{sub}10.244.251.0-24": '{"a":' * 3000 + "1" + "}" * 3000,
+        f"{sub}evil-{v}-24": attacker,
+        f"{sub}{v}-24x": attacker,
+        f"{sub}{victim.network_address + 1}-24": attacker,  # the victim's subnet with host bits set
+        f"{sub}{v}-25": attacker,  # the victim's first half, wrong length
+        f"{sub}{v}-16": attacker,
+        f"{sub}10.99.0.0-24": attacker,  # outside the network
+        f"{sub}10.244.252.0-24": '{"Foo":1}',  # no PublicIP: flannel routed it to 0.0.0.0:8285
+        f"{sub}10.244.253.0-24": '{"PublicIP":5}',
+        f"{sub}10.244.254.0-24": '{"PublicIP":"255.255.255.255"}',
+        f"{sub}10.244.249.0-24": '{"PublicIP":"127.0.0.1"}',
+        f"{sub}10.244.248.0-24": '{"PublicIP":"224.0.0.1"}',
+        f"{sub}10.244.247.0-24": '{"PublicIP":"0.0.0.0"}',
+        f"{sub}10.244.246.0-24": '["PublicIP","198.18.0.99"]',
+        f"{sub}10.244.245.0-24": '{"PublicIP":"198.18.0.99","BackendType":{"x":1}}',
+        f"{sub}10.244.244.0-24": "\udcff\udcfe".encode("utf-8", "surrogateescape").decode("latin-1"),
+        f"{sub}10.244.243.0-24\u00e9": attacker,
+        f"{sub}010.244.242.0-24": attacker,
+        f"{sub}10.244.241.0-24/extra": attacker,
+    }
+    for key, value in corpus.items():
+        etcd.put(key, value)
+    big = tmp_path / "big"
+    big.write_bytes(b'{"PublicIP":"198.18.0.99","Pad":"' + b"x" * 1_000_000 + b'"}')
+    for i in range(5):  # together more than gRPC's 4 MiB default message: listing must still work
+        etcd.put_file(f"{sub}10.244.{230 + i}.0-24", big)
+    wait_for(lambda: _rejected(nodes[1]) >= len(corpus) - 1, 20, "the records to be seen and rejected")
+    assert all(p.poll() is None for p in procs), "no daemon exits"
+    assert_all_pairs_reach(nodes, envs)  # the victim's traffic still goes to the victim
+    for node in nodes:
+        routes = node.run("ip", "route").stdout
+        assert "10.244.252.0" not in routes and "10.99.0.0" not in routes
+    for key in corpus:
+        etcd.delete(key)
+    time.sleep(1)
+    assert all(p.poll() is None for p in procs), "deleting the hostile keys removes nothing real"
+    assert_all_pairs_reach(nodes, envs)
+    # A node that joins now lists past five 1 MB values and gets a lease.
+    joiner = rig5.hosts[3]
+    env = wait_for_env(tmp_path / "joiner.env",
+                       start_flanneld(joiner, ["--etcd-endpoints", etcd.url], tmp_path / "joiner.env"))
+    assert _subnet(env) not in {_subnet(e) for e in envs}
+
+
+def test_etcd_wiped_every_node_keeps_its_subnet(rig5: Rig, tmp_path: Path) -> None:
+    etcd, nodes, procs, envs = _etcd_cluster(rig5, tmp_path)
+    before = etcd.items(f"{PREFIX}/subnets/")
+    etcd.stop()
+    shutil.rmtree(etcd.data)
+    etcd.start()
+    time.sleep(3)
+    assert all(p.poll() is None for p in procs), "nodes wait for the config instead of exiting"
+    assert_all_pairs_reach(nodes, envs)  # the dataplane stays up while the config is missing
+    etcd.put(f"{PREFIX}/config", NET % "udp")
+    wait_for(lambda: etcd.items(f"{PREFIX}/subnets/") == before, 30, "every node's lease, as it was")
+    assert_all_pairs_reach(nodes, envs)
+    assert all(p.poll() is None for p in procs)
+
+
+def test_etcd_host_lost_without_a_reset_is_noticed(rig5: Rig, tmp_path: Path) -> None:
+    etcd, nodes, procs, envs = _etcd_cluster(rig5, tmp_path)
+    etcd_host = rig5.hosts[-1]
+    # A reboot, as the clients see it: the server forgets the connections without a word. Cut both ways, kill
+    # etcd, and let its kernel give up on the FIN it keeps resending (one retry), before the cable is back.
+    etcd_host.run("sysctl", "-qw", "net.ipv4.tcp_orphan_retries=1")
+    cut = (("INPUT", "--dport"), ("OUTPUT", "--sport"))
+    for chain, port in cut:
+        etcd_host.run("iptables", "-I", chain, "-p", "tcp", port, "2379", "-j", "DROP")
+    assert etcd.proc is not None
+    etcd.proc.send_signal(signal.SIGKILL)
+    etcd.proc.wait()
+    etcd.start_unchecked()
+    time.sleep(5)
+    for chain, port in cut:
+        etcd_host.run("iptables", "-D", chain, "-p", "tcp", port, "2379", "-j", "DROP")
+    joiner = rig5.hosts[3]
+    env = wait_for_env(tmp_path / "joiner.env",
+                       start_flanneld(joiner, ["--etcd-endpoints", etcd.url], tmp_path / "joiner.env"))
+    addr = env["FLANNEL_SUBNET"].split("/")[0]
+    with joiner.ipr() as ipr:
+        ipr.addr("add", index=ipr.link_lookup(ifname="lo")[0], address=addr, prefixlen=32)
+    for node, node_env in zip(nodes, envs, strict=True):
+        src = node_env["FLANNEL_SUBNET"].split("/")[0]
+        wait_for(partial(pings, node, src, addr), 40, f"the joiner from {node.ns}")
+    assert all(p.poll() is None for p in procs)
+
+
+def test_node_away_longer_than_its_lease_never_takes_it_back(rig5: Rig, tmp_path: Path) -> None:
+    etcd, nodes, procs, envs = _etcd_cluster(rig5, tmp_path)
+    away, subnet = nodes[0], _subnet(envs[0])
+    away.run("iptables", "-I", "OUTPUT", "-p", "tcp", "--dport", "2379", "-j", "DROP")
+    etcd.delete(_key(subnet))  # as the lease's expiry would
+    taken = '{"PublicIP":"198.18.0.99","PublicIPv6":null}'
+    etcd.put(_key(subnet), taken)  # another node took the free subnet
+    away.run("iptables", "-D", "OUTPUT", "-p", "tcp", "--dport", "2379", "-j", "DROP")
+    assert procs[0].wait(60) == 1
+    assert procs[0].stderr is not None
+    err = procs[0].stderr.read()
+    assert f"subnet {subnet} is now held by 198.18.0.99" in err and "Traceback" not in err, err
+    assert etcd.items(_key(subnet)) == {_key(subnet): taken}, "the new holder's lease is untouched"
+    assert all(p.poll() is None for p in procs[1:])
+
+
+def test_embedded_registry_deleted_then_damaged(tmp_path: Path) -> None:
+    conf = tmp_path / "net-conf.json"
+    conf.write_text(NET % "udp")
+    db = tmp_path / "leases.db"
+    registry = ["--local-registry", str(db), "--net-config-path", str(conf)]
+    with Rig(3, tag="pft") as rig:
+        nodes = rig.hosts[:2]
+        started = start_nodes(rig, nodes, registry, tmp_path)
+        procs, envs = [p for p, _ in started], [env for _, env in started]
+        keys = sorted(f"{_subnet(env).network_address}-24" for env in envs)
+        db.unlink()
+
+        def registered() -> bool:
+            try:
+                return sorted(k for (k,) in sqlite3.connect(db).execute("SELECT key FROM leases")) == keys
+            except sqlite3.Error:
+                return False
+        wait_for(registered, 20, "the running nodes to register again in a new file")
+        third = wait_for_env(tmp_path / "third.env", start_flanneld(rig.hosts[2], registry, tmp_path / "third.env"))
+        assert _subnet(third) not in {_subnet(env) for env in envs}, "no duplicate after the deletion"
+        with open(db, "r+b") as f:  # damaged in place: same file, garbage header
+            f.write(b"this is not a database" * 10)
+        time.sleep(2)
+        assert all(p.poll() is None for p in procs), "a damaged file is retried, not fatal, while running"
+        assert_all_pairs_reach(nodes, envs)
+        again = start_flanneld(rig.hosts[2], registry, tmp_path / "again.env")
+        assert again.wait(30) == 1 and again.stderr is not None
+        err = again.stderr.read()
+        assert err.strip().splitlines()[-1].endswith("is not an SQLite database (damaged?): move it away to start "
+                                                     "a new one"), err
+        assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("case", ["binary subnet.env", "subnet.env is a directory", "binary net-config",
+                                  "deep net-config"])
+def test_bad_local_files_exit_1_before_anything_is_set_up(case: str, tmp_path: Path) -> None:
+    conf, env = tmp_path / "net-conf.json", tmp_path / "subnet.env"
+    conf.write_text(NET % "udp")
+    if case == "binary subnet.env":
+        env.write_bytes(b"FLANNEL_SUBNET=\xff\xfe\x00\x01")
+        expected = "is not a subnet.env (binary data): remove it"
+    elif case == "subnet.env is a directory":
+        env.mkdir()
+        expected = f"--subnet-file {env} is a directory"
+    elif case == "binary net-config":
+        conf.write_bytes(b'{"Network": "\xff\xfe"}')
+        expected = f"network config {conf} is not UTF-8 text"
+    else:
+        conf.write_text("[" * 5000)
+        expected = "invalid network config: nested deeper than 32 levels"
+    with Rig(2, tag="pft") as rig:
+        proc = start_flanneld(rig.hosts[0], ["--local-registry", str(tmp_path / "l.db"), "--net-config-path",
+                                             str(conf)], env)
+        assert proc.wait(30) == 1 and proc.stderr is not None
+        err = proc.stderr.read()
+        assert err.strip().splitlines()[-1].endswith(expected) and "Traceback" not in err, err
+        assert "flannel" not in rig.hosts[0].run("ip", "link").stdout, "nothing was set up"
