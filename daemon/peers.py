@@ -132,7 +132,7 @@ class PeerTable:
             log.warning("ignoring lease record %r: %s", key[:100], why)
 
 
-async def follow(source: Source, table: PeerTable, outage: Outage) -> AsyncIterator[list[Event]]:
+async def follow(source: Source, table: PeerTable, outage: Outage) -> AsyncGenerator[list[Event], None]:
     """Backend events for the other nodes' leases, forever."""
     backoff = BACKOFF_MIN
     while True:

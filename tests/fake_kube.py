@@ -30,6 +30,8 @@ class FakeKube:
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._runner: web.AppRunner | None = None
         self._closing = False
+        self.compacted = 0  # watches from before this resourceVersion get 410 Gone, as after etcd compaction
+        self.watch_410s = 0
 
     # ---- state, from the test's side ------------------------------------------------------------------------
 
@@ -54,6 +56,13 @@ class FakeKube:
     def delete_node(self, name: str) -> None:
         with self._lock:
             self._record("DELETED", self.nodes.pop(name))
+
+    def compact(self) -> None:
+        """Forget the event history: every open watch is told 410 Gone and must list again (what an API server
+        does when a watch's resourceVersion is older than what etcd still has)."""
+        with self._lock:
+            self.compacted = self.rv + 1
+            self.events.clear()
 
     def node(self, name: str) -> dict[str, Any]:
         with self._lock:
@@ -87,6 +96,12 @@ class FakeKube:
         response.content_type = "application/json"
         await response.prepare(request)
         while not self._closing:
+            if since < self.compacted:
+                self.watch_410s += 1
+                gone = {"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Expired", "code": 410,
+                        "message": f"too old resource version: {since} ({self.compacted})"}
+                await response.write((json.dumps({"type": "ERROR", "object": gone}) + "\n").encode())
+                break
             with self._lock:
                 fresh = [(rv, kind, obj) for rv, kind, obj in self.events if rv > since]
             for rv, kind, obj in fresh:

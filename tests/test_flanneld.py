@@ -275,3 +275,22 @@ def test_own_lease_deleted_is_created_again_or_exits_0_on_request_and_bad_config
     assert proc.stderr is not None
     assert proc.stderr.read().strip().endswith("unknown backend type: 'wireguard' (pyflannel supports udp, vxlan, "
                                                "host-gw)")
+
+
+def test_masquerade_rules_and_host_gw_routes_are_put_back(tmp_path: Path) -> None:
+    conf = tmp_path / "net-conf.json"
+    conf.write_text(NET % "host-gw")
+    registry = ["--local-registry", str(tmp_path / "l.db"), "--net-config-path", str(conf)]
+    with Rig(2, tag="pfd") as rig:
+        started = start_nodes(rig, rig.hosts, registry, tmp_path, "--ip-masq", "--iptables-resync", "1")
+        node, peer_env = rig.hosts[0], started[1][1]
+        subnet = ipaddress.IPv4Interface(started[0][1]["FLANNEL_SUBNET"]).network
+        rules = node.run("iptables", "-t", "nat", "-S", "FLANNEL-POSTRTG").stdout
+        assert f"-A FLANNEL-POSTRTG -s {subnet} -d 10.244.0.0/16" in rules and "MASQUERADE" in rules
+        node.run("iptables", "-t", "nat", "-F", "FLANNEL-POSTRTG")
+        wait_for(lambda: node.run("iptables", "-t", "nat", "-S", "FLANNEL-POSTRTG").stdout == rules, 10,
+                 "the masquerade rules restored")
+        peer = str(ipaddress.IPv4Interface(peer_env["FLANNEL_SUBNET"]).network)
+        node.run("ip", "route", "del", peer)
+        wait_for(lambda: f"{peer} via 198.18.0.2" in node.run("ip", "route").stdout, 20, "the route re-added")
+        assert all(proc.poll() is None for proc, _ in started)

@@ -1,0 +1,177 @@
+"""Lease records as the daemon trusts them: strict decoding, the routed peer table, and this node's ownership of
+its own record (conditional renewal, re-creation, never taking back a subnet another node holds), over the real
+SQLite registry."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+from pathlib import Path
+
+import pytest
+
+from daemon import config
+from daemon.lease import BadRecord, EventType, Lease, LeaseAttrs, decode
+from daemon.outage import Outage
+from daemon.peers import Entry, PeerTable, follow
+from daemon.registry import Record, local
+from daemon.registry.local import LocalRegistry
+from daemon.subnets import LeaseTaken, OwnLease, RegistryManager, RegistrySource
+
+NET = ipaddress.IPv4Network("10.244.0.0/16")
+OK = b'{"PublicIP":"198.18.0.7","PublicIPv6":null}'
+
+
+@pytest.mark.parametrize(("key", "value", "reason"), [
+    ("10.244.3.0-24", b"[" * 5000, "bad_value"),
+    ("10.244.3.0-24", b'{"a":' * 2000 + b"1" + b"}" * 2000, "bad_value"),
+    ("10.244.3.0-24", b'{"PublicIP":"198.18.0.7","x":"' + b"y" * 20000 + b'"}', "oversize"),
+    ("10.244.3.0-24", b"\xff\xfe", "bad_value"),
+    ("10.244.3.0-24", b'"198.18.0.7"', "bad_value"),
+    ("10.244.3.0-24", b'{"Foo":1}', "bad_public_ip"),
+    ("10.244.3.0-24", b'{"PublicIP":5}', "bad_public_ip"),
+    ("10.244.3.0-24", b'{"PublicIP":"fc00::1"}', "bad_public_ip"),
+    ("10.244.3.0-24", b'{"PublicIP":"0.1.2.3"}', "bad_public_ip"),
+    ("10.244.3.0-24", b'{"PublicIP":"127.0.0.1"}', "bad_public_ip"),
+    ("10.244.3.0-24", b'{"PublicIP":"239.1.1.1"}', "bad_public_ip"),
+    ("10.244.3.0-24", b'{"PublicIP":"255.255.255.255"}', "bad_public_ip"),
+    ("10.244.3.0-24", b'{"PublicIP":"198.18.0.7","BackendType":7}', "bad_value"),
+    ("evil-10.244.3.0-24", OK, "bad_key"),
+    ("10.244.3.0-24x", OK, "bad_key"),
+    ("10.244.3.1-24", OK, "bad_key"),
+    ("010.244.3.0-24", OK, "bad_key"),
+    ("10.244.3.0-24/x", OK, "bad_key"),
+    ("10.244.3.0-24\u00e9", OK, "bad_key"),
+    ("10.244.300.0-24", OK, "bad_key"),
+    ("10.244.3.0-33", OK, "bad_key"),
+    ("10.244.3.0-25", OK, "wrong_length"),
+    ("10.244.0.0-16", OK, "wrong_length"),
+    ("10.99.3.0-24", OK, "outside_network"),
+])
+def test_every_part_of_a_record_is_checked(key: str, value: bytes, reason: str) -> None:
+    with pytest.raises(BadRecord) as bad:
+        decode(key, value, NET, 24)
+    assert bad.value.reason == reason, str(bad.value)
+
+
+def test_a_sound_record_decodes() -> None:
+    lease = decode("10.244.3.0-24&fc00::-64", OK, NET, 24)
+    assert lease.subnet == ipaddress.IPv4Network("10.244.3.0/24")
+    assert lease.attrs == LeaseAttrs(ipaddress.IPv4Address("198.18.0.7"))
+
+
+def _lease(subnet: str, ip: str = "198.18.0.7") -> Lease:
+    return Lease(ipaddress.IPv4Network(subnet), LeaseAttrs(ipaddress.IPv4Address(ip)))
+
+
+def test_overlapping_leases_first_holder_wins_and_the_next_waits_its_turn() -> None:
+    table = PeerTable(_lease("10.244.1.0/24"))
+    first, second = _lease("10.244.8.0/22", "198.18.0.8"), _lease("10.244.9.0/24", "198.18.0.9")
+    events = table.apply([("a", Entry(first)), ("b", Entry(second)), ("own", Entry(_lease("10.244.1.0/25")))])
+    assert [(e.type, e.lease) for e in events] == [(EventType.ADDED, first)]
+    assert table.rejected["overlap"] == 2
+    events = table.apply([("a", None)])
+    assert [(e.type, e.lease) for e in events] == [(EventType.REMOVED, first), (EventType.ADDED, second)]
+
+
+def test_a_garbled_update_keeps_the_route_and_a_snapshot_removes_what_is_gone() -> None:
+    table = PeerTable(_lease("10.244.1.0/24"))
+    peer = _lease("10.244.2.0/24")
+    assert [e.type for e in table.apply([("10.244.2.0-24", Entry(peer))])] == [EventType.ADDED]
+    assert table.apply([("10.244.2.0-24", Entry(BadRecord("bad_value", "garbage")))]) == []
+    assert table.routed == {"10.244.2.0-24": peer} and table.rejected["bad_value"] == 1
+    assert [(e.type, e.lease) for e in table.reset({})] == [(EventType.REMOVED, peer)]
+
+
+def _own(tmp_path: Path) -> tuple[LocalRegistry, OwnLease]:
+    conf = tmp_path / "net.json"
+    conf.write_text('{"Network": "10.244.0.0/16"}')
+    registry = LocalRegistry(str(tmp_path / "r.db"), str(conf))
+    return registry, OwnLease(registry, config.parse(conf.read_text()), _lease("10.244.5.0/24"),
+                              Record("10.244.5.0-24", None), Outage("registry"), exit_on_loss=False)
+
+
+def test_renewal_writes_only_over_our_own_record(tmp_path: Path) -> None:
+    async def go() -> None:
+        registry, own = _own(tmp_path)
+        written = await registry.create(own.key, own.value, 3600)
+        own.revision = written.revision
+        await own.renew()
+        (record,), _ = await registry.list_records()
+        assert record.revision == own.revision > written.revision, "renewed, conditional on our revision"
+        await registry.delete(own.key, own.revision)
+        await own.renew()
+        (record,), _ = await registry.list_records()
+        assert record.value == own.value, "gone while the subnet was free: created again"
+        taken = b'{"PublicIP":"198.18.0.99","PublicIPv6":null}'
+        await registry.replace(own.key, taken, 3600, record.revision)
+        with pytest.raises(LeaseTaken, match=r"is now held by 198\.18\.0\.99"):
+            await own.renew()
+        (record,), _ = await registry.list_records()
+        assert record.value == taken, "the other node's lease is left alone"
+        await registry.close()
+    asyncio.run(go())
+
+
+def test_the_watch_restores_a_garbled_own_record_and_exits_on_a_foreign_one(tmp_path: Path) -> None:
+    async def go() -> None:
+        registry, own = _own(tmp_path)
+        written = await registry.create(own.key, b"garbage", 3600)
+        await own.observe(Entry(BadRecord("bad_value", "garbage"), written.revision))
+        (record,), _ = await registry.list_records()
+        assert record.value == own.value and own.revision == record.revision
+        with pytest.raises(LeaseTaken):
+            await own.observe(Entry(_lease("10.244.5.0/24", "198.18.0.99"), record.revision + 1))
+        await registry.close()
+    asyncio.run(go())
+
+
+def test_exit_on_lease_loss_keeps_flannels_behaviour(tmp_path: Path) -> None:
+    async def go() -> None:
+        registry, own = _own(tmp_path)
+        own.exit_on_loss = True
+        with pytest.raises(Exception, match="Lease has been revoked") as revoked:
+            await own.observe(None)
+        assert getattr(revoked.value, "status", None) == 0
+        await registry.close()
+    asyncio.run(go())
+
+
+def test_acquire_reuses_our_record_conditionally(tmp_path: Path) -> None:
+    async def go() -> None:
+        registry, own = _own(tmp_path)
+        manager = RegistryManager(registry, 60, Outage("registry"), exit_on_loss=False)
+        cfg = own.cfg
+        me = LeaseAttrs(ipaddress.IPv4Address("198.18.0.7"))
+        first = await manager.acquire(cfg, me, None)
+        again = await manager.acquire(cfg, me, None)
+        assert again.subnet == first.subnet
+        records, _ = await registry.list_records()
+        assert len(records) == 1
+        await registry.close()
+    asyncio.run(go())
+
+
+def test_a_watch_that_falls_behind_the_history_lists_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(local, "EVENT_HISTORY", 3)
+
+    async def go() -> None:
+        registry, own = _own(tmp_path)
+        await registry.create(own.key, own.value, 3600)
+        outage = Outage("registry")
+        table = PeerTable(own.lease)
+        events = follow(RegistrySource(registry, own.cfg, own), table, outage)
+        first = asyncio.ensure_future(anext(events))
+        await asyncio.sleep(3 * local.POLL_SECONDS)  # listed, and watching
+        other = LocalRegistry(registry.path, registry.config_path)
+        keys = [f"10.244.{i}.0-24" for i in range(10, 16)]
+        await asyncio.gather(*(other.create(key, OK, 3600) for key in keys))  # more than the history keeps
+        await asyncio.wait_for(first, 10)
+        while len(table.routed) < len(keys):
+            await asyncio.wait_for(anext(events), 10)
+        assert sorted(table.routed) == sorted(keys)
+        assert outage.errors >= 1, "the watch was compacted and listed again"
+        await events.aclose()
+        await other.close()
+        await registry.close()
+    asyncio.run(go())
