@@ -56,27 +56,27 @@ class Etcd:
             "--initial-cluster", "test=http://127.0.0.1:2380", stdout=log, stderr=log)
 
     def _answers(self) -> bool:
-        return self._tool("status", check=False).returncode == 0
+        return self.tool("status", check=False).returncode == 0
 
     def stop(self) -> None:
         assert self.proc is not None
         self.proc.terminate()
         self.proc.wait(20)
 
-    def _tool(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    def tool(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return self.host.run(sys.executable, ETCD_TOOL, f"{self.host.underlay}:{ETCD_PORT}", *args, check=check)
 
     def put(self, key: str, value: str) -> None:
-        self._tool("put", key, value)
+        self.tool("put", key, value)
 
     def put_file(self, key: str, path: Path) -> None:
-        self._tool("put-file", key, str(path))
+        self.tool("put-file", key, str(path))
 
     def delete(self, key: str) -> None:
-        self._tool("delete", key)
+        self.tool("delete", key)
 
     def items(self, prefix: str) -> dict[str, str]:
-        return dict(json.loads(self._tool("dump", prefix).stdout))
+        return dict(json.loads(self.tool("dump", prefix).stdout))
 
 
 def start_flanneld(host: Host, registry: list[str], subnet_file: Path, *extra: str,

@@ -6,6 +6,7 @@ test host."""
 from __future__ import annotations
 
 import ipaddress
+import json
 import re
 import shutil
 import signal
@@ -232,3 +233,11 @@ def test_bad_local_files_exit_1_before_anything_is_set_up(case: str, tmp_path: P
         err = proc.stderr.read()
         assert err.strip().splitlines()[-1].endswith(expected) and "Traceback" not in err, err
         assert "flannel" not in rig.hosts[0].run("ip", "link").stdout, "nothing was set up"
+
+
+def test_calls_cut_off_with_their_connection_are_unavailable_not_cancelled(rig5: Rig, tmp_path: Path) -> None:
+    etcd = Etcd(rig5.hosts[-1], tmp_path / "etcd")
+    etcd.start()
+    outcomes = json.loads(etcd.tool("race").stdout)
+    assert set(outcomes) <= {"ok", "unavailable"}, outcomes
+    assert outcomes.get("unavailable", 0) > 0, "the race was run: some calls lost their connection"
