@@ -196,5 +196,5 @@ def test_expired_leases_are_removed_with_an_event(tmp_path: Path) -> None:
 
 def test_an_iptables_call_that_hangs_is_a_retryable_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(iptables, "TIMEOUT", 0.2)  # a real process that outlives it, as on a held xtables lock
-    with pytest.raises(iptables.IptablesError, match="did not finish within 0.2 s"):
+    with pytest.raises(iptables.IptablesError, match=r"did not finish within 0\.2 s"):
         iptables._run(["sleep", "5"])
