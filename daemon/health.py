@@ -52,7 +52,7 @@ class Health:
             writer.write(f"HTTP/1.0 {status} {reason}\r\nContent-Type: {kind}\r\nContent-Length: {len(data)}\r\n"
                          f"Connection: close\r\n\r\n".encode() + data)
             await writer.drain()
-        except (TimeoutError, ConnectionError, UnicodeDecodeError):
+        except (TimeoutError, ConnectionError, ValueError):  # slow, gone, or a line past the reader's limit
             pass
         finally:
             writer.close()

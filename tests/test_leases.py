@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from daemon import config
+from daemon.errors import FlannelError
 from daemon.lease import BadRecord, EventType, Lease, LeaseAttrs, decode
 from daemon.outage import Outage
 from daemon.peers import Entry, PeerTable, follow
@@ -175,3 +176,12 @@ def test_a_watch_that_falls_behind_the_history_lists_again(tmp_path: Path, monke
         await other.close()
         await registry.close()
     asyncio.run(go())
+
+
+@pytest.mark.parametrize("content", [b"", b"SQLite format 3\x00" + b"\x00" * 100, b"not a database" * 100])
+def test_a_damaged_registry_file_is_refused_not_recreated(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "r.db"
+    path.write_bytes(content)
+    with pytest.raises(FlannelError, match=r"local registry .* (damaged|not an SQLite database)"):
+        LocalRegistry(str(path), str(tmp_path / "net.json"))
+    assert path.read_bytes() == content, "left as it was, for the operator"

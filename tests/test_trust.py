@@ -190,7 +190,8 @@ def test_embedded_registry_deleted_then_damaged(tmp_path: Path) -> None:
 
         def registered() -> bool:
             try:
-                return sorted(k for (k,) in sqlite3.connect(db).execute("SELECT key FROM leases")) == keys
+                readonly = sqlite3.connect(f"file:{db}?mode=ro", uri=True)  # never creating the file itself
+                return sorted(k for (k,) in readonly.execute("SELECT key FROM leases")) == keys
             except sqlite3.Error:
                 return False
         wait_for(registered, 20, "the running nodes to register again in a new file")

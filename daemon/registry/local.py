@@ -7,13 +7,15 @@ EVENT_HISTORY changes, and a watcher that falls further behind gets Compacted an
 Expired leases are deleted (with an event) by whichever daemon touches the file next. The network config comes
 from a file (--net-config-path).
 
-The file is trusted no more than etcd is. A file that is not SQLite, or fails SQLite's integrity check, stops
-flanneld at start with one line and is never recreated over. The rollback journal is used rather than WAL: WAL
-maps a shared-memory file, and a daemon whose -shm file is truncated under it dies of SIGBUS. Each operation
-first checks that the path still names the file this daemon opened (device and inode): a file deleted or
-replaced while daemons run is reported, the path is opened (created) again, and the watch's re-list makes every
-running daemon re-register its own lease there, as after an etcd data loss. A daemon that creates the file
-waits CREATED_GRACE before its first listing, so that running daemons have re-registered before it allocates.
+The file is trusted no more than etcd is. It is created atomically (built aside, then linked into place), so a
+file that does not start with SQLite's header (an empty, truncated one included) or fails SQLite's integrity
+check is damaged: flanneld stops at start with one line and never creates a registry over it. The rollback
+journal is used rather than WAL: WAL maps a shared-memory file, and a daemon whose -shm file is truncated under
+it dies of SIGBUS. Each operation first checks that the path still names the file this daemon opened (device
+and inode): a file deleted or replaced while daemons run is reported, the path is opened (created) again, and
+the watch's re-list makes every running daemon re-register its own lease there, as after an etcd data loss. A
+daemon that creates the file waits CREATED_GRACE before its first listing, so that running daemons have
+re-registered before it allocates.
 """
 
 from __future__ import annotations
@@ -76,8 +78,13 @@ class LocalRegistry:
         if identity == self._identity:
             return
         self._db.close()
-        self._db, self._identity = _open(self.path)
         what = "deleted" if identity is None else "replaced"
+        try:
+            self._db, self._identity = _open(self.path)
+        except FlannelError as exc:  # replaced by something damaged: retried like an unreachable etcd, with a
+            # placeholder connection and an identity no file has, so the next call tries the path again
+            self._db, self._identity = sqlite3.connect(":memory:", check_same_thread=False), (-1, -1)
+            raise Unavailable(f"local registry {self.path} was {what} while in use: {exc}") from None
         raise Unavailable(f"local registry {self.path} was {what} while in use; now using the file at that path, "
                           "where every running daemon registers its lease again")
 
@@ -183,10 +190,10 @@ def _open(path: str) -> tuple[sqlite3.Connection, tuple[int, int]]:
     """Open (creating if needed) the shared file; FlannelError if it is not a sound SQLite file. Switching the
     journal mode takes an exclusive lock and fails at once, without the busy timeout, while another daemon is
     doing the same: so that step is retried."""
-    _check_header(path)
     try:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        created = not os.path.exists(path)
+        created = _create(path)
+        _check_header(path)
         db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
     except (OSError, sqlite3.Error) as exc:
         raise FlannelError(f"cannot open the local registry {path}: {exc}") from None
@@ -195,7 +202,7 @@ def _open(path: str) -> tuple[sqlite3.Connection, tuple[int, int]]:
         try:
             db.execute("PRAGMA journal_mode=DELETE")
             db.executescript(SCHEMA)
-            _check_sound(db, path)
+            _check_sound(db)
             break
         except sqlite3.OperationalError as exc:
             if "locked" not in str(exc) or time.monotonic() > deadline:
@@ -212,20 +219,35 @@ def _open(path: str) -> tuple[sqlite3.Connection, tuple[int, int]]:
     return db, (st.st_dev, st.st_ino)
 
 
-def _check_header(path: str) -> None:
+def _create(path: str) -> bool:
+    """Put a new registry file at path unless one is there, atomically (built aside, then linked into place), so
+    that no daemon ever sees a half-made file; True if this call created it."""
+    if os.path.exists(path):
+        return False
+    tmp = f"{path}.{os.getpid()}.new"
+    db = sqlite3.connect(tmp)
     try:
-        with open(path, "rb") as f:
-            head = f.read(len(HEADER))
-    except FileNotFoundError:
-        return
-    except OSError as exc:
-        raise FlannelError(f"cannot read the local registry {path}: {exc.strerror}") from None
-    if head and head != HEADER:
+        db.executescript(SCHEMA)
+    finally:
+        db.close()
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        return False
+    finally:
+        os.unlink(tmp)
+    return True
+
+
+def _check_header(path: str) -> None:
+    with open(path, "rb") as f:
+        head = f.read(len(HEADER))
+    if head != HEADER:
         raise FlannelError(f"local registry {path} is not an SQLite database (damaged?): move it away to start "
                            "a new one")
 
 
-def _check_sound(db: sqlite3.Connection, path: str) -> None:
+def _check_sound(db: sqlite3.Connection) -> None:
     (result,) = db.execute("PRAGMA quick_check").fetchone()
     columns = {row[1] for row in db.execute("PRAGMA table_info(leases)")}
     if result != "ok":
