@@ -1,12 +1,15 @@
 """Pump: owns the packet engine and its two threads, and is the control side's handle on the routes.
 
 The engine threads are started as Python threads only to have something to join; each one immediately enters
-the C loop with the GIL released and stays there until stop().
+the C loop with the GIL released and stays there until stop(), or until its TUN or socket is gone: then it
+returns on its own and failure() says why (a dead fd never makes a thread spin).
 """
 
 from __future__ import annotations
 
+import errno
 import ipaddress
+import os
 import socket
 import threading
 from typing import Any
@@ -44,29 +47,32 @@ class Pump:
             vnet_hdr=offloads.vnet_hdr, gso=offloads.gso, gro=offloads.gro, coalesce=offloads.coalesce,
         )
         self._threads: list[threading.Thread] = []
-        self._errors: list[BaseException] = []
 
     def start(self) -> None:
         for name, loop in (("pump-tx", self._engine.run_tx), ("pump-rx", self._engine.run_rx)):
-            thread = threading.Thread(target=self._run, args=(loop,), name=name, daemon=True)
+            thread = threading.Thread(target=loop, name=name, daemon=True)
             thread.start()
             self._threads.append(thread)
 
-    def _run(self, loop: Any) -> None:
-        try:
-            loop()
-        except BaseException as exc:  # surfaced by stop(); a dead engine thread must not go unnoticed
-            self._errors.append(exc)
+    def alive(self) -> bool:
+        """Both engine threads are running."""
+        return len(self._threads) == 2 and all(thread.is_alive() for thread in self._threads)
+
+    def failure(self) -> str | None:
+        """None while healthy; once an engine thread has stopped on its own, one line saying which and why,
+        e.g. "flannel0: TX stopped: File descriptor in bad state (EBADFD)" after `ip link del flannel0`."""
+        failed = self._engine.failure()
+        if failed is None:
+            return None
+        side, err = failed
+        return f"{self.tun.name}: {side} stopped: {os.strerror(err)} ({errno.errorcode.get(err, err)})"
 
     def stop(self) -> None:
-        """Stop both threads and wait for them; re-raises (once) the first error a thread died with."""
+        """Stop both threads and wait for them; also fine after a thread stopped on its own (see failure())."""
         self._engine.stop()
         for thread in self._threads:
             thread.join()
         self._threads.clear()
-        errors, self._errors = self._errors, []
-        if errors:
-            raise errors[0]
 
     def close(self) -> None:
         """Stop (if running) and release the TUN device and the socket."""

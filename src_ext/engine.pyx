@@ -35,12 +35,14 @@ Design notes (what is flannel's and why; what is ours and why)
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy, memset
 from libc.stdlib cimport calloc, free
-from libc.errno cimport errno, EAGAIN, EINTR, EIO, EINVAL
+from libc.errno cimport (
+    errno, EAGAIN, EINTR, EIO, EINVAL, EBADF, EBADFD, ENODEV, ENXIO, ENOTSOCK, EFAULT,
+)
 from posix.unistd cimport read, write, close
 
 from syscalls cimport (
     iovec, readv, writev, sockaddr_in, htons, ntohs, htonl, ntohl, mmsghdr, recvmmsg, sendmmsg,
-    MSG_DONTWAIT, pollfd, poll, POLLIN, POLLOUT, eventfd, EFD_NONBLOCK, EFD_CLOEXEC, sched_yield,
+    MSG_DONTWAIT, pollfd, poll, POLLIN, POLLOUT, POLLERR, POLLHUP, POLLNVAL, eventfd, EFD_NONBLOCK, EFD_CLOEXEC, sched_yield,
 )
 from prefix_table cimport pt_table, pt_handle, pt_hop, pt_lookup, pt_acquire, pt_release
 from offload cimport (
@@ -67,7 +69,7 @@ cdef enum:
     UDP_MAX_PAYLOAD = 65507  # 65535 - IPv4 header - UDP header
     ICMP_QUOTE = 8           # payload bytes of the offending packet quoted after its IP header
     SPIN_POLLS = 20          # readiness checks (with a yield) before a drained thread blocks in poll
-    HAZARD_TX = 0
+    HAZARD_TX = 0            # also the index of each thread's failure slot
     HAZARD_RX = 1
 
 # Counter indices. TX counters are written only by the TX thread, RX counters only by the RX thread.
@@ -139,6 +141,13 @@ cdef inline bint ttl_decrement(uint8_t *iph) noexcept nogil:
     return True
 
 
+cdef inline bint fd_dead(int err) noexcept nogil:
+    """An errno that every later call on the same fd would repeat: the device or socket is gone, so the thread
+    must stop instead of retrying (a deleted TUN answers EBADFD to every read and write and POLLERR to poll).
+    EIO is not here: a TUN that is only down refuses writes with EIO until it is up again."""
+    return err == EBADFD or err == EBADF or err == ENODEV or err == ENXIO or err == ENOTSOCK or err == EFAULT
+
+
 cdef void _peer_counts(peer_table *table, str direction, dict peers):
     """Fold one direction's per-peer table into {peer address: {tx_packets, tx_bytes, rx_packets, rx_bytes}}."""
     cdef int i
@@ -158,6 +167,7 @@ cdef class Engine:
     """
 
     cdef int tun_fd, sock_fd, stop_fd
+    cdef int failed[2]              # per thread (HAZARD_TX, HAZARD_RX): the errno it stopped on, 0 while running
     cdef int batch
     cdef bint check_source, vnet_hdr, gso, gro, coalesce
     cdef readonly PrefixTable table
@@ -209,6 +219,7 @@ cdef class Engine:
         self.table = table
         self.routes = table._handle()
         memset(self.counters, 0, sizeof(self.counters))
+        memset(self.failed, 0, sizeof(self.failed))
         self.stop_fd = -1
         self.rbuf = <uint8_t *>calloc(READ_MAX + 1, 1)
         self.arena = <uint8_t *>calloc(ARENA + ARENA_SLACK, 1)
@@ -269,20 +280,22 @@ cdef class Engine:
     # ---- Python surface -------------------------------------------------------------------------------------
 
     def run_tx(self) -> None:
-        """TUN -> UDP until stop(); raises OSError if poll itself fails."""
-        cdef int err
+        """TUN -> UDP until stop(), or until the TUN or the socket is gone (then failure() says why)."""
         with nogil:
-            err = self._tx_loop()
-        if err:
-            raise OSError(err, "tx loop failed")
+            self._serve(self.tun_fd, HAZARD_TX)
 
     def run_rx(self) -> None:
-        """UDP -> TUN until stop(); raises OSError if poll itself fails."""
-        cdef int err
+        """UDP -> TUN until stop(), or until the socket or the TUN is gone (then failure() says why)."""
         with nogil:
-            err = self._rx_loop()
-        if err:
-            raise OSError(err, "rx loop failed")
+            self._rx_setup()
+            self._serve(self.sock_fd, HAZARD_RX)
+
+    def failure(self) -> tuple[str, int] | None:
+        """("TX" or "RX", errno) for a thread that stopped on its own, None while both run or were stopped."""
+        for side, name in ((HAZARD_TX, "TX"), (HAZARD_RX, "RX")):
+            if self.failed[side]:
+                return name, self.failed[side]
+        return None
 
     def stop(self) -> None:
         """Wake both loops and make them return; idempotent."""
@@ -303,9 +316,9 @@ cdef class Engine:
 
     # ---- TX: TUN -> UDP -------------------------------------------------------------------------------------
 
-    cdef int _serve(self, int fd, bint tx) noexcept nogil:
+    cdef void _serve(self, int fd, int side) noexcept nogil:
         """Wait for fd to become readable, then drain it batch by batch (TX or RX) until it would block; again
-        until stop(). 0 on stop, or the errno of a failed poll.
+        until stop() or until the thread fails (failed[side] set: a dead fd, or poll itself failing).
 
         Once drained, the thread first checks the fd a few times (poll with no timeout, yielding the CPU in
         between) before it blocks: in a bulk transfer the next packet is usually microseconds away, and a
@@ -319,23 +332,29 @@ cdef class Engine:
         fds[0].events = POLLIN
         fds[1].fd = self.stop_fd
         fds[1].events = POLLIN
-        while True:
+        while not self.failed[side]:
             if poll(fds, 2, 0 if idle < spin else -1) < 0:
-                if errno == EINTR:
-                    continue
-                return errno
+                if errno != EINTR:
+                    self._fail(side, errno)
+                continue
             if fds[1].revents:
-                return 0
+                return
             if not fds[0].revents:
                 idle += 1
                 sched_yield()
                 continue
             idle = 0
-            while (self._tx_batch() if tx else self._rx_batch()):
+            while (self._tx_batch() if side == HAZARD_TX else self._rx_batch()) and not self.failed[side]:
                 pass
+            # POLLERR on the socket is a queued ICMP error that the receive just consumed; on the TUN (or
+            # POLLNVAL on either) it is final. Normally the read has already failed with the reason.
+            if fds[0].revents & POLLNVAL or (side == HAZARD_TX and fds[0].revents & (POLLERR | POLLHUP)):
+                self._fail(side, EBADF if fds[0].revents & POLLNVAL else EBADFD)
 
-    cdef int _tx_loop(self) noexcept nogil:
-        return self._serve(self.tun_fd, True)
+    cdef void _fail(self, int side, int err) noexcept nogil:
+        """Stop this thread for good with err (the first reason wins)."""
+        if not self.failed[side]:
+            self.failed[side] = err
 
     cdef bint _tx_batch(self) noexcept nogil:
         """Read up to one batch from the TUN and send it; True if the TUN may have more."""
@@ -355,15 +374,17 @@ cdef class Engine:
             if n < 0:
                 if errno == EINTR:
                     continue
-                more = False      # EAGAIN: drained. Anything else: poll will report it again.
+                if errno != EAGAIN:
+                    self._fail(HAZARD_TX, errno)    # a TUN read fails only when the device is gone
+                more = False
                 break
             self.counters[C_TUN_READS] += 1
             if self.vnet_hdr:
                 self._tx_offloaded(t, n)
             else:
                 self._tx_packet(t, self.arena + self.tx_pos, n)
+        pt_release(self.routes, HAZARD_TX)   # before the send, which may wait for socket space
         self._tx_flush()
-        pt_release(self.routes, HAZARD_TX)
         return more
 
     cdef uint32_t _tx_route(self, const pt_table *t, uint8_t *p, ssize_t n) noexcept nogil:
@@ -445,11 +466,12 @@ cdef class Engine:
         v = csum_finish(csum_partial(o + 20, 8 + quote, 0))
         memcpy(o + 22, &v, 2)
         memset(&none, 0, sizeof(none))
-        if self._tun_write(&none, o, total) == 0:
+        if self._tun_write(&none, o, total, HAZARD_TX) == 0:
             self.counters[C_ICMP_UNREACH_SENT] += 1
 
-    cdef int _tun_write(self, vnet_hdr *hdr, uint8_t *p, size_t n) noexcept nogil:
-        """One packet into the TUN, behind its virtio header when the TUN has them; 0 or an errno."""
+    cdef int _tun_write(self, vnet_hdr *hdr, uint8_t *p, size_t n, int side) noexcept nogil:
+        """One packet into the TUN, behind its virtio header when the TUN has them; 0 or an errno (a dead TUN
+        also stops the calling thread)."""
         cdef iovec iov[2]
         cdef ssize_t r
         if self.vnet_hdr:
@@ -462,6 +484,8 @@ cdef class Engine:
             r = write(self.tun_fd, p, n)
         if r == <ssize_t>n:
             return 0
+        if r < 0 and fd_dead(errno):
+            self._fail(side, errno)
         return errno if r < 0 else EIO
 
     cdef void _tx_flush(self) noexcept nogil:
@@ -543,6 +567,9 @@ cdef class Engine:
                 self.gso = False
                 self.counters[C_GSO_FALLBACKS] += 1
                 return start
+            elif fd_dead(errno):
+                self._fail(HAZARD_TX, errno)
+                return -1
             else:
                 # The message at `start` was refused (no route to the peer, EPERM from a firewall, ...).
                 self.counters[D_TX_SEND_ERROR] += self.tx_msg_segs[start]
@@ -551,7 +578,7 @@ cdef class Engine:
 
     # ---- RX: UDP -> TUN -------------------------------------------------------------------------------------
 
-    cdef int _rx_loop(self) noexcept nogil:
+    cdef void _rx_setup(self) noexcept nogil:
         cdef int i
         for i in range(MAX_BATCH):
             self.rx_iov[i].iov_base = self.rx_bufs + <size_t>i * SLOT
@@ -560,7 +587,6 @@ cdef class Engine:
             self.rx_msgs[i].msg_hdr.msg_iovlen = 1
             self.rx_msgs[i].msg_hdr.msg_name = &self.rx_addr[i]
             self.rx_msgs[i].msg_hdr.msg_control = self.rx_cmsg + <size_t>i * CMSG_ROOM
-        return self._serve(self.sock_fd, False)
 
     cdef bint _rx_batch(self) noexcept nogil:
         """Receive one batch of datagrams and deliver them; True if the socket may have more."""
@@ -572,6 +598,8 @@ cdef class Engine:
             self.rx_msgs[i].msg_hdr.msg_controllen = CMSG_ROOM
         r = recvmmsg(self.sock_fd, self.rx_msgs, self.batch, MSG_DONTWAIT, NULL)
         if r <= 0:
+            if r < 0 and fd_dead(errno):
+                self._fail(HAZARD_RX, errno)
             return r < 0 and errno == EINTR
         self.counters[C_RX_RECV_CALLS] += 1
         cdef const pt_table *t = pt_acquire(self.routes, HAZARD_RX)
@@ -632,7 +660,7 @@ cdef class Engine:
     cdef void _rx_write(self, uint8_t *p, size_t n) noexcept nogil:
         cdef vnet_hdr none
         memset(&none, 0, sizeof(none))
-        if self._tun_write(&none, p, n) == 0:
+        if self._tun_write(&none, p, n, HAZARD_RX) == 0:
             self.counters[C_TUN_WRITES] += 1
         else:
             self.counters[D_RX_TUN_WRITE_ERROR] += 1
@@ -646,7 +674,7 @@ cdef class Engine:
         for i in range(self.flows.nitems):
             it = &self.flows.items[i]
             gro_finish(it, &hdr)
-            err = self._tun_write(&hdr, it.pkt, it.len) if self.coalesce or it.segs < 2 else EINVAL
+            err = self._tun_write(&hdr, it.pkt, it.len, HAZARD_RX) if self.coalesce or it.segs < 2 else EINVAL
             if err == 0:
                 self.counters[C_TUN_WRITES] += 1
                 self.counters[C_TUN_COALESCED_WRITES] += it.segs > 1
