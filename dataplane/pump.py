@@ -12,6 +12,7 @@ import ipaddress
 import os
 import socket
 import threading
+from collections.abc import Iterable
 from typing import Any
 
 from dataplane._engine import Engine, PrefixTable
@@ -89,6 +90,11 @@ class Pump:
     def del_route(self, subnet: str) -> None:
         """Forget the route for exactly this subnet; KeyError if there is none."""
         self.routes.delete(subnet)
+
+    def update_routes(self, set: Iterable[tuple[str, str, int]] = (), delete: Iterable[str] = ()) -> None:
+        """Forget the `delete` subnets, then add or replace the `set` (subnet, peer, port) routes, all published
+        to the engine at once (one batch of lease events, or every peer at startup); changes nothing on an error."""
+        self.routes.update(set=set, delete=delete)
 
     def stats(self) -> dict[str, Any]:
         """Engine counters (dataplane._engine.COUNTERS, DROPS) and the offloads still on (GSO and coalescing

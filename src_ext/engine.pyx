@@ -44,11 +44,12 @@ from syscalls cimport (
     iovec, readv, writev, sockaddr_in, htons, ntohs, htonl, ntohl, mmsghdr, recvmmsg, sendmmsg,
     MSG_DONTWAIT, pollfd, poll, POLLIN, POLLOUT, POLLERR, POLLHUP, POLLNVAL, eventfd, EFD_NONBLOCK, EFD_CLOEXEC, sched_yield,
 )
-from prefix_table cimport pt_table, pt_handle, pt_hop, pt_lookup, pt_acquire, pt_release
+from prefix_table cimport pt_table, pt_handle, pt_hop, pt_lookup, pt_routed, pt_leaf_hop, pt_acquire, pt_release
 from offload cimport (
     csum_partial, csum_fold, csum_finish, csum_replace2, ip4_set_check, VNET_HDR_LEN, VNET_F_NEEDS_CSUM,
     VNET_GSO_NONE, VNET_GSO_TCPV4, VNET_GSO_UDP_L4, GSO_MAX_SEGS, GRO_BUF, vnet_hdr, gro_item, gro_table,
-    vnet_finish_csum, gso_split, gro_reset, gro_add, gro_finish, CMSG_ROOM, cmsg_set_segment, cmsg_parse_rx, PEER_SLOTS, peer_table, peer_count,
+    vnet_finish_csum, gso_split, gro_reset, gro_add, gro_finish, CMSG_ROOM, cmsg_set_segment, cmsg_parse_rx,
+    PEER_SLOTS, PEER_EMPTY, peer_slot, peer_table, peer_find, peer_configured, peer_add,
 )
 
 
@@ -148,15 +149,18 @@ cdef inline bint fd_dead(int err) noexcept nogil:
     return err == EBADFD or err == EBADF or err == ENODEV or err == ENXIO or err == ENOTSOCK or err == EFAULT
 
 
-cdef void _peer_counts(peer_table *table, str direction, dict peers):
-    """Fold one direction's per-peer table into {peer address: {tx_packets, tx_bytes, rx_packets, rx_bytes}}."""
+cdef dict _peer_counts(peer_table *table):
+    """{peer address: {tx_packets, tx_bytes, rx_packets, rx_bytes}} for every peer that has or had a route."""
     cdef int i
+    cdef peer_slot *s
+    peers = {}
     for i in range(PEER_SLOTS):
-        if table.slot[i].used:
-            entry = peers.setdefault(str(ipaddress.IPv4Address(ntohl(table.slot[i].addr))),
-                                     {"tx_packets": 0, "tx_bytes": 0, "rx_packets": 0, "rx_bytes": 0})
-            entry[f"{direction}_packets"] = table.slot[i].packets
-            entry[f"{direction}_bytes"] = table.slot[i].bytes
+        s = &table.slot[i]
+        if s.state != PEER_EMPTY:
+            peers[str(ipaddress.IPv4Address(ntohl(s.addr)))] = {
+                "tx_packets": s.tx_packets, "tx_bytes": s.tx_bytes, "rx_packets": s.rx_packets, "rx_bytes": s.rx_bytes,
+            }
+    return peers
 
 
 cdef class Engine:
@@ -173,8 +177,7 @@ cdef class Engine:
     cdef readonly PrefixTable table
     cdef pt_handle *routes
     cdef uint64_t counters[N_COUNTERS]
-    cdef peer_table *tx_peers       # per peer: what the TX thread sent to it
-    cdef peer_table *rx_peers       # per peer: what the RX thread received from it (before validation)
+    cdef peer_table *peers          # the table's configured peers: what TX sent to each, what RX accepted
     # TX state
     cdef vnet_hdr tx_hdr
     cdef uint8_t *rbuf              # one TUN read when the TUN carries virtio headers
@@ -240,13 +243,12 @@ cdef class Engine:
         self.flows = new_gro_table(RX_PACKETS, GRO_POOL)
         self.rx_split = <uint8_t *>calloc(GRO_BUF + ARENA_SLACK, 1)
         self.rx_split_len = <uint16_t *>calloc(SPLIT_SEGS, sizeof(uint16_t))
-        self.tx_peers = <peer_table *>calloc(1, sizeof(peer_table))
-        self.rx_peers = <peer_table *>calloc(1, sizeof(peer_table))
+        self.peers = table._peer_table()
         if (not self.rbuf or not self.arena or not self.seg_off or not self.seg_len or not self.seg_hop
                 or not self.tx_msgs or not self.tx_iov or not self.tx_addr or not self.tx_cmsg
                 or not self.tx_msg_segs or not self.tx_msg_first or not self.rx_bufs or not self.rx_msgs
                 or not self.rx_iov or not self.rx_addr or not self.rx_cmsg or not self.flows or not self.rx_split
-                or not self.rx_split_len or not self.tx_peers or not self.rx_peers):
+                or not self.rx_split_len):
             raise MemoryError()
         self.stop_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
         if self.stop_fd < 0:
@@ -274,8 +276,6 @@ cdef class Engine:
         free_gro_table(self.flows)
         free(self.rx_split)
         free(self.rx_split_len)
-        free(self.tx_peers)
-        free(self.rx_peers)
 
     # ---- Python surface -------------------------------------------------------------------------------------
 
@@ -304,14 +304,11 @@ cdef class Engine:
 
     def stats(self) -> dict:
         """Counters as plain ints, drops by reason under "drops", the offloads in use under "offloads", and
-        per peer address under "peers" (tx: inner packets sent to it; rx: datagrams from it, before checks)."""
+        per configured peer address under "peers" (tx: inner packets sent to it; rx: packets accepted from it)."""
         out = {name: self.counters[i] for i, name in enumerate(COUNTERS)}
         out["drops"] = {name: self.counters[D_TX_NOT_IPV4 + i] for i, name in enumerate(DROPS)}
         out["offloads"] = {"vnet_hdr": self.vnet_hdr, "gso": self.gso, "gro": self.gro, "coalesce": self.coalesce}
-        peers: dict = {}
-        _peer_counts(self.tx_peers, "tx", peers)
-        _peer_counts(self.rx_peers, "rx", peers)
-        out["peers"] = peers
+        out["peers"] = _peer_counts(self.peers)
         return out
 
     # ---- TX: TUN -> UDP -------------------------------------------------------------------------------------
@@ -387,8 +384,8 @@ cdef class Engine:
         self._tx_flush()
         return more
 
-    cdef uint32_t _tx_route(self, const pt_table *t, uint8_t *p, ssize_t n) noexcept nogil:
-        """Checks shared by every TUN packet: IPv4, a route, TTL (decremented); the hop index, 0 to drop."""
+    cdef uint64_t _tx_route(self, const pt_table *t, uint8_t *p, ssize_t n) noexcept nogil:
+        """Checks shared by every TUN packet: IPv4, a route, TTL (decremented); the route's leaf, 0 to drop."""
         cdef unsigned ihl
         if n < 1 or (p[0] >> 4) != 4:
             self.counters[D_TX_NOT_IPV4] += 1     # the kernel's own IPv6 chatter on flannel0, mostly
@@ -397,21 +394,21 @@ cdef class Engine:
         if n < 20 or ihl < 20 or ihl > n:
             self.counters[D_TX_MALFORMED] += 1
             return 0
-        cdef uint32_t h = pt_lookup(t, ntohl(load32(p + 16)))
-        if h == 0:
+        cdef uint64_t leaf = pt_lookup(t, ntohl(load32(p + 16)))
+        if not pt_routed(leaf):
             self.counters[D_TX_NO_ROUTE] += 1
             self._icmp_unreachable(p, n, ihl)
             return 0
         if not ttl_decrement(p):
             self.counters[D_TX_TTL_EXPIRED] += 1
             return 0
-        return h
+        return leaf
 
     cdef void _tx_packet(self, const pt_table *t, uint8_t *p, ssize_t n) noexcept nogil:
         """One plain packet already in place at the arena's end: route it, or leave it to be overwritten."""
-        cdef uint32_t h = self._tx_route(t, p, n)
-        if h:
-            self._tx_queue(n, t.hops[h])
+        cdef uint64_t leaf = self._tx_route(t, p, n)
+        if leaf:
+            self._tx_queue(n, pt_leaf_hop(leaf))
 
     cdef inline void _tx_queue(self, size_t n, pt_hop hop) noexcept nogil:
         self.seg_off[self.tx_nseg] = self.tx_pos
@@ -424,15 +421,15 @@ cdef class Engine:
         """One read with a virtio header (in tx_hdr, packet in rbuf): finish its checksum or split it."""
         cdef vnet_hdr *hdr = &self.tx_hdr
         cdef int nseg, i
-        cdef uint32_t h = self._tx_route(t, self.rbuf, n)
-        if h == 0:
+        cdef uint64_t leaf = self._tx_route(t, self.rbuf, n)
+        if leaf == 0:
             return
         if hdr.gso_type == VNET_GSO_NONE:
             if hdr.flags & VNET_F_NEEDS_CSUM and vnet_finish_csum(self.rbuf, n, hdr) < 0:
                 self.counters[D_TX_MALFORMED] += 1
                 return
             memcpy(self.arena + self.tx_pos, self.rbuf, n)
-            self._tx_queue(n, t.hops[h])
+            self._tx_queue(n, pt_leaf_hop(leaf))
             return
         nseg = gso_split(self.rbuf, n, hdr.gso_type, hdr.gso_size, self.arena + self.tx_pos,
                          ARENA + ARENA_SLACK - self.tx_pos, self.seg_len + self.tx_nseg, SPLIT_SEGS)
@@ -441,7 +438,7 @@ cdef class Engine:
             return
         self.counters[C_TUN_SUPER_PACKETS] += 1
         for i in range(nseg):
-            self._tx_queue(self.seg_len[self.tx_nseg], t.hops[h])
+            self._tx_queue(self.seg_len[self.tx_nseg], pt_leaf_hop(leaf))
 
     cdef void _icmp_unreachable(self, const uint8_t *p, ssize_t n, unsigned ihl) noexcept nogil:
         """ICMP 3/0 back into the TUN from the destination's address (not about ICMP, not for non-first fragments)."""
@@ -541,6 +538,7 @@ cdef class Engine:
         Returns -1, or the index of a GSO message the kernel refused (GSO is then off: rebuild from there)."""
         cdef int start = 0, r, i
         cdef pollfd fds[2]
+        cdef peer_slot *peer
         while start < nmsg:
             r = sendmmsg(self.sock_fd, self.tx_msgs + start, nmsg - start, 0)
             if r > 0:
@@ -549,8 +547,10 @@ cdef class Engine:
                     self.counters[C_TX_PACKETS] += self.tx_msg_segs[i]
                     self.counters[C_TX_BYTES] += self.tx_iov[i].iov_len
                     self.counters[C_TX_GSO_MESSAGES] += self.tx_msg_segs[i] > 1
-                    peer_count(self.tx_peers, self.tx_addr[i].sin_addr.s_addr, self.tx_msg_segs[i],
-                               self.tx_iov[i].iov_len)
+                    peer = peer_find(self.peers, self.tx_addr[i].sin_addr.s_addr)
+                    if peer:
+                        peer_add(&peer.tx_packets, self.tx_msg_segs[i])
+                        peer_add(&peer.tx_bytes, self.tx_iov[i].iov_len)
                 start += r
             elif errno == EINTR:
                 continue
@@ -591,8 +591,6 @@ cdef class Engine:
     cdef bint _rx_batch(self) noexcept nogil:
         """Receive one batch of datagrams and deliver them; True if the socket may have more."""
         cdef int i, r, gso_size
-        cdef size_t n, off
-        cdef uint8_t *p
         for i in range(self.batch):
             self.rx_msgs[i].msg_hdr.msg_namelen = sizeof(sockaddr_in)
             self.rx_msgs[i].msg_hdr.msg_controllen = CMSG_ROOM
@@ -605,49 +603,62 @@ cdef class Engine:
         cdef const pt_table *t = pt_acquire(self.routes, HAZARD_RX)
         for i in range(r):
             cmsg_parse_rx(&self.rx_msgs[i].msg_hdr, &gso_size, &self.rx_overflow)
-            p = self.rx_bufs + <size_t>i * SLOT
-            n = self.rx_msgs[i].msg_len
-            peer_count(self.rx_peers, self.rx_addr[i].sin_addr.s_addr,
-                       (n + gso_size - 1) // gso_size if 0 < gso_size < n else 1, n)
-            if gso_size <= 0 or n <= <size_t>gso_size:
-                self._rx_packet(t, p, n, &self.rx_addr[i])
-                continue
-            self.counters[C_RX_GRO_TRAINS] += 1
-            off = 0
-            while off < n:
-                self._rx_packet(t, p + off, min(<size_t>gso_size, n - off), &self.rx_addr[i])
-                off += gso_size
+            self._rx_message(t, self.rx_bufs + <size_t>i * SLOT, self.rx_msgs[i].msg_len, gso_size, &self.rx_addr[i])
         pt_release(self.routes, HAZARD_RX)
         self.counters[C_RX_SOCKET_OVERFLOW] = self.rx_overflow
         if self.coalesce:
             self._rx_write_coalesced()
         return r == self.batch
 
-    cdef void _rx_packet(self, const pt_table *t, uint8_t *p, size_t n, const sockaddr_in *src) noexcept nogil:
-        """Validate one datagram from the wire, check its sender, and write (or queue) it for the TUN."""
+    cdef void _rx_message(self, const pt_table *t, uint8_t *p, size_t n, int gso_size,
+                          const sockaddr_in *src) noexcept nogil:
+        """One received message: a datagram, or with UDP_GRO a train cut at gso_size; what was accepted is
+        counted for the sending peer (after validation, so made-up senders are never counted)."""
+        cdef size_t off = 0, size = n
+        cdef uint64_t packets = 0, nbytes = 0
+        cdef unsigned got
+        cdef peer_slot *peer
+        if 0 < gso_size < <ssize_t>n:
+            self.counters[C_RX_GRO_TRAINS] += 1
+            size = gso_size
+        while True:     # at least once: an empty datagram is dropped (and counted) too
+            got = self._rx_packet(t, p + off, min(size, n - off), src)
+            packets += got != 0
+            nbytes += got
+            off += size
+            if off >= n:
+                break
+        peer = peer_find(self.peers, src.sin_addr.s_addr) if packets else NULL
+        if peer:
+            peer_add(&peer.rx_packets, packets)
+            peer_add(&peer.rx_bytes, nbytes)
+
+    cdef unsigned _rx_packet(self, const pt_table *t, uint8_t *p, size_t n, const sockaddr_in *src) noexcept nogil:
+        """Validate one datagram from the wire, check its sender, and write (or queue) it for the TUN; its
+        length, or 0 if it was dropped."""
         cdef unsigned ihl, total
         if n < 20:
             self.counters[D_RX_SHORT] += 1
-            return
+            return 0
         if (p[0] >> 4) != 4:
             self.counters[D_RX_NOT_IPV4] += 1
-            return
+            return 0
         ihl = (p[0] & 0x0f) * 4
         if ihl < 20:
             self.counters[D_RX_BAD_IHL] += 1
-            return
+            return 0
         total = ntohs(load16(p + 2))
         if total > n or total < ihl:
             self.counters[D_RX_BAD_LENGTH] += 1
-            return
+            return 0
         if csum_fold(csum_partial(p, ihl, 0)) != 0xffff:
             self.counters[D_RX_BAD_CHECKSUM] += 1
-            return
+            return 0
         if self.check_source and not self._sender_ok(t, p, src):
-            return
+            return 0
         if not ttl_decrement(p):
             self.counters[D_RX_TTL_EXPIRED] += 1
-            return
+            return 0
         self.counters[C_RX_PACKETS] += 1
         self.counters[C_RX_BYTES] += total
         if self.coalesce:
@@ -656,6 +667,7 @@ cdef class Engine:
                 gro_add(self.flows, p, total)
         else:
             self._rx_write(p, total)
+        return total
 
     cdef void _rx_write(self, uint8_t *p, size_t n) noexcept nogil:
         cdef vnet_hdr none
@@ -695,13 +707,13 @@ cdef class Engine:
         gro_reset(self.flows)
 
     cdef bint _sender_ok(self, const pt_table *t, const uint8_t *p, const sockaddr_in *src) noexcept nogil:
-        """The outer source must be the peer whose subnet holds the inner source; counts the drop if not."""
-        cdef uint32_t h = pt_lookup(t, ntohl(load32(p + 12)))
-        if h != 0 and t.hops[h].addr == src.sin_addr.s_addr:
+        """The outer source must be the peer whose subnet holds the inner source; counts the drop if not, as
+        spoofed (a configured peer) or unknown (anyone else), both O(1)."""
+        cdef uint64_t leaf = pt_lookup(t, ntohl(load32(p + 12)))
+        if pt_routed(leaf) and pt_leaf_hop(leaf).addr == src.sin_addr.s_addr:
             return True
-        for h in range(1, t.nhops + 1):
-            if t.hops[h].addr == src.sin_addr.s_addr:
-                self.counters[D_RX_SPOOFED_SOURCE] += 1
-                return False
-        self.counters[D_RX_UNKNOWN_PEER] += 1
+        if peer_configured(self.peers, src.sin_addr.s_addr):
+            self.counters[D_RX_SPOOFED_SOURCE] += 1
+        else:
+            self.counters[D_RX_UNKNOWN_PEER] += 1
         return False
