@@ -62,9 +62,9 @@ cdef enum:
     SLOT = 65536             # one datagram (or one UDP_GRO train) per receive slot
     READ_MAX = 65535         # one TUN read: an IPv4 packet (or TSO super-packet) up to 64 KiB
     ARENA = 1 << 20          # TX bytes collected before a flush
-    ARENA_SLACK = 1 << 17    # room past ARENA for the segments of one last super-packet
+    ARENA_SLACK = 1 << 19    # room past ARENA for the segments of one last super-packet (SPLIT_SEGS headers)
     MAX_SEGS = 4096          # TX packets collected before a flush
-    SPLIT_SEGS = 1024        # room left in the segment list for one super-packet (MSS 64 at 64 KiB)
+    SPLIT_SEGS = 2048        # segments of one super-packet: 64 KiB at the kernel's smallest MSS (48, tcp_min_snd_mss)
     RX_PACKETS = MAX_BATCH * GSO_MAX_SEGS   # inner packets one receive batch can hold with UDP_GRO
     GRO_POOL = 64            # coalescing buffers per batch
     UDP_MAX_PAYLOAD = 65507  # 65535 - IPv4 header - UDP header
@@ -171,6 +171,9 @@ cdef class Engine:
     """
 
     cdef int tun_fd, sock_fd, stop_fd
+    # Set once stop_fd is ours. A flag that starts false, not a -1 written by __cinit__: when the arguments do not
+    # parse, __dealloc__ runs on zeroed fields before any line of __cinit__, and fd 0 is somebody's stdin.
+    cdef bint owns_stop_fd
     cdef int failed[2]              # per thread (HAZARD_TX, HAZARD_RX): the errno it stopped on, 0 while running
     cdef int batch
     cdef bint check_source, vnet_hdr, gso, gro, coalesce
@@ -223,7 +226,6 @@ cdef class Engine:
         self.routes = table._handle()
         memset(self.counters, 0, sizeof(self.counters))
         memset(self.failed, 0, sizeof(self.failed))
-        self.stop_fd = -1
         self.rbuf = <uint8_t *>calloc(READ_MAX + 1, 1)
         self.arena = <uint8_t *>calloc(ARENA + ARENA_SLACK, 1)
         self.seg_off = <uint32_t *>calloc(MAX_SEGS, sizeof(uint32_t))
@@ -253,9 +255,10 @@ cdef class Engine:
         self.stop_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
         if self.stop_fd < 0:
             raise OSError(errno, "eventfd failed")
+        self.owns_stop_fd = True
 
     def __dealloc__(self):
-        if self.stop_fd >= 0:
+        if self.owns_stop_fd:
             close(self.stop_fd)
         free(self.rbuf)
         free(self.arena)
