@@ -16,6 +16,14 @@ class PrefixTable:
     def __contains__(self, prefix: str) -> bool: ...
     def __iter__(self) -> Iterator[tuple[str, str, int]]: ...
 
+def _testhelper_race(
+    table: PrefixTable,
+    batches: list[tuple[list[tuple[str, str, int]], list[str]]],
+    probes: array[int],
+    peer_a: str,
+    peer_b: str,
+) -> tuple[int, int]: ...
+
 class Engine:
     table: PrefixTable
     def __init__(

@@ -185,3 +185,67 @@ def _peer(peer: str, port: int) -> tuple[int, int]:
     if not 0 < port < 65536:
         raise ValueError(f"port {port} out of range 1-65535")
     return int(ipaddress.IPv4Address(peer)), int(port)
+
+
+cdef extern from * nogil:
+    # gcc's atomic builtins, for the test reader's stop flag
+    int __atomic_load_n(int *p, int order)
+    void __atomic_store_n(int *p, int value, int order)
+    int __ATOMIC_ACQUIRE, __ATOMIC_RELEASE
+
+cdef extern from "<pthread.h>" nogil:
+    ctypedef unsigned long pthread_t
+    int pthread_create(pthread_t *thread, const void *attr, void *(*start)(void *) noexcept nogil, void *arg)
+    int pthread_join(pthread_t thread, void **retval)
+
+cdef enum:
+    READER_TEST = 3
+
+ctypedef struct _race_reader:
+    pt_handle *h
+    const uint32_t *probes
+    Py_ssize_t nprobes
+    uint32_t peer_a, peer_b      # network order: the only peers the racing writer uses
+    int stop
+    uint64_t rounds, wrong
+
+
+cdef void *_race_read(void *arg) noexcept nogil:
+    """What an engine thread does to the table: pin it, look up a batch of addresses, let go; again until told."""
+    cdef _race_reader *r = <_race_reader *>arg
+    cdef const pt_table *t
+    cdef uint64_t leaf
+    cdef Py_ssize_t i
+    while not __atomic_load_n(&r.stop, __ATOMIC_ACQUIRE):
+        t = pt_acquire(r.h, READER_TEST)
+        for i in range(r.nprobes):
+            leaf = pt_lookup(t, r.probes[i])
+            if pt_routed(leaf) and pt_leaf_hop(leaf).addr != r.peer_a and pt_leaf_hop(leaf).addr != r.peer_b:
+                r.wrong += 1
+        pt_release(r.h, READER_TEST)
+        r.rounds += 1
+    return NULL
+
+
+def _testhelper_race(PrefixTable table, batches: list, const uint32_t[:] probes, str peer_a, str peer_b) -> tuple:
+    """Apply each (set, delete) batch while a C thread keeps looking the probes up, as an engine thread does;
+    (lookup rounds done, leaves seen with a peer other than peer_a/peer_b). Under AddressSanitizer (make debug)
+    a node freed while a reader could still hold it is reported."""
+    cdef _race_reader r
+    cdef pthread_t thread
+    memset(&r, 0, sizeof(r))
+    r.h = &table._h
+    r.probes = &probes[0]
+    r.nprobes = probes.shape[0]
+    r.peer_a = htonl(int(ipaddress.IPv4Address(peer_a)))
+    r.peer_b = htonl(int(ipaddress.IPv4Address(peer_b)))
+    if pthread_create(&thread, NULL, _race_read, &r) != 0:
+        raise OSError("pthread_create failed")
+    try:
+        for sets, deletes in batches:
+            table.update(set=sets, delete=deletes)
+    finally:
+        __atomic_store_n(&r.stop, 1, __ATOMIC_RELEASE)
+        with nogil:
+            pthread_join(thread, NULL)
+    return r.rounds, r.wrong

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import ipaddress
+from array import array
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dataplane._engine import PrefixTable
+from dataplane._engine import PrefixTable, _testhelper_race
 
 Net = ipaddress.IPv4Network
 
@@ -132,3 +133,22 @@ def test_a_batch_deletes_before_it_sets() -> None:
     table.set("10.244.1.0/24", "198.18.0.1", 1)
     table.update(set=[("10.244.1.0/24", "198.18.0.2", 2)], delete=["10.244.1.0/24"])
     assert list(table) == [("10.244.1.0/24", "198.18.0.2", 2)]
+
+
+def test_updates_under_a_concurrent_reader() -> None:
+    """Batches of changes (replacing peers, deleting, re-adding, nested prefixes) while a C thread reads the table
+    the way an engine thread does. Every leaf it sees must be one of the two peers; `make debug` runs this under
+    AddressSanitizer, which reports any node freed while the reader could still reach it."""
+    subnets = [f"10.{i // 256}.{i % 256}.0/24" for i in range(2_000)]
+    batches: list[tuple[list[tuple[str, str, int]], list[str]]] = [
+        ([(s, "198.18.0.1", 8285) for s in subnets] + [("10.0.0.0/8", "198.18.0.2", 8285)], [])
+    ]
+    for round_ in range(60):
+        peer = ("198.18.0.1", "198.18.0.2")[round_ % 2]
+        part = subnets[round_ * 30 % 2_000:][:300]
+        batches.append(([(s, peer, 8285) for s in part], []))
+        batches.append(([], part[:150]))
+        batches.append(([(s, peer, 8285) for s in part[:150]] + [(f"{s[:-3]}/25", peer, 1) for s in part[150:]], []))
+    probes = array("I", (int(ipaddress.IPv4Address(f"10.{i // 256}.{i % 256}.{i % 200}")) for i in range(2_100)))
+    rounds, wrong = _testhelper_race(PrefixTable(), batches, probes, "198.18.0.1", "198.18.0.2")
+    assert rounds > 0 and wrong == 0
