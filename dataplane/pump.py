@@ -37,14 +37,17 @@ class Pump:
         offloads: Offloads,
         batch: int = DEFAULT_BATCH,
         check_source: bool = True,
+        local_subnet: str | None = None,
     ) -> None:
-        """`offloads` must be what the TUN and socket were actually set up with (dataplane.tun, dataplane.udp)."""
+        """`offloads` must be what the TUN and socket were actually set up with (dataplane.tun, dataplane.udp).
+        With `local_subnet` (this node's subnet, which holds flannel0's address) and check_source, packets that
+        local processes write into flannel0 with any other inner source are dropped (tx_spoofed_source)."""
         self.tun = tun
         self.sock = sock
         self.routes = PrefixTable()
         self.offloads = offloads
         self._engine = Engine(
-            tun.fd, sock.fileno(), self.routes, batch=batch, check_source=check_source,
+            tun.fd, sock.fileno(), self.routes, batch=batch, check_source=check_source, local_subnet=local_subnet,
             vnet_hdr=offloads.vnet_hdr, gso=offloads.gso, gro=offloads.gro, coalesce=offloads.coalesce,
         )
         self._threads: list[threading.Thread] = []
@@ -104,7 +107,7 @@ class Pump:
 
 def open_pump(*, iface_ip: ipaddress.IPv4Address, port: int, tun_name: str, subnet: ipaddress.IPv4Network,
               network: ipaddress.IPv4Network, mtu: int, wanted: Offloads, batch: int = DEFAULT_BATCH,
-              check_source: bool = True) -> Pump:
+              check_source: bool = True, local_subnet: str | None = None) -> Pump:
     """The udp dataplane as flannel's udp backend sets it up: the socket bound to iface_ip:port, the TUN device
     configured for subnet, network and mtu, and the offloads both accept out of `wanted`. Not started yet;
     DataplaneError (nothing left open) if the host refuses any step."""
@@ -114,7 +117,8 @@ def open_pump(*, iface_ip: ipaddress.IPv4Address, port: int, tun_name: str, subn
         try:
             configure_tun(tun, subnet=subnet, network=network, mtu=mtu)
             offloads = enable_offloads(sock, tun.offloads)
-            return Pump(tun, sock, offloads=offloads, batch=batch, check_source=check_source)
+            return Pump(tun, sock, offloads=offloads, batch=batch, check_source=check_source,
+                        local_subnet=local_subnet)
         except BaseException:
             tun.close()
             raise

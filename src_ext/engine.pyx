@@ -11,15 +11,26 @@ Design notes (what is flannel's and why; what is ours and why)
   flannel's exceptions: never about ICMP, never about a non-first fragment. flannel sends it from flannel0's own
   address, which the kernel then drops as a martian (a local source arriving from outside, unless accept_local
   is set), so flannel's errors never reach the sender. Ours come from the unreachable destination itself: not a
-  local address, and routed via flannel0, so reverse-path checks pass and the sender sees ENETUNREACH.
+  local address, and routed via flannel0, so reverse-path checks pass and the sender sees ENETUNREACH. Unlike
+  flannel's, they are rate-limited like the kernel's own (a token bucket, 1000/s in bursts of 50), and the ones
+  held back are counted.
+- Ours: the TX side checks what local processes wrote into flannel0 (which the kernel does not: a packet socket
+  on flannel0 can write anything): header length, total length and header checksum of every whole packet, and,
+  given this node's subnet, that the inner source is in it (flannel0's own address is). The far end would drop
+  such packets anyway; here they cost no bandwidth and are counted where they came from.
 - Ours: the RX side validates what arrives (version, header length, total length, header checksum) and checks
   the sender: the outer source address must be the peer that owns the inner source's subnet. flannel accepts any
   datagram from anyone, which lets any host that can reach port 8285 inject packets into the pod network.
 - Ours: batches. The TX thread drains the TUN into one contiguous arena and sends with sendmmsg; the RX thread
   uses recvmmsg. With batch 1 and no offloads each direction is one packet per syscall, like flannel's C proxy;
   that mode is the baseline for every speed figure.
-- The routing table is a prefix_table.h table, read lock-free: each thread pins the current table in its hazard
-  slot for one batch, so a route change never waits for traffic to stop, and traffic never waits for a change.
+- The routing table is a prefix_table.h table, read lock-free: each thread pins the current table in its reader
+  slot for one batch (and lets go before it may wait for socket space), so a route change never waits for
+  traffic, and traffic never waits for a change. A route change costs O(changed routes); the sender check and
+  the per-peer counters are O(1) lookups in the configured-peer hash (peer_stats.h).
+- A thread whose TUN or socket is gone (a deleted flannel0 answers EBADFD to everything and POLLERR to poll)
+  stops for good and records why (failure()); it never retries in a loop. A TUN that is merely down refuses
+  writes with EIO: a per-packet drop, not a failure.
 - Offloads (each optional, chosen by dataplane.offload before the engine starts):
   vnet_hdr: the TUN carries a virtio_net_hdr; with TSO the kernel hands over 64 KiB TCP super-packets, which TX
   splits into MSS-size segments (offload.h gso_split) straight into the send arena.
@@ -39,6 +50,7 @@ from libc.errno cimport (
     errno, EAGAIN, EINTR, EIO, EINVAL, EBADF, EBADFD, ENODEV, ENXIO, ENOTSOCK, EFAULT,
 )
 from posix.unistd cimport read, write, close
+from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 
 from syscalls cimport (
     iovec, readv, writev, sockaddr_in, htons, ntohs, htonl, ntohl, mmsghdr, recvmmsg, sendmmsg,
@@ -70,6 +82,8 @@ cdef enum:
     UDP_MAX_PAYLOAD = 65507  # 65535 - IPv4 header - UDP header
     ICMP_QUOTE = 8           # payload bytes of the offending packet quoted after its IP header
     SPIN_POLLS = 20          # readiness checks (with a yield) before a drained thread blocks in poll
+    ICMP_PER_SEC = 1000      # ICMP errors: the kernel's net.ipv4.icmp_msgs_per_sec ...
+    ICMP_BURST = 50          # ... and net.ipv4.icmp_msgs_burst
     HAZARD_TX = 0            # also the index of each thread's failure slot
     HAZARD_RX = 1
 
@@ -91,8 +105,11 @@ cdef enum:
     C_GSO_FALLBACKS
     C_COALESCE_FALLBACKS
     C_RX_SOCKET_OVERFLOW
+    C_ICMP_UNREACH_RATE_LIMITED
     D_TX_NOT_IPV4
     D_TX_MALFORMED
+    D_TX_BAD_CHECKSUM
+    D_TX_SPOOFED_SOURCE
     D_TX_NO_ROUTE
     D_TX_TTL_EXPIRED
     D_TX_SEND_ERROR
@@ -111,9 +128,11 @@ COUNTERS = (
     "tx_packets", "tx_bytes", "tx_send_calls", "tx_gso_messages", "tun_reads", "tun_super_packets",
     "rx_packets", "rx_bytes", "rx_recv_calls", "rx_gro_trains", "tun_writes", "tun_coalesced_writes",
     "icmp_unreachable_sent", "gso_fallbacks", "coalesce_fallbacks", "rx_socket_overflow",
+    "icmp_unreachable_rate_limited",
 )
 DROPS = (
-    "tx_not_ipv4", "tx_malformed", "tx_no_route", "tx_ttl_expired", "tx_send_error",
+    "tx_not_ipv4", "tx_malformed", "tx_bad_checksum", "tx_spoofed_source", "tx_no_route", "tx_ttl_expired",
+    "tx_send_error",
     "rx_short", "rx_not_ipv4", "rx_bad_ihl", "rx_bad_length", "rx_bad_checksum", "rx_ttl_expired",
     "rx_unknown_peer", "rx_spoofed_source", "rx_tun_write_error",
 )
@@ -177,6 +196,9 @@ cdef class Engine:
     cdef int failed[2]              # per thread (HAZARD_TX, HAZARD_RX): the errno it stopped on, 0 while running
     cdef int batch
     cdef bint check_source, vnet_hdr, gso, gro, coalesce
+    cdef bint check_tx_source       # TX: the inner source must be in local_net/local_mask (host order)
+    cdef uint32_t local_net, local_mask
+    cdef uint64_t icmp_credit_ns, icmp_last_ns   # the ICMP token bucket, in nanoseconds of credit
     cdef readonly PrefixTable table
     cdef pt_handle *routes
     cdef uint64_t counters[N_COUNTERS]
@@ -209,7 +231,8 @@ cdef class Engine:
     cdef uint16_t *rx_split_len
 
     def __cinit__(self, int tun_fd, int sock_fd, PrefixTable table not None, *, int batch=64,
-                  bint check_source=True, bint vnet_hdr=False, bint gso=False, bint gro=False, bint coalesce=False):
+                  bint check_source=True, bint vnet_hdr=False, bint gso=False, bint gro=False, bint coalesce=False,
+                  local_subnet=None):
         if not 1 <= batch <= MAX_BATCH:
             raise ValueError(f"batch {batch} out of range 1-{MAX_BATCH}")
         if coalesce and not vnet_hdr:
@@ -218,6 +241,12 @@ cdef class Engine:
         self.sock_fd = sock_fd
         self.batch = batch
         self.check_source = check_source
+        if local_subnet is not None:
+            subnet = ipaddress.IPv4Network(local_subnet)
+            self.check_tx_source = check_source
+            self.local_net = int(subnet.network_address)
+            self.local_mask = int(subnet.netmask)
+        self.icmp_credit_ns = ICMP_BURST * (1000000000 // ICMP_PER_SEC)
         self.vnet_hdr = vnet_hdr
         self.gso = gso
         self.gro = gro
@@ -387,15 +416,24 @@ cdef class Engine:
         self._tx_flush()
         return more
 
-    cdef uint64_t _tx_route(self, const pt_table *t, uint8_t *p, ssize_t n) noexcept nogil:
-        """Checks shared by every TUN packet: IPv4, a route, TTL (decremented); the route's leaf, 0 to drop."""
+    cdef uint64_t _tx_route(self, const pt_table *t, uint8_t *p, ssize_t n, bint whole) noexcept nogil:
+        """Checks shared by every TUN packet: IPv4, its header (length and checksum too for a `whole` packet, not a
+        super-packet about to be split), a source of this node (with local_subnet), a route, TTL (decremented);
+        the route's leaf, 0 to drop. Whatever a local process wrote into flannel0, nothing the far end would
+        refuse leaves here."""
         cdef unsigned ihl
         if n < 1 or (p[0] >> 4) != 4:
             self.counters[D_TX_NOT_IPV4] += 1     # the kernel's own IPv6 chatter on flannel0, mostly
             return 0
         ihl = (p[0] & 0x0f) * 4
-        if n < 20 or ihl < 20 or ihl > n:
+        if n < 20 or ihl < 20 or ihl > n or (whole and ntohs(load16(p + 2)) != n):
             self.counters[D_TX_MALFORMED] += 1
+            return 0
+        if whole and csum_fold(csum_partial(p, ihl, 0)) != 0xffff:
+            self.counters[D_TX_BAD_CHECKSUM] += 1
+            return 0
+        if self.check_tx_source and (ntohl(load32(p + 12)) & self.local_mask) != self.local_net:
+            self.counters[D_TX_SPOOFED_SOURCE] += 1
             return 0
         cdef uint64_t leaf = pt_lookup(t, ntohl(load32(p + 16)))
         if not pt_routed(leaf):
@@ -409,7 +447,7 @@ cdef class Engine:
 
     cdef void _tx_packet(self, const pt_table *t, uint8_t *p, ssize_t n) noexcept nogil:
         """One plain packet already in place at the arena's end: route it, or leave it to be overwritten."""
-        cdef uint64_t leaf = self._tx_route(t, p, n)
+        cdef uint64_t leaf = self._tx_route(t, p, n, True)
         if leaf:
             self._tx_queue(n, pt_leaf_hop(leaf))
 
@@ -424,7 +462,7 @@ cdef class Engine:
         """One read with a virtio header (in tx_hdr, packet in rbuf): finish its checksum or split it."""
         cdef vnet_hdr *hdr = &self.tx_hdr
         cdef int nseg, i
-        cdef uint64_t leaf = self._tx_route(t, self.rbuf, n)
+        cdef uint64_t leaf = self._tx_route(t, self.rbuf, n, hdr.gso_type == VNET_GSO_NONE)
         if leaf == 0:
             return
         if hdr.gso_type == VNET_GSO_NONE:
@@ -447,6 +485,9 @@ cdef class Engine:
         """ICMP 3/0 back into the TUN from the destination's address (not about ICMP, not for non-first fragments)."""
         if p[9] == 1 or (load16(p + 6) & htons(0x1fff)) != 0:
             return
+        if not self._icmp_allowed():
+            self.counters[C_ICMP_UNREACH_RATE_LIMITED] += 1
+            return
         cdef unsigned quote = ihl + (ICMP_QUOTE if n - ihl >= ICMP_QUOTE else n - ihl)
         cdef unsigned total = 20 + 8 + quote
         cdef uint8_t *o = self.icmp
@@ -468,6 +509,20 @@ cdef class Engine:
         memset(&none, 0, sizeof(none))
         if self._tun_write(&none, o, total, HAZARD_TX) == 0:
             self.counters[C_ICMP_UNREACH_SENT] += 1
+
+    cdef bint _icmp_allowed(self) noexcept nogil:
+        """A token bucket like the kernel's global ICMP limit: ICMP_PER_SEC errors a second, bursts of ICMP_BURST
+        (flannel has none: one error per packet, so a sender to nowhere got as many as it sent)."""
+        cdef timespec now
+        cdef uint64_t cost = 1000000000 // ICMP_PER_SEC, t
+        clock_gettime(CLOCK_MONOTONIC, &now)
+        t = <uint64_t>now.tv_sec * 1000000000 + now.tv_nsec
+        self.icmp_credit_ns = min(self.icmp_credit_ns + (t - self.icmp_last_ns), ICMP_BURST * cost)
+        self.icmp_last_ns = t
+        if self.icmp_credit_ns < cost:
+            return False
+        self.icmp_credit_ns -= cost
+        return True
 
     cdef int _tun_write(self, vnet_hdr *hdr, uint8_t *p, size_t n, int side) noexcept nogil:
         """One packet into the TUN, behind its virtio header when the TUN has them; 0 or an errno (a dead TUN
