@@ -4,20 +4,24 @@ how it checks what local processes write into flannel0, and how it rate-limits i
 from __future__ import annotations
 
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import host_socket, inside
+from conftest import host_socket, inside, start_tunnel
 from packets import parse_ipv4, udp4
+from traffic import start_transfer
 
 from bench.rig import NETWORK, Rig
 from dataplane import offload
 from dataplane.pump import Pump, open_pump
 
 ETH_P_IP = 0x0800
+MB = 1 << 20
 
 
 def _wait_for(cond: Any, timeout: float = 5) -> None:
@@ -149,3 +153,37 @@ def test_icmp_unreachables_are_rate_limited_like_the_kernel(rig: Rig, pump: Pump
     limited = after["icmp_unreachable_rate_limited"] - before["icmp_unreachable_rate_limited"]
     assert sent + limited == 2_000
     assert 0 < sent <= 50 + 1_000 * elapsed + 1, (sent, elapsed)
+
+
+def test_route_changes_under_traffic_lose_nothing(rig: Rig, tmp_path: Path) -> None:
+    """A 300 MB transfer through the engine while another thread keeps changing routes in batches: other peers'
+    subnets come and go, a covering /16 to a stranger appears and goes, the live peer's route is set again."""
+    a, b = rig.hosts
+    start_tunnel(b, [a], tmp_path)
+    with _pump(rig, "auto") as pump:
+        done = threading.Event()
+        changes = 0
+
+        def churn() -> None:
+            nonlocal changes
+            others = [f"10.244.{128 + i // 16}.{(i % 16) * 16}/28" for i in range(1_000)]
+            cover_and_live = [("10.244.0.0/16", "198.18.0.78", 8285), (str(b.subnet), str(b.underlay), 8285)]
+            while not done.is_set():
+                pump.update_routes(set=[(s, "198.18.0.77", 8285) for s in others] + cover_and_live)
+                pump.update_routes(delete=[*others, "10.244.0.0/16"])
+                for s in others[:100]:
+                    pump.set_route(s, "198.18.0.79")
+                    pump.del_route(s)
+                changes += 2 * len(others) + 4 + 200
+
+        churner = threading.Thread(target=churn)
+        churner.start()
+        transfer = start_transfer(a, b, 300 * MB)
+        try:
+            transfer.join()
+        finally:
+            done.set()
+            churner.join()
+        assert transfer.received == transfer.sent and transfer.received_bytes == 300 * MB
+        assert changes >= 10_000, changes
+        assert pump.failure() is None and list(pump.routes) == [(str(b.subnet), str(b.underlay), 8285)]
