@@ -174,7 +174,7 @@ def test_route_changes_under_traffic_lose_nothing(rig: Rig, tmp_path: Path) -> N
                 for s in others[:100]:
                     pump.set_route(s, "198.18.0.79")
                     pump.del_route(s)
-                changes += 2 * len(others) + 4 + 200
+                changes += 2 * len(others) + len(cover_and_live) + 1 + 200
 
         churner = threading.Thread(target=churn)
         churner.start()
