@@ -100,9 +100,12 @@ class Pump:
         self.routes.update(set=set, delete=delete)
 
     def stats(self) -> dict[str, Any]:
-        """Engine counters (dataplane._engine.COUNTERS, DROPS) and the offloads still on (GSO and coalescing
-        switch themselves off if the kernel refuses them at run time)."""
-        return self._engine.stats()
+        """Engine counters (dataplane._engine.COUNTERS, DROPS) and every offload in use: tso and uso as the TUN
+        accepted them, the others as still on (GSO and coalescing switch themselves off if the kernel refuses
+        them at run time)."""
+        out = self._engine.stats()
+        out["offloads"] = {"tso": self.offloads.tso, "uso": self.offloads.uso, **out["offloads"]}
+        return out
 
 
 def open_pump(*, iface_ip: ipaddress.IPv4Address, port: int, tun_name: str, subnet: ipaddress.IPv4Network,
