@@ -1,6 +1,7 @@
 # The two entry points the README starts with. Both install what a fresh Debian machine lacks, then run.
 #   make demo   the two-host demo and benchmark (flannel-bench --quick), embedded defaults, no etcd
 #   make test   lint (ruff), type-check (mypy) and the whole test suite, as CI runs it
+#   make debug  the engine built with AddressSanitizer and UBSan, its C-level unit and property tests run on it
 
 PYTHON ?= python3
 VENV := .venv
@@ -9,7 +10,7 @@ APT_PACKAGES := iproute2 iptables iperf3 iputils-ping ethtool etcd-server contai
 	gcc python3-dev python3-venv
 BENCH_OUT ?= bench-out
 
-.PHONY: setup apt demo test lint micro
+.PHONY: setup apt demo test lint micro debug
 
 setup: $(BIN)/flannel-tunnel
 	@command -v iperf3 >/dev/null && command -v ping >/dev/null && command -v ethtool >/dev/null || $(MAKE) apt
@@ -37,3 +38,15 @@ test: lint
 
 micro: setup
 	$(BIN)/python -m pytest bench/micro.py -q -p no:cacheprovider --benchmark-columns=min,median,mean,ops
+
+# Python itself is not built with the sanitizers, so their runtimes are preloaded; leak reports are off (the
+# interpreter keeps memory until exit on purpose). Any UBSan report aborts the test run. The normal build is put
+# back afterwards, whatever the result.
+SANITIZE := -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer
+DEBUG_TESTS := tests/test_prefix_table.py tests/test_offload.py tests/test_engine_unit.py
+
+debug: setup
+	CFLAGS="$(SANITIZE) -O1 -g" LDFLAGS="$(SANITIZE)" $(BIN)/pip install -q --no-deps -e .
+	LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so)" \
+		ASAN_OPTIONS=detect_leaks=0 $(BIN)/python -m pytest -q -p no:cacheprovider $(DEBUG_TESTS); \
+		status=$$?; $(BIN)/pip install -q --no-deps -e . && exit $$status

@@ -71,3 +71,71 @@ def test_coalesce_64k(benchmark: Benchmark) -> None:
 def test_checksum_1500(benchmark: Benchmark) -> None:
     data = bytes(range(256)) * 6
     benchmark(checksum, data[:1500])
+
+
+ROUTES = 20_000
+CHANGES = 20  # per round: CHANGES/2 new routes set, then deleted again
+
+
+def _new_prefixes(count: int) -> list[str]:
+    """/26 prefixes in 11.0.0.0/8, outside every _table route, so each set adds and each delete removes one."""
+    return [f"{ipaddress.IPv4Address((11 << 24) + (i << 6))}/26" for i in range(count)]
+
+
+def test_route_changes_one_at_a_time(benchmark: Benchmark) -> None:
+    """Single set()/delete() calls at 20,000 routes, each published on its own (a lease event each)."""
+    table = _table(ROUTES)
+    prefixes = _new_prefixes(CHANGES // 2)
+
+    def change() -> None:
+        for prefix in prefixes:
+            table.set(prefix, "198.18.0.3", 8285)
+        for prefix in prefixes:
+            table.delete(prefix)
+
+    benchmark.extra_info["changes_per_call"] = CHANGES
+    benchmark.pedantic(change, rounds=5, warmup_rounds=1)
+    assert len(table) == ROUTES + 1
+
+
+def test_route_changes_in_batches(benchmark: Benchmark) -> None:
+    """update() batches of 1,000 changes at 20,000 routes (one batch of lease events, one publish)."""
+    table = _table(ROUTES)
+    prefixes = _new_prefixes(1_000)
+
+    def change() -> None:
+        table.update(set=[(prefix, "198.18.0.3", 8285) for prefix in prefixes])
+        table.update(delete=prefixes)
+
+    benchmark.extra_info["changes_per_call"] = 2 * len(prefixes)
+    benchmark.pedantic(change, rounds=5, warmup_rounds=1)
+    assert len(table) == ROUTES + 1
+
+
+PEERS = [(f"{ipaddress.IPv4Address('10.0.0.0') + (i << 8)}/24", str(ipaddress.IPv4Address("198.18.0.1") + i), 8285)
+         for i in range(4_000)]
+
+
+def test_startup_4000_peers_one_at_a_time(benchmark: Benchmark) -> None:
+    """flannel-tunnel's start with 4,000 peers: one set() per peer, from an empty table."""
+
+    def build() -> PrefixTable:
+        table = PrefixTable()
+        for route in PEERS:
+            table.set(*route)
+        return table
+
+    table = benchmark.pedantic(build, rounds=3)
+    assert len(table) == 4_000
+
+
+def test_startup_4000_peers_one_batch(benchmark: Benchmark) -> None:
+    """The same 4,000 peers as one update() batch."""
+
+    def build() -> PrefixTable:
+        table = PrefixTable()
+        table.update(set=PEERS)
+        return table
+
+    table = benchmark.pedantic(build, rounds=5)
+    assert len(table) == 4_000

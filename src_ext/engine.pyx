@@ -11,15 +11,26 @@ Design notes (what is flannel's and why; what is ours and why)
   flannel's exceptions: never about ICMP, never about a non-first fragment. flannel sends it from flannel0's own
   address, which the kernel then drops as a martian (a local source arriving from outside, unless accept_local
   is set), so flannel's errors never reach the sender. Ours come from the unreachable destination itself: not a
-  local address, and routed via flannel0, so reverse-path checks pass and the sender sees ENETUNREACH.
+  local address, and routed via flannel0, so reverse-path checks pass and the sender sees ENETUNREACH. Unlike
+  flannel's, they are rate-limited like the kernel's own (a token bucket, 1000/s in bursts of 50), and the ones
+  held back are counted.
+- Ours: the TX side checks what local processes wrote into flannel0 (which the kernel does not: a packet socket
+  on flannel0 can write anything): header length, total length and header checksum of every whole packet, and,
+  given this node's subnet, that the inner source is in it (flannel0's own address is). The far end would drop
+  such packets anyway; here they cost no bandwidth and are counted where they came from.
 - Ours: the RX side validates what arrives (version, header length, total length, header checksum) and checks
   the sender: the outer source address must be the peer that owns the inner source's subnet. flannel accepts any
   datagram from anyone, which lets any host that can reach port 8285 inject packets into the pod network.
 - Ours: batches. The TX thread drains the TUN into one contiguous arena and sends with sendmmsg; the RX thread
   uses recvmmsg. With batch 1 and no offloads each direction is one packet per syscall, like flannel's C proxy;
   that mode is the baseline for every speed figure.
-- The routing table is a prefix_table.h table, read lock-free: each thread pins the current table in its hazard
-  slot for one batch, so a route change never waits for traffic to stop, and traffic never waits for a change.
+- The routing table is a prefix_table.h table, read lock-free: each thread pins the current table in its reader
+  slot for one batch (and lets go before it may wait for socket space), so a route change never waits for
+  traffic, and traffic never waits for a change. A route change costs O(changed routes); the sender check and
+  the per-peer counters are O(1) lookups in the configured-peer hash (peer_stats.h).
+- A thread whose TUN or socket is gone (a deleted flannel0 answers EBADFD to everything and POLLERR to poll)
+  stops for good and records why (failure()); it never retries in a loop. A TUN that is merely down refuses
+  writes with EIO: a per-packet drop, not a failure.
 - Offloads (each optional, chosen by dataplane.offload before the engine starts):
   vnet_hdr: the TUN carries a virtio_net_hdr; with TSO the kernel hands over 64 KiB TCP super-packets, which TX
   splits into MSS-size segments (offload.h gso_split) straight into the send arena.
@@ -35,18 +46,22 @@ Design notes (what is flannel's and why; what is ours and why)
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy, memset
 from libc.stdlib cimport calloc, free
-from libc.errno cimport errno, EAGAIN, EINTR, EIO, EINVAL
+from libc.errno cimport (
+    errno, EAGAIN, EINTR, EIO, EINVAL, EBADF, EBADFD, ENODEV, ENXIO, ENOTSOCK, EFAULT,
+)
 from posix.unistd cimport read, write, close
+from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 
 from syscalls cimport (
     iovec, readv, writev, sockaddr_in, htons, ntohs, htonl, ntohl, mmsghdr, recvmmsg, sendmmsg,
-    MSG_DONTWAIT, pollfd, poll, POLLIN, POLLOUT, eventfd, EFD_NONBLOCK, EFD_CLOEXEC, sched_yield,
+    MSG_DONTWAIT, pollfd, poll, POLLIN, POLLOUT, POLLERR, POLLHUP, POLLNVAL, eventfd, EFD_NONBLOCK, EFD_CLOEXEC, sched_yield,
 )
-from prefix_table cimport pt_table, pt_handle, pt_hop, pt_lookup, pt_acquire, pt_release
+from prefix_table cimport pt_table, pt_handle, pt_hop, pt_lookup, pt_routed, pt_leaf_hop, pt_acquire, pt_release
 from offload cimport (
     csum_partial, csum_fold, csum_finish, csum_replace2, ip4_set_check, VNET_HDR_LEN, VNET_F_NEEDS_CSUM,
     VNET_GSO_NONE, VNET_GSO_TCPV4, VNET_GSO_UDP_L4, GSO_MAX_SEGS, GRO_BUF, vnet_hdr, gro_item, gro_table,
-    vnet_finish_csum, gso_split, gro_reset, gro_add, gro_finish, CMSG_ROOM, cmsg_set_segment, cmsg_parse_rx, PEER_SLOTS, peer_table, peer_count,
+    vnet_finish_csum, gso_split, gro_reset, gro_add, gro_finish, CMSG_ROOM, cmsg_set_segment, cmsg_parse_rx,
+    PEER_SLOTS, PEER_EMPTY, peer_slot, peer_table, peer_find, peer_configured, peer_add,
 )
 
 
@@ -59,15 +74,17 @@ cdef enum:
     SLOT = 65536             # one datagram (or one UDP_GRO train) per receive slot
     READ_MAX = 65535         # one TUN read: an IPv4 packet (or TSO super-packet) up to 64 KiB
     ARENA = 1 << 20          # TX bytes collected before a flush
-    ARENA_SLACK = 1 << 17    # room past ARENA for the segments of one last super-packet
+    ARENA_SLACK = 1 << 19    # room past ARENA for the segments of one last super-packet (SPLIT_SEGS headers)
     MAX_SEGS = 4096          # TX packets collected before a flush
-    SPLIT_SEGS = 1024        # room left in the segment list for one super-packet (MSS 64 at 64 KiB)
+    SPLIT_SEGS = 2048        # segments of one super-packet: 64 KiB at the kernel's smallest MSS (48, tcp_min_snd_mss)
     RX_PACKETS = MAX_BATCH * GSO_MAX_SEGS   # inner packets one receive batch can hold with UDP_GRO
     GRO_POOL = 64            # coalescing buffers per batch
     UDP_MAX_PAYLOAD = 65507  # 65535 - IPv4 header - UDP header
     ICMP_QUOTE = 8           # payload bytes of the offending packet quoted after its IP header
     SPIN_POLLS = 20          # readiness checks (with a yield) before a drained thread blocks in poll
-    HAZARD_TX = 0
+    ICMP_PER_SEC = 1000      # ICMP errors: the kernel's net.ipv4.icmp_msgs_per_sec ...
+    ICMP_BURST = 50          # ... and net.ipv4.icmp_msgs_burst
+    HAZARD_TX = 0            # also the index of each thread's failure slot
     HAZARD_RX = 1
 
 # Counter indices. TX counters are written only by the TX thread, RX counters only by the RX thread.
@@ -88,8 +105,11 @@ cdef enum:
     C_GSO_FALLBACKS
     C_COALESCE_FALLBACKS
     C_RX_SOCKET_OVERFLOW
+    C_ICMP_UNREACH_RATE_LIMITED
     D_TX_NOT_IPV4
     D_TX_MALFORMED
+    D_TX_BAD_CHECKSUM
+    D_TX_SPOOFED_SOURCE
     D_TX_NO_ROUTE
     D_TX_TTL_EXPIRED
     D_TX_SEND_ERROR
@@ -108,9 +128,11 @@ COUNTERS = (
     "tx_packets", "tx_bytes", "tx_send_calls", "tx_gso_messages", "tun_reads", "tun_super_packets",
     "rx_packets", "rx_bytes", "rx_recv_calls", "rx_gro_trains", "tun_writes", "tun_coalesced_writes",
     "icmp_unreachable_sent", "gso_fallbacks", "coalesce_fallbacks", "rx_socket_overflow",
+    "icmp_unreachable_rate_limited",
 )
 DROPS = (
-    "tx_not_ipv4", "tx_malformed", "tx_no_route", "tx_ttl_expired", "tx_send_error",
+    "tx_not_ipv4", "tx_malformed", "tx_bad_checksum", "tx_spoofed_source", "tx_no_route", "tx_ttl_expired",
+    "tx_send_error",
     "rx_short", "rx_not_ipv4", "rx_bad_ihl", "rx_bad_length", "rx_bad_checksum", "rx_ttl_expired",
     "rx_unknown_peer", "rx_spoofed_source", "rx_tun_write_error",
 )
@@ -139,15 +161,25 @@ cdef inline bint ttl_decrement(uint8_t *iph) noexcept nogil:
     return True
 
 
-cdef void _peer_counts(peer_table *table, str direction, dict peers):
-    """Fold one direction's per-peer table into {peer address: {tx_packets, tx_bytes, rx_packets, rx_bytes}}."""
+cdef inline bint fd_dead(int err) noexcept nogil:
+    """An errno that every later call on the same fd would repeat: the device or socket is gone, so the thread
+    must stop instead of retrying (a deleted TUN answers EBADFD to every read and write and POLLERR to poll).
+    EIO is not here: a TUN that is only down refuses writes with EIO until it is up again."""
+    return err == EBADFD or err == EBADF or err == ENODEV or err == ENXIO or err == ENOTSOCK or err == EFAULT
+
+
+cdef dict _peer_counts(peer_table *table):
+    """{peer address: {tx_packets, tx_bytes, rx_packets, rx_bytes}} for every peer that has or had a route."""
     cdef int i
+    cdef peer_slot *s
+    peers = {}
     for i in range(PEER_SLOTS):
-        if table.slot[i].used:
-            entry = peers.setdefault(str(ipaddress.IPv4Address(ntohl(table.slot[i].addr))),
-                                     {"tx_packets": 0, "tx_bytes": 0, "rx_packets": 0, "rx_bytes": 0})
-            entry[f"{direction}_packets"] = table.slot[i].packets
-            entry[f"{direction}_bytes"] = table.slot[i].bytes
+        s = &table.slot[i]
+        if s.state != PEER_EMPTY:
+            peers[str(ipaddress.IPv4Address(ntohl(s.addr)))] = {
+                "tx_packets": s.tx_packets, "tx_bytes": s.tx_bytes, "rx_packets": s.rx_packets, "rx_bytes": s.rx_bytes,
+            }
+    return peers
 
 
 cdef class Engine:
@@ -158,13 +190,19 @@ cdef class Engine:
     """
 
     cdef int tun_fd, sock_fd, stop_fd
+    # Set once stop_fd is ours. A flag that starts false, not a -1 written by __cinit__: when the arguments do not
+    # parse, __dealloc__ runs on zeroed fields before any line of __cinit__, and fd 0 is somebody's stdin.
+    cdef bint owns_stop_fd
+    cdef int failed[2]              # per thread (HAZARD_TX, HAZARD_RX): the errno it stopped on, 0 while running
     cdef int batch
     cdef bint check_source, vnet_hdr, gso, gro, coalesce
+    cdef bint check_tx_source       # TX: the inner source must be in local_net/local_mask (host order)
+    cdef uint32_t local_net, local_mask
+    cdef uint64_t icmp_credit_ns, icmp_last_ns   # the ICMP token bucket, in nanoseconds of credit
     cdef readonly PrefixTable table
     cdef pt_handle *routes
     cdef uint64_t counters[N_COUNTERS]
-    cdef peer_table *tx_peers       # per peer: what the TX thread sent to it
-    cdef peer_table *rx_peers       # per peer: what the RX thread received from it (before validation)
+    cdef peer_table *peers          # the table's configured peers: what TX sent to each, what RX accepted
     # TX state
     cdef vnet_hdr tx_hdr
     cdef uint8_t *rbuf              # one TUN read when the TUN carries virtio headers
@@ -193,7 +231,8 @@ cdef class Engine:
     cdef uint16_t *rx_split_len
 
     def __cinit__(self, int tun_fd, int sock_fd, PrefixTable table not None, *, int batch=64,
-                  bint check_source=True, bint vnet_hdr=False, bint gso=False, bint gro=False, bint coalesce=False):
+                  bint check_source=True, bint vnet_hdr=False, bint gso=False, bint gro=False, bint coalesce=False,
+                  local_subnet=None):
         if not 1 <= batch <= MAX_BATCH:
             raise ValueError(f"batch {batch} out of range 1-{MAX_BATCH}")
         if coalesce and not vnet_hdr:
@@ -202,6 +241,12 @@ cdef class Engine:
         self.sock_fd = sock_fd
         self.batch = batch
         self.check_source = check_source
+        if local_subnet is not None:
+            subnet = ipaddress.IPv4Network(local_subnet)
+            self.check_tx_source = check_source
+            self.local_net = int(subnet.network_address)
+            self.local_mask = int(subnet.netmask)
+        self.icmp_credit_ns = ICMP_BURST * (1000000000 // ICMP_PER_SEC)
         self.vnet_hdr = vnet_hdr
         self.gso = gso
         self.gro = gro
@@ -209,7 +254,7 @@ cdef class Engine:
         self.table = table
         self.routes = table._handle()
         memset(self.counters, 0, sizeof(self.counters))
-        self.stop_fd = -1
+        memset(self.failed, 0, sizeof(self.failed))
         self.rbuf = <uint8_t *>calloc(READ_MAX + 1, 1)
         self.arena = <uint8_t *>calloc(ARENA + ARENA_SLACK, 1)
         self.seg_off = <uint32_t *>calloc(MAX_SEGS, sizeof(uint32_t))
@@ -229,20 +274,20 @@ cdef class Engine:
         self.flows = new_gro_table(RX_PACKETS, GRO_POOL)
         self.rx_split = <uint8_t *>calloc(GRO_BUF + ARENA_SLACK, 1)
         self.rx_split_len = <uint16_t *>calloc(SPLIT_SEGS, sizeof(uint16_t))
-        self.tx_peers = <peer_table *>calloc(1, sizeof(peer_table))
-        self.rx_peers = <peer_table *>calloc(1, sizeof(peer_table))
+        self.peers = table._peer_table()
         if (not self.rbuf or not self.arena or not self.seg_off or not self.seg_len or not self.seg_hop
                 or not self.tx_msgs or not self.tx_iov or not self.tx_addr or not self.tx_cmsg
                 or not self.tx_msg_segs or not self.tx_msg_first or not self.rx_bufs or not self.rx_msgs
                 or not self.rx_iov or not self.rx_addr or not self.rx_cmsg or not self.flows or not self.rx_split
-                or not self.rx_split_len or not self.tx_peers or not self.rx_peers):
+                or not self.rx_split_len):
             raise MemoryError()
         self.stop_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
         if self.stop_fd < 0:
             raise OSError(errno, "eventfd failed")
+        self.owns_stop_fd = True
 
     def __dealloc__(self):
-        if self.stop_fd >= 0:
+        if self.owns_stop_fd:
             close(self.stop_fd)
         free(self.rbuf)
         free(self.arena)
@@ -263,26 +308,26 @@ cdef class Engine:
         free_gro_table(self.flows)
         free(self.rx_split)
         free(self.rx_split_len)
-        free(self.tx_peers)
-        free(self.rx_peers)
 
     # ---- Python surface -------------------------------------------------------------------------------------
 
     def run_tx(self) -> None:
-        """TUN -> UDP until stop(); raises OSError if poll itself fails."""
-        cdef int err
+        """TUN -> UDP until stop(), or until the TUN or the socket is gone (then failure() says why)."""
         with nogil:
-            err = self._tx_loop()
-        if err:
-            raise OSError(err, "tx loop failed")
+            self._serve(self.tun_fd, HAZARD_TX)
 
     def run_rx(self) -> None:
-        """UDP -> TUN until stop(); raises OSError if poll itself fails."""
-        cdef int err
+        """UDP -> TUN until stop(), or until the socket or the TUN is gone (then failure() says why)."""
         with nogil:
-            err = self._rx_loop()
-        if err:
-            raise OSError(err, "rx loop failed")
+            self._rx_setup()
+            self._serve(self.sock_fd, HAZARD_RX)
+
+    def failure(self) -> tuple[str, int] | None:
+        """("TX" or "RX", errno) for a thread that stopped on its own, None while both run or were stopped."""
+        for side, name in ((HAZARD_TX, "TX"), (HAZARD_RX, "RX")):
+            if self.failed[side]:
+                return name, self.failed[side]
+        return None
 
     def stop(self) -> None:
         """Wake both loops and make them return; idempotent."""
@@ -291,21 +336,18 @@ cdef class Engine:
 
     def stats(self) -> dict:
         """Counters as plain ints, drops by reason under "drops", the offloads in use under "offloads", and
-        per peer address under "peers" (tx: inner packets sent to it; rx: datagrams from it, before checks)."""
+        per configured peer address under "peers" (tx: inner packets sent to it; rx: packets accepted from it)."""
         out = {name: self.counters[i] for i, name in enumerate(COUNTERS)}
         out["drops"] = {name: self.counters[D_TX_NOT_IPV4 + i] for i, name in enumerate(DROPS)}
         out["offloads"] = {"vnet_hdr": self.vnet_hdr, "gso": self.gso, "gro": self.gro, "coalesce": self.coalesce}
-        peers: dict = {}
-        _peer_counts(self.tx_peers, "tx", peers)
-        _peer_counts(self.rx_peers, "rx", peers)
-        out["peers"] = peers
+        out["peers"] = _peer_counts(self.peers)
         return out
 
     # ---- TX: TUN -> UDP -------------------------------------------------------------------------------------
 
-    cdef int _serve(self, int fd, bint tx) noexcept nogil:
+    cdef void _serve(self, int fd, int side) noexcept nogil:
         """Wait for fd to become readable, then drain it batch by batch (TX or RX) until it would block; again
-        until stop(). 0 on stop, or the errno of a failed poll.
+        until stop() or until the thread fails (failed[side] set: a dead fd, or poll itself failing).
 
         Once drained, the thread first checks the fd a few times (poll with no timeout, yielding the CPU in
         between) before it blocks: in a bulk transfer the next packet is usually microseconds away, and a
@@ -319,23 +361,29 @@ cdef class Engine:
         fds[0].events = POLLIN
         fds[1].fd = self.stop_fd
         fds[1].events = POLLIN
-        while True:
+        while not self.failed[side]:
             if poll(fds, 2, 0 if idle < spin else -1) < 0:
-                if errno == EINTR:
-                    continue
-                return errno
+                if errno != EINTR:
+                    self._fail(side, errno)
+                continue
             if fds[1].revents:
-                return 0
+                return
             if not fds[0].revents:
                 idle += 1
                 sched_yield()
                 continue
             idle = 0
-            while (self._tx_batch() if tx else self._rx_batch()):
+            while (self._tx_batch() if side == HAZARD_TX else self._rx_batch()) and not self.failed[side]:
                 pass
+            # POLLERR on the socket is a queued ICMP error that the receive just consumed; on the TUN (or
+            # POLLNVAL on either) it is final. Normally the read has already failed with the reason.
+            if fds[0].revents & POLLNVAL or (side == HAZARD_TX and fds[0].revents & (POLLERR | POLLHUP)):
+                self._fail(side, EBADF if fds[0].revents & POLLNVAL else EBADFD)
 
-    cdef int _tx_loop(self) noexcept nogil:
-        return self._serve(self.tun_fd, True)
+    cdef void _fail(self, int side, int err) noexcept nogil:
+        """Stop this thread for good with err (the first reason wins)."""
+        if not self.failed[side]:
+            self.failed[side] = err
 
     cdef bint _tx_batch(self) noexcept nogil:
         """Read up to one batch from the TUN and send it; True if the TUN may have more."""
@@ -355,42 +403,53 @@ cdef class Engine:
             if n < 0:
                 if errno == EINTR:
                     continue
-                more = False      # EAGAIN: drained. Anything else: poll will report it again.
+                if errno != EAGAIN:
+                    self._fail(HAZARD_TX, errno)    # a TUN read fails only when the device is gone
+                more = False
                 break
             self.counters[C_TUN_READS] += 1
             if self.vnet_hdr:
                 self._tx_offloaded(t, n)
             else:
                 self._tx_packet(t, self.arena + self.tx_pos, n)
+        pt_release(self.routes, HAZARD_TX)   # before the send, which may wait for socket space
         self._tx_flush()
-        pt_release(self.routes, HAZARD_TX)
         return more
 
-    cdef uint32_t _tx_route(self, const pt_table *t, uint8_t *p, ssize_t n) noexcept nogil:
-        """Checks shared by every TUN packet: IPv4, a route, TTL (decremented); the hop index, 0 to drop."""
+    cdef uint64_t _tx_route(self, const pt_table *t, uint8_t *p, ssize_t n, bint whole) noexcept nogil:
+        """Checks shared by every TUN packet: IPv4, its header (length and checksum too for a `whole` packet, not a
+        super-packet about to be split), a source of this node (with local_subnet), a route, TTL (decremented);
+        the route's leaf, 0 to drop. Whatever a local process wrote into flannel0, nothing the far end would
+        refuse leaves here."""
         cdef unsigned ihl
         if n < 1 or (p[0] >> 4) != 4:
             self.counters[D_TX_NOT_IPV4] += 1     # the kernel's own IPv6 chatter on flannel0, mostly
             return 0
         ihl = (p[0] & 0x0f) * 4
-        if n < 20 or ihl < 20 or ihl > n:
+        if n < 20 or ihl < 20 or ihl > n or (whole and ntohs(load16(p + 2)) != n):
             self.counters[D_TX_MALFORMED] += 1
             return 0
-        cdef uint32_t h = pt_lookup(t, ntohl(load32(p + 16)))
-        if h == 0:
+        if whole and csum_fold(csum_partial(p, ihl, 0)) != 0xffff:
+            self.counters[D_TX_BAD_CHECKSUM] += 1
+            return 0
+        if self.check_tx_source and (ntohl(load32(p + 12)) & self.local_mask) != self.local_net:
+            self.counters[D_TX_SPOOFED_SOURCE] += 1
+            return 0
+        cdef uint64_t leaf = pt_lookup(t, ntohl(load32(p + 16)))
+        if not pt_routed(leaf):
             self.counters[D_TX_NO_ROUTE] += 1
             self._icmp_unreachable(p, n, ihl)
             return 0
         if not ttl_decrement(p):
             self.counters[D_TX_TTL_EXPIRED] += 1
             return 0
-        return h
+        return leaf
 
     cdef void _tx_packet(self, const pt_table *t, uint8_t *p, ssize_t n) noexcept nogil:
         """One plain packet already in place at the arena's end: route it, or leave it to be overwritten."""
-        cdef uint32_t h = self._tx_route(t, p, n)
-        if h:
-            self._tx_queue(n, t.hops[h])
+        cdef uint64_t leaf = self._tx_route(t, p, n, True)
+        if leaf:
+            self._tx_queue(n, pt_leaf_hop(leaf))
 
     cdef inline void _tx_queue(self, size_t n, pt_hop hop) noexcept nogil:
         self.seg_off[self.tx_nseg] = self.tx_pos
@@ -403,15 +462,15 @@ cdef class Engine:
         """One read with a virtio header (in tx_hdr, packet in rbuf): finish its checksum or split it."""
         cdef vnet_hdr *hdr = &self.tx_hdr
         cdef int nseg, i
-        cdef uint32_t h = self._tx_route(t, self.rbuf, n)
-        if h == 0:
+        cdef uint64_t leaf = self._tx_route(t, self.rbuf, n, hdr.gso_type == VNET_GSO_NONE)
+        if leaf == 0:
             return
         if hdr.gso_type == VNET_GSO_NONE:
             if hdr.flags & VNET_F_NEEDS_CSUM and vnet_finish_csum(self.rbuf, n, hdr) < 0:
                 self.counters[D_TX_MALFORMED] += 1
                 return
             memcpy(self.arena + self.tx_pos, self.rbuf, n)
-            self._tx_queue(n, t.hops[h])
+            self._tx_queue(n, pt_leaf_hop(leaf))
             return
         nseg = gso_split(self.rbuf, n, hdr.gso_type, hdr.gso_size, self.arena + self.tx_pos,
                          ARENA + ARENA_SLACK - self.tx_pos, self.seg_len + self.tx_nseg, SPLIT_SEGS)
@@ -420,11 +479,14 @@ cdef class Engine:
             return
         self.counters[C_TUN_SUPER_PACKETS] += 1
         for i in range(nseg):
-            self._tx_queue(self.seg_len[self.tx_nseg], t.hops[h])
+            self._tx_queue(self.seg_len[self.tx_nseg], pt_leaf_hop(leaf))
 
     cdef void _icmp_unreachable(self, const uint8_t *p, ssize_t n, unsigned ihl) noexcept nogil:
         """ICMP 3/0 back into the TUN from the destination's address (not about ICMP, not for non-first fragments)."""
         if p[9] == 1 or (load16(p + 6) & htons(0x1fff)) != 0:
+            return
+        if not self._icmp_allowed():
+            self.counters[C_ICMP_UNREACH_RATE_LIMITED] += 1
             return
         cdef unsigned quote = ihl + (ICMP_QUOTE if n - ihl >= ICMP_QUOTE else n - ihl)
         cdef unsigned total = 20 + 8 + quote
@@ -445,11 +507,26 @@ cdef class Engine:
         v = csum_finish(csum_partial(o + 20, 8 + quote, 0))
         memcpy(o + 22, &v, 2)
         memset(&none, 0, sizeof(none))
-        if self._tun_write(&none, o, total) == 0:
+        if self._tun_write(&none, o, total, HAZARD_TX) == 0:
             self.counters[C_ICMP_UNREACH_SENT] += 1
 
-    cdef int _tun_write(self, vnet_hdr *hdr, uint8_t *p, size_t n) noexcept nogil:
-        """One packet into the TUN, behind its virtio header when the TUN has them; 0 or an errno."""
+    cdef bint _icmp_allowed(self) noexcept nogil:
+        """A token bucket like the kernel's global ICMP limit: ICMP_PER_SEC errors a second, bursts of ICMP_BURST
+        (flannel has none: one error per packet, so a sender to nowhere got as many as it sent)."""
+        cdef timespec now
+        cdef uint64_t cost = 1000000000 // ICMP_PER_SEC, t
+        clock_gettime(CLOCK_MONOTONIC, &now)
+        t = <uint64_t>now.tv_sec * 1000000000 + now.tv_nsec
+        self.icmp_credit_ns = min(self.icmp_credit_ns + (t - self.icmp_last_ns), ICMP_BURST * cost)
+        self.icmp_last_ns = t
+        if self.icmp_credit_ns < cost:
+            return False
+        self.icmp_credit_ns -= cost
+        return True
+
+    cdef int _tun_write(self, vnet_hdr *hdr, uint8_t *p, size_t n, int side) noexcept nogil:
+        """One packet into the TUN, behind its virtio header when the TUN has them; 0 or an errno (a dead TUN
+        also stops the calling thread)."""
         cdef iovec iov[2]
         cdef ssize_t r
         if self.vnet_hdr:
@@ -462,6 +539,8 @@ cdef class Engine:
             r = write(self.tun_fd, p, n)
         if r == <ssize_t>n:
             return 0
+        if r < 0 and fd_dead(errno):
+            self._fail(side, errno)
         return errno if r < 0 else EIO
 
     cdef void _tx_flush(self) noexcept nogil:
@@ -517,6 +596,7 @@ cdef class Engine:
         Returns -1, or the index of a GSO message the kernel refused (GSO is then off: rebuild from there)."""
         cdef int start = 0, r, i
         cdef pollfd fds[2]
+        cdef peer_slot *peer
         while start < nmsg:
             r = sendmmsg(self.sock_fd, self.tx_msgs + start, nmsg - start, 0)
             if r > 0:
@@ -525,8 +605,10 @@ cdef class Engine:
                     self.counters[C_TX_PACKETS] += self.tx_msg_segs[i]
                     self.counters[C_TX_BYTES] += self.tx_iov[i].iov_len
                     self.counters[C_TX_GSO_MESSAGES] += self.tx_msg_segs[i] > 1
-                    peer_count(self.tx_peers, self.tx_addr[i].sin_addr.s_addr, self.tx_msg_segs[i],
-                               self.tx_iov[i].iov_len)
+                    peer = peer_find(self.peers, self.tx_addr[i].sin_addr.s_addr)
+                    if peer:
+                        peer_add(&peer.tx_packets, self.tx_msg_segs[i])
+                        peer_add(&peer.tx_bytes, self.tx_iov[i].iov_len)
                 start += r
             elif errno == EINTR:
                 continue
@@ -543,6 +625,9 @@ cdef class Engine:
                 self.gso = False
                 self.counters[C_GSO_FALLBACKS] += 1
                 return start
+            elif fd_dead(errno):
+                self._fail(HAZARD_TX, errno)
+                return -1
             else:
                 # The message at `start` was refused (no route to the peer, EPERM from a firewall, ...).
                 self.counters[D_TX_SEND_ERROR] += self.tx_msg_segs[start]
@@ -551,7 +636,7 @@ cdef class Engine:
 
     # ---- RX: UDP -> TUN -------------------------------------------------------------------------------------
 
-    cdef int _rx_loop(self) noexcept nogil:
+    cdef void _rx_setup(self) noexcept nogil:
         cdef int i
         for i in range(MAX_BATCH):
             self.rx_iov[i].iov_base = self.rx_bufs + <size_t>i * SLOT
@@ -560,66 +645,78 @@ cdef class Engine:
             self.rx_msgs[i].msg_hdr.msg_iovlen = 1
             self.rx_msgs[i].msg_hdr.msg_name = &self.rx_addr[i]
             self.rx_msgs[i].msg_hdr.msg_control = self.rx_cmsg + <size_t>i * CMSG_ROOM
-        return self._serve(self.sock_fd, False)
 
     cdef bint _rx_batch(self) noexcept nogil:
         """Receive one batch of datagrams and deliver them; True if the socket may have more."""
         cdef int i, r, gso_size
-        cdef size_t n, off
-        cdef uint8_t *p
         for i in range(self.batch):
             self.rx_msgs[i].msg_hdr.msg_namelen = sizeof(sockaddr_in)
             self.rx_msgs[i].msg_hdr.msg_controllen = CMSG_ROOM
         r = recvmmsg(self.sock_fd, self.rx_msgs, self.batch, MSG_DONTWAIT, NULL)
         if r <= 0:
+            if r < 0 and fd_dead(errno):
+                self._fail(HAZARD_RX, errno)
             return r < 0 and errno == EINTR
         self.counters[C_RX_RECV_CALLS] += 1
         cdef const pt_table *t = pt_acquire(self.routes, HAZARD_RX)
         for i in range(r):
             cmsg_parse_rx(&self.rx_msgs[i].msg_hdr, &gso_size, &self.rx_overflow)
-            p = self.rx_bufs + <size_t>i * SLOT
-            n = self.rx_msgs[i].msg_len
-            peer_count(self.rx_peers, self.rx_addr[i].sin_addr.s_addr,
-                       (n + gso_size - 1) // gso_size if 0 < gso_size < n else 1, n)
-            if gso_size <= 0 or n <= <size_t>gso_size:
-                self._rx_packet(t, p, n, &self.rx_addr[i])
-                continue
-            self.counters[C_RX_GRO_TRAINS] += 1
-            off = 0
-            while off < n:
-                self._rx_packet(t, p + off, min(<size_t>gso_size, n - off), &self.rx_addr[i])
-                off += gso_size
+            self._rx_message(t, self.rx_bufs + <size_t>i * SLOT, self.rx_msgs[i].msg_len, gso_size, &self.rx_addr[i])
         pt_release(self.routes, HAZARD_RX)
         self.counters[C_RX_SOCKET_OVERFLOW] = self.rx_overflow
         if self.coalesce:
             self._rx_write_coalesced()
         return r == self.batch
 
-    cdef void _rx_packet(self, const pt_table *t, uint8_t *p, size_t n, const sockaddr_in *src) noexcept nogil:
-        """Validate one datagram from the wire, check its sender, and write (or queue) it for the TUN."""
+    cdef void _rx_message(self, const pt_table *t, uint8_t *p, size_t n, int gso_size,
+                          const sockaddr_in *src) noexcept nogil:
+        """One received message: a datagram, or with UDP_GRO a train cut at gso_size; what was accepted is
+        counted for the sending peer (after validation, so made-up senders are never counted)."""
+        cdef size_t off = 0, size = n
+        cdef uint64_t packets = 0, nbytes = 0
+        cdef unsigned got
+        cdef peer_slot *peer
+        if 0 < gso_size < <ssize_t>n:
+            self.counters[C_RX_GRO_TRAINS] += 1
+            size = gso_size
+        while True:     # at least once: an empty datagram is dropped (and counted) too
+            got = self._rx_packet(t, p + off, min(size, n - off), src)
+            packets += got != 0
+            nbytes += got
+            off += size
+            if off >= n:
+                break
+        peer = peer_find(self.peers, src.sin_addr.s_addr) if packets else NULL
+        if peer:
+            peer_add(&peer.rx_packets, packets)
+            peer_add(&peer.rx_bytes, nbytes)
+
+    cdef unsigned _rx_packet(self, const pt_table *t, uint8_t *p, size_t n, const sockaddr_in *src) noexcept nogil:
+        """Validate one datagram from the wire, check its sender, and write (or queue) it for the TUN; its
+        length, or 0 if it was dropped."""
         cdef unsigned ihl, total
         if n < 20:
             self.counters[D_RX_SHORT] += 1
-            return
+            return 0
         if (p[0] >> 4) != 4:
             self.counters[D_RX_NOT_IPV4] += 1
-            return
+            return 0
         ihl = (p[0] & 0x0f) * 4
         if ihl < 20:
             self.counters[D_RX_BAD_IHL] += 1
-            return
+            return 0
         total = ntohs(load16(p + 2))
         if total > n or total < ihl:
             self.counters[D_RX_BAD_LENGTH] += 1
-            return
+            return 0
         if csum_fold(csum_partial(p, ihl, 0)) != 0xffff:
             self.counters[D_RX_BAD_CHECKSUM] += 1
-            return
+            return 0
         if self.check_source and not self._sender_ok(t, p, src):
-            return
+            return 0
         if not ttl_decrement(p):
             self.counters[D_RX_TTL_EXPIRED] += 1
-            return
+            return 0
         self.counters[C_RX_PACKETS] += 1
         self.counters[C_RX_BYTES] += total
         if self.coalesce:
@@ -628,11 +725,12 @@ cdef class Engine:
                 gro_add(self.flows, p, total)
         else:
             self._rx_write(p, total)
+        return total
 
     cdef void _rx_write(self, uint8_t *p, size_t n) noexcept nogil:
         cdef vnet_hdr none
         memset(&none, 0, sizeof(none))
-        if self._tun_write(&none, p, n) == 0:
+        if self._tun_write(&none, p, n, HAZARD_RX) == 0:
             self.counters[C_TUN_WRITES] += 1
         else:
             self.counters[D_RX_TUN_WRITE_ERROR] += 1
@@ -646,7 +744,7 @@ cdef class Engine:
         for i in range(self.flows.nitems):
             it = &self.flows.items[i]
             gro_finish(it, &hdr)
-            err = self._tun_write(&hdr, it.pkt, it.len) if self.coalesce or it.segs < 2 else EINVAL
+            err = self._tun_write(&hdr, it.pkt, it.len, HAZARD_RX) if self.coalesce or it.segs < 2 else EINVAL
             if err == 0:
                 self.counters[C_TUN_WRITES] += 1
                 self.counters[C_TUN_COALESCED_WRITES] += it.segs > 1
@@ -667,13 +765,13 @@ cdef class Engine:
         gro_reset(self.flows)
 
     cdef bint _sender_ok(self, const pt_table *t, const uint8_t *p, const sockaddr_in *src) noexcept nogil:
-        """The outer source must be the peer whose subnet holds the inner source; counts the drop if not."""
-        cdef uint32_t h = pt_lookup(t, ntohl(load32(p + 12)))
-        if h != 0 and t.hops[h].addr == src.sin_addr.s_addr:
+        """The outer source must be the peer whose subnet holds the inner source; counts the drop if not, as
+        spoofed (a configured peer) or unknown (anyone else), both O(1)."""
+        cdef uint64_t leaf = pt_lookup(t, ntohl(load32(p + 12)))
+        if pt_routed(leaf) and pt_leaf_hop(leaf).addr == src.sin_addr.s_addr:
             return True
-        for h in range(1, t.nhops + 1):
-            if t.hops[h].addr == src.sin_addr.s_addr:
-                self.counters[D_RX_SPOOFED_SOURCE] += 1
-                return False
-        self.counters[D_RX_UNKNOWN_PEER] += 1
+        if peer_configured(self.peers, src.sin_addr.s_addr):
+            self.counters[D_RX_SPOOFED_SOURCE] += 1
+        else:
+            self.counters[D_RX_UNKNOWN_PEER] += 1
         return False

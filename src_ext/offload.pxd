@@ -63,12 +63,18 @@ cdef extern from "cmsg.h" nogil:
 cdef extern from "peer_stats.h" nogil:
     enum:
         PEER_SLOTS
+        PEER_EMPTY
     ctypedef struct peer_slot:
         uint32_t addr
-        uint32_t used
-        uint64_t packets
-        uint64_t bytes
+        uint32_t state
+        uint64_t tx_packets, tx_bytes, rx_packets, rx_bytes
     ctypedef struct peer_table:
-        peer_slot slot[1024]
-    # Add to the counters of one peer (one writer thread per table).
-    void peer_count(peer_table *t, uint32_t addr, uint64_t packets, uint64_t bytes)
+        peer_slot slot[16384]
+    # The slot of a peer address (network order) that has or had a route, or NULL: O(1).
+    peer_slot *peer_find(peer_table *t, uint32_t addr)
+    # Whether a route leads to this address now.
+    bint peer_configured(peer_table *t, uint32_t addr)
+    # Add n to one counter of a slot (each counter has one writer thread).
+    void peer_add(uint64_t *counter, uint64_t n)
+    # Control side: the address gained its first route (on) or lost its last one.
+    void peer_configure(peer_table *t, uint32_t addr, int on)

@@ -1,29 +1,34 @@
 # C declarations of prefix_table.h (the lock-free LPM table the engine threads read).
 
-from libc.stdint cimport uint8_t, uint16_t, uint32_t
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 
 
 cdef extern from "prefix_table.h" nogil:
     ctypedef struct pt_hop:
         uint32_t addr
         uint16_t port
-    ctypedef struct pt_route:
+    ctypedef struct pt_table:
+        pass
+    ctypedef struct pt_op:
         uint32_t net
         uint8_t plen
-        pt_hop hop
-    ctypedef struct pt_table:
-        uint32_t nhops
-        pt_hop *hops
+        uint8_t dele "del"
+        uint64_t leaf
     ctypedef struct pt_handle:
-        pt_table *cur
+        pass
     int PT_READERS
-    # Next-hop index for a host-order address; 0 means no route.
-    uint32_t pt_lookup(const pt_table *t, uint32_t addr)
-    # Sorts routes in place; NULL on allocation failure.
-    pt_table *pt_build(pt_route *routes, uint32_t n)
-    void pt_free(pt_table *t)
-    # Reader side: pin the current table in `slot` for one batch, then release it.
+    uint64_t PT_NONE
+    # The leaf a route stores (its hop and prefix length), whether a leaf is a route, and its hop.
+    uint64_t pt_leaf(pt_hop hop, unsigned plen)
+    bint pt_routed(uint64_t leaf)
+    pt_hop pt_leaf_hop(uint64_t leaf)
+    # The leaf for a host-order address; test it with pt_routed.
+    uint64_t pt_lookup(const pt_table *t, uint32_t addr)
+    # Reader side: pin the current table in `slot` (one per thread) for one batch, then release it; never waits.
     const pt_table *pt_acquire(pt_handle *h, int slot)
     void pt_release(pt_handle *h, int slot)
-    # Writer side: swap in t and free the old table once no reader holds it.
-    void pt_publish(pt_handle *h, pt_table *t)
+    # Writer side (one at a time): an empty table; a batch applied and published at once (-1: out of memory,
+    # nothing changed); everything freed once no reader is left.
+    int pt_init(pt_handle *h)
+    int pt_apply(pt_handle *h, const pt_op *ops, size_t n)
+    void pt_destroy(pt_handle *h)

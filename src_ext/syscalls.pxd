@@ -50,6 +50,9 @@ cdef extern from "<poll.h>" nogil:
     int poll(pollfd *fds, unsigned long nfds, int timeout)
     short POLLIN
     short POLLOUT
+    short POLLERR
+    short POLLHUP
+    short POLLNVAL
 
 
 cdef extern from "<sys/eventfd.h>" nogil:

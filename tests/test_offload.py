@@ -107,6 +107,17 @@ def test_fin_and_cwr_stay_on_the_end_segments() -> None:
     assert [len(p) for _, p in coalesce(segments)] == [len(s) for s in segments]
 
 
+def test_a_64k_super_packet_at_the_smallest_mss_is_split_whole() -> None:
+    """MSS 48 is the kernel's floor (net.ipv4.tcp_min_snd_mss): 1,365 segments, more than the old 1,024 cap."""
+    payload = bytes(range(256)) * 255 + bytes(range(215))  # 65,495 bytes: 40 of headers make a full 64 KiB read
+    segments = split(tcp_super(payload, seq=5), GSO_TCPV4, 48)
+    assert len(segments) == 1365
+    for i, seg in enumerate(segments):
+        assert_valid_segment(seg)
+        assert tcp_fields(seg)[0] == 5 + 48 * i
+    assert b"".join(tcp_fields(seg)[2] for seg in segments) == payload
+
+
 def test_psh_in_the_middle_ends_the_merge() -> None:
     payload = bytes(4000)
     segments = [bytearray(s) for s in split(tcp_super(payload), GSO_TCPV4, 1000)]

@@ -32,7 +32,8 @@ def test_1gb_with_offloads_on(rig: Rig, tmp_path: Path) -> None:
     t.join()
     assert t.received_bytes == GB and t.received == t.sent
     sa, sb = ta.stats(), tb.stats()
-    assert sa["offloads"] == sb["offloads"] == {"vnet_hdr": True, "gso": True, "gro": True, "coalesce": True}
+    every = {"tso": True, "uso": True, "vnet_hdr": True, "gso": True, "gro": True, "coalesce": True}
+    assert sa["offloads"] == sb["offloads"] == every
     assert sa["tun_super_packets"] > 0, "TSO handed over super-packets"
     assert sa["tx_gso_messages"] > 0, "UDP_SEGMENT sends happened"
     assert sa["tx_send_calls"] * 4 < sa["tx_packets"], "several packets per send call"
@@ -47,6 +48,8 @@ def test_1gb_with_one_offload_off(rig: Rig, tmp_path: Path, disabled: str) -> No
     t.join()
     assert t.received_bytes == GB and t.received == t.sent
     sa, sb = ta.stats(), tb.stats()
+    for offloads in (sa["offloads"], sb["offloads"]):
+        assert [name for name, on in offloads.items() if not on] == [disabled], "only the one offload is off"
     moved = {
         "tso": sa["tun_super_packets"],
         "gso": sa["tx_gso_messages"],

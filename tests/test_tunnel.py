@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import ipaddress
 import os
 import socket
 import struct
@@ -10,7 +11,7 @@ import time
 
 import pytest
 from conftest import Tunnel, host_socket, inside
-from packets import udp4
+from packets import ipv4, udp4
 from traffic import start_transfer
 
 from bench.rig import Rig
@@ -125,19 +126,33 @@ def _garbage(a_overlay: str, b_overlay: str) -> dict[str, list[bytes]]:
     }
 
 
+def _rx_drops(tunnel: Tunnel) -> dict[str, int]:
+    return {reason: n for reason, n in tunnel.stats()["drops"].items() if reason.startswith("rx_")}
+
+
+def _new_drops(tunnel: Tunnel, before: dict[str, int], count: int) -> dict[str, int]:
+    """The rx drops counted since `before`, once there are `count` of them."""
+    _wait_for(lambda: sum(_rx_drops(tunnel).values()) >= sum(before.values()) + count)
+    after = _rx_drops(tunnel)
+    return {reason: after[reason] - before[reason] for reason in after if after[reason] != before[reason]}
+
+
 def test_garbage_is_dropped_and_counted_while_a_transfer_stays_intact(
     rig: Rig, tunnels: tuple[Tunnel, Tunnel]
 ) -> None:
     a, b = rig.hosts
     _, tb = tunnels
-    before = tb.stats()["drops"]
     transfer = start_transfer(a, b, 100 * MB)
     garbage = _garbage(str(a.overlay_ip), str(b.overlay_ip))
     with host_socket(a) as raw:
         raw.bind((str(a.underlay), 0))  # a real peer's address, any port
-        for datagrams in garbage.values():
+        for reason, datagrams in garbage.items():
+            # One kind at a time, so that a drop counted under the wrong reason fails the test.
+            before = _rx_drops(tb)
             for d in datagrams:
                 raw.sendto(d, (str(b.underlay), 8285))
+            assert _new_drops(tb, before, len(datagrams)) == {reason: len(datagrams)}
+        before = _rx_drops(tb)
         for _ in range(200):  # random bytes: dropped for one reason or another, never delivered
             raw.sendto(os.urandom(int.from_bytes(os.urandom(2)) % 1500), (str(b.underlay), 8285))
     # A sender that is not a configured peer at all.
@@ -146,14 +161,33 @@ def test_garbage_is_dropped_and_counted_while_a_transfer_stays_intact(
     with host_socket(a) as stranger:
         stranger.bind(("198.18.0.99", 0))
         stranger.sendto(udp4(str(a.overlay_ip), str(b.overlay_ip), 1, 9, b"hi"), (str(b.underlay), 8285))
+    _wait_for(lambda: _rx_drops(tb)["rx_unknown_peer"] == before["rx_unknown_peer"] + 1)
     transfer.join()
     assert transfer.received == transfer.sent and transfer.received_bytes == 100 * MB
-    after = tb.stats()["drops"]
-    for reason, datagrams in garbage.items():
-        assert after[reason] - before[reason] >= len(datagrams), reason
-    assert after["rx_unknown_peer"] == before["rx_unknown_peer"] + 1
-    random_drops = sum(after[r] - before[r] for r in after) - sum(len(d) for d in garbage.values()) - 1
+    after = _rx_drops(tb)
+    random_drops = sum(after[r] - before[r] for r in after) - 1
     assert random_drops >= 190, "random datagrams must be dropped (a few may pass as spoofed IPv4 only by luck)"
+
+
+def test_made_up_senders_are_unknown_and_never_crowd_out_the_real_peer(
+    rig: Rig, tunnels: tuple[Tunnel, Tunnel]
+) -> None:
+    """1,100 outer source addresses that are no peer: each datagram is counted as rx_unknown_peer, none gets a
+    per-peer counter, and the real peer's traffic is still counted afterwards."""
+    a, b = rig.hosts
+    _, tb = tunnels
+    before = _rx_drops(tb)["rx_unknown_peer"]
+    inner = udp4(str(a.overlay_ip), str(b.overlay_ip), 1, 9, b"flood")
+    datagram = struct.pack("!HHHH", 40000, 8285, 8 + len(inner), 0) + inner  # UDP checksum 0: none, for IPv4
+    with host_socket(a, socket.SOCK_RAW, socket.IPPROTO_RAW) as raw:
+        for i in range(1_100):
+            source = str(ipaddress.IPv4Address("198.19.0.1") + i)
+            raw.sendto(ipv4(source, str(b.underlay), 17, datagram), (str(b.underlay), 0))
+    _wait_for(lambda: _rx_drops(tb)["rx_unknown_peer"] == before + 1_100)
+    assert "3 received" in _ping(rig, 0, 1)
+    peers = tb.stats()["peers"]
+    assert list(peers) == [str(a.underlay)], "only configured peers have counters"
+    assert peers[str(a.underlay)]["rx_packets"] >= 3
 
 
 def test_stop_removes_flannel0_and_frees_the_port(rig: Rig, tunnels: tuple[Tunnel, Tunnel]) -> None:

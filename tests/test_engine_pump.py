@@ -1,0 +1,189 @@
+"""The engine in-process on a real TUN device in a namespace: what it does when flannel0 is deleted under it,
+how it checks what local processes write into flannel0, and how it rate-limits its ICMP errors."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import host_socket, inside, start_tunnel
+from packets import parse_ipv4, udp4
+from traffic import start_transfer
+
+from bench.rig import NETWORK, Rig
+from dataplane import offload
+from dataplane.pump import Pump, open_pump
+
+ETH_P_IP = 0x0800
+MB = 1 << 20
+
+
+def _wait_for(cond: Any, timeout: float = 5) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.002)
+
+
+@contextmanager
+def _pump(rig: Rig, offloads: str, **kw: Any) -> Iterator[Pump]:
+    """A started Pump on the rig's first host, whose subnet is local_subnet; the second host is its peer."""
+    a, b = rig.hosts
+    with inside(a):
+        p = open_pump(iface_ip=a.underlay, port=8285, tun_name="flannel0", subnet=a.subnet, network=NETWORK,
+                      mtu=1400, wanted=offload.wanted(offloads), local_subnet=str(a.subnet), **kw)
+    p.set_route(str(b.subnet), str(b.underlay))
+    p.start()
+    try:
+        yield p
+    finally:
+        p.close()
+
+
+@pytest.fixture(params=["auto", "off"])
+def pump(rig: Rig, request: pytest.FixtureRequest) -> Iterator[Pump]:
+    with _pump(rig, request.param) as p:
+        yield p
+
+
+@pytest.fixture
+def inject(rig: Rig) -> Iterator[socket.socket]:
+    """A packet socket on the first host: what it sends goes straight into flannel0, unchecked by the kernel."""
+    with inside(rig.hosts[0]):
+        s = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(ETH_P_IP))
+    with s:
+        yield s
+
+
+@pytest.fixture
+def peer(rig: Rig) -> Iterator[socket.socket]:
+    """The second host's :8285 as a plain socket (flannel's proxy): what the engine sends arrives here."""
+    with host_socket(rig.hosts[1]) as s:
+        s.bind((str(rig.hosts[1].underlay), 8285))
+        s.settimeout(5)
+        yield s
+
+
+def test_deleted_tun_stops_both_threads_and_says_why(rig: Rig, pump: Pump) -> None:
+    a, b = rig.hosts
+    assert pump.alive() and pump.failure() is None
+    a.run("ip", "link", "del", "flannel0")
+    _wait_for(lambda: pump.failure() is not None, timeout=2)
+    assert pump.failure() == "flannel0: TX stopped: File descriptor in bad state (EBADFD)"
+    assert not pump.alive()
+    cpu = time.process_time()
+    time.sleep(1)
+    assert time.process_time() - cpu < 0.1, "no engine thread spins on the dead device"
+    # The RX thread finds out on its next write to the TUN, and stops as well.
+    with host_socket(b) as sender:
+        sender.bind((str(b.underlay), 0))
+        sender.sendto(udp4(str(b.overlay_ip), str(a.overlay_ip), 1, 9, b"late"), (str(a.underlay), 8285))
+    _wait_for(lambda: not any(t.is_alive() for t in pump._threads), timeout=2)
+    assert pump.failure() == "flannel0: TX stopped: File descriptor in bad state (EBADFD)", "the first reason stays"
+    pump.stop()
+    pump.stop()
+
+
+def test_stop_after_a_clean_run_reports_nothing(pump: Pump) -> None:
+    pump.stop()
+    assert pump.failure() is None and not pump.alive()
+
+
+def _tx_drops(pump: Pump) -> dict[str, int]:
+    """TX drops but tx_not_ipv4, which the kernel's own IPv6 chatter on flannel0 moves at any time."""
+    return {r: n for r, n in pump.stats()["drops"].items() if r.startswith("tx_") and r != "tx_not_ipv4"}
+
+
+def _send_alone(pump: Pump, inject: socket.socket, packets: list[bytes]) -> dict[str, int]:
+    """Write packets into flannel0; the TX drops they caused, once there are as many as packets."""
+    before = _tx_drops(pump)
+    for packet in packets:
+        inject.sendto(packet, ("flannel0", ETH_P_IP))
+    _wait_for(lambda: sum(_tx_drops(pump).values()) >= sum(before.values()) + len(packets))
+    after = _tx_drops(pump)
+    return {r: after[r] - before[r] for r in after if after[r] != before[r]}
+
+
+def test_local_packets_are_checked_before_they_leave(rig: Rig, pump: Pump, inject: socket.socket,
+                                                     peer: socket.socket) -> None:
+    a, b = (str(h.overlay_ip) for h in rig.hosts)
+    good = udp4(a, b, 1, 9, b"good")
+    bad_checksum = bytearray(good)
+    bad_checksum[10] ^= 0xFF
+    wrong_length = bytearray(good)
+    wrong_length[3] += 1
+    kinds = {
+        "tx_spoofed_source": [udp4("10.244.77.7", b, 1, 9, b"x"), udp4(b, b, 1, 9, b"x")],
+        "tx_bad_checksum": [bytes(bad_checksum)],
+        "tx_malformed": [good[:-1], good + b"\0", bytes(wrong_length)],
+    }
+    for reason, packets in kinds.items():
+        # One kind at a time, so that a drop counted under the wrong reason fails the test.
+        assert _send_alone(pump, inject, packets) == {reason: len(packets)}
+    inject.sendto(good, ("flannel0", ETH_P_IP))
+    sent = parse_ipv4(peer.recv(65536))
+    assert (sent.src, sent.dst, sent.payload[8:], sent.header_ok) == (a, b, b"good", True), "nothing else left"
+
+
+def test_without_source_check_any_local_source_leaves(rig: Rig, inject: socket.socket, peer: socket.socket) -> None:
+    with _pump(rig, "auto", check_source=False):
+        inject.sendto(udp4("10.244.77.7", str(rig.hosts[1].overlay_ip), 1, 9, b"x"), ("flannel0", ETH_P_IP))
+        assert parse_ipv4(peer.recv(65536)).src == "10.244.77.7"
+
+
+def test_icmp_unreachables_are_rate_limited_like_the_kernel(rig: Rig, pump: Pump, inject: socket.socket) -> None:
+    """1,000 a second in bursts of 50 (net.ipv4.icmp_msgs_per_sec, icmp_msgs_burst); the rest are counted."""
+    a = str(rig.hosts[0].overlay_ip)
+    before = pump.stats()
+    start = time.monotonic()
+    for chunk in range(20):  # in chunks, so that flannel0's transmit queue (500) never overflows
+        for i in range(100):
+            inject.sendto(udp4(a, "10.244.99.1", 1, 9 + i, b"?"), ("flannel0", ETH_P_IP))
+        target = before["drops"]["tx_no_route"] + 100 * (chunk + 1)
+        _wait_for(lambda t=target: pump.stats()["drops"]["tx_no_route"] == t)
+    elapsed = time.monotonic() - start
+    after = pump.stats()
+    sent = after["icmp_unreachable_sent"] - before["icmp_unreachable_sent"]
+    limited = after["icmp_unreachable_rate_limited"] - before["icmp_unreachable_rate_limited"]
+    assert sent + limited == 2_000
+    assert 0 < sent <= 50 + 1_000 * elapsed + 1, (sent, elapsed)
+
+
+def test_route_changes_under_traffic_lose_nothing(rig: Rig, tmp_path: Path) -> None:
+    """A 300 MB transfer through the engine while another thread keeps changing routes in batches: other peers'
+    subnets come and go, a covering /16 to a stranger appears and goes, the live peer's route is set again."""
+    a, b = rig.hosts
+    start_tunnel(b, [a], tmp_path)
+    with _pump(rig, "auto") as pump:
+        done = threading.Event()
+        changes = 0
+
+        def churn() -> None:
+            nonlocal changes
+            others = [f"10.244.{128 + i // 16}.{(i % 16) * 16}/28" for i in range(1_000)]
+            cover_and_live = [("10.244.0.0/16", "198.18.0.78", 8285), (str(b.subnet), str(b.underlay), 8285)]
+            while not done.is_set():
+                pump.update_routes(set=[(s, "198.18.0.77", 8285) for s in others] + cover_and_live)
+                pump.update_routes(delete=[*others, "10.244.0.0/16"])
+                for s in others[:100]:
+                    pump.set_route(s, "198.18.0.79")
+                    pump.del_route(s)
+                changes += 2 * len(others) + len(cover_and_live) + 1 + 200
+
+        churner = threading.Thread(target=churn)
+        churner.start()
+        transfer = start_transfer(a, b, 300 * MB)
+        try:
+            transfer.join()
+        finally:
+            done.set()
+            churner.join()
+        assert transfer.received == transfer.sent and transfer.received_bytes == 300 * MB
+        assert changes >= 10_000, changes
+        assert pump.failure() is None and list(pump.routes) == [(str(b.subnet), str(b.underlay), 8285)]
