@@ -68,6 +68,16 @@ class Pump:
         if errors:
             raise errors[0]
 
+    def alive(self) -> bool:
+        """Both engine threads are running (False before start(), after stop() or once one has died)."""
+        return bool(self._threads) and all(thread.is_alive() for thread in self._threads)
+
+    def failure(self) -> str | None:
+        """Why the engine is not forwarding, or None while it is."""
+        if self.alive():
+            return None
+        return f"engine thread died: {self._errors[0]}" if self._errors else "engine not running"
+
     def close(self) -> None:
         """Stop (if running) and release the TUN device and the socket."""
         try:
