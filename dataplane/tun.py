@@ -8,16 +8,16 @@ nothing configured.
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import ipaddress
 import os
+import socket
 import struct
 from dataclasses import dataclass, replace
+from typing import Any
 
 import pytun
 from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
 
 from dataplane.errors import DataplaneError
 from dataplane.offload import Offloads
@@ -27,6 +27,8 @@ ENCAP_OVERHEAD = 28  # outer IPv4 header + UDP header (flannel's encapOverhead)
 # include/uapi/linux/if_tun.h
 TUNSETOFFLOAD = 0x400454D0
 TUN_F_CSUM, TUN_F_TSO4, TUN_F_USO4, TUN_F_USO6 = 0x01, 0x02, 0x20, 0x40
+IFF_UP = 0x1  # include/uapi/linux/if.h
+RT_TABLE_MAIN = 254
 
 
 @dataclass
@@ -95,15 +97,40 @@ def configure_tun(tun: TunDevice, *, subnet: ipaddress.IPv4Network, network: ipa
     """
     with IPRoute() as ipr:
         index = ipr.link_lookup(ifname=tun.name)[0]
-        ipr.link("set", index=index, mtu=mtu, state="up")
-        ipr.addr("add", index=index, address=str(subnet.network_address), prefixlen=32)
-        try:
-            ipr.route("add", dst=str(network), oif=index, scope=0)
-        except NetlinkError as exc:
-            if exc.code != errno.EEXIST:
-                raise
+        ipr.link("set", index=index, mtu=mtu)
+        ensure_configured(ipr, index, subnet=subnet, network=network)
     if tun.offloads.coalesce and not _coalesced_write_works(tun.fd):
         tun.offloads = replace(tun.offloads, coalesce=False)
+
+
+def ensure_configured(ipr: IPRoute, index: int, *, subnet: ipaddress.IPv4Network,
+                      network: ipaddress.IPv4Network) -> list[str]:
+    """Bring the link up and add its /32 address and the network route, each only if missing; returns what it
+    did. Setting a link down makes the kernel delete the routes through it, and nothing puts them back when the
+    link comes up again: this does, and is cheap enough to run every second."""
+    done = []
+    if not ipr.get_links(index)[0]["flags"] & IFF_UP:
+        ipr.link("set", index=index, state="up")
+        done.append("was down, brought it up")
+    address = str(subnet.network_address)
+    if not any(a.get_attr("IFA_ADDRESS") == address for a in ipr.get_addr(family=socket.AF_INET, index=index)):
+        ipr.addr("add", index=index, address=address, prefixlen=32)
+        done.append(f"address {address}/32 re-added")
+    routes = _routes_to(ipr, network)
+    if not any(r.get("oif") == index for r in routes):
+        if routes:
+            oif = routes[0].get("oif")
+            other = ipr.get_links(oif)[0].get("ifname") if oif else "a route with no device"
+            raise DataplaneError(f"{network} is already routed through {other}: is another tunnel running?")
+        ipr.route("add", dst=str(network), oif=index, scope=0)
+        done.append(f"route to {network} re-added")
+    return done
+
+
+def _routes_to(ipr: IPRoute, network: ipaddress.IPv4Network) -> list[Any]:
+    """The main table's routes for exactly `network` (any device)."""
+    return [r for r in ipr.get_routes(family=socket.AF_INET, table=RT_TABLE_MAIN)
+            if r.get("dst") == str(network.network_address) and r["dst_len"] == network.prefixlen]
 
 
 def _coalesced_write_works(fd: int) -> bool:

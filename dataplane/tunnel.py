@@ -16,17 +16,20 @@ import logging
 import os
 import signal
 import sys
+import time
 from dataclasses import dataclass
 from typing import NoReturn
 
 from dataplane import offload
 from dataplane.errors import DataplaneError
-from dataplane.pump import DEFAULT_BATCH, DEFAULT_PORT, Pump, open_pump
+from dataplane.keeper import Keeper, PumpSpec
+from dataplane.pump import DEFAULT_BATCH, DEFAULT_PORT
 from dataplane.tun import ENCAP_OVERHEAD, underlay_mtu
 
 log = logging.getLogger("flannel-tunnel")
 
 PROG = "flannel-tunnel"
+CHECK_INTERVAL = 1.0  # seconds between dataplane checks (a deleted flannel0 is back within about this)
 
 
 @dataclass(frozen=True)
@@ -134,39 +137,44 @@ def run(cfg: TunnelConfig) -> None:
     if os.geteuid() != 0:
         raise DataplaneError("must run as root (creating flannel0 needs CAP_NET_ADMIN)")
     mtu = underlay_mtu(cfg.iface_ip) - ENCAP_OVERHEAD
-    pump = open_pump(iface_ip=cfg.iface_ip, port=cfg.port, tun_name=cfg.tun, subnet=cfg.subnet,
-                     network=cfg.network, mtu=mtu, wanted=cfg.offloads, batch=cfg.batch,
-                     check_source=cfg.check_source)
-    try:
-        _forward(cfg, pump, mtu)
-    finally:
-        pump.close()
-
-
-def _forward(cfg: TunnelConfig, pump: Pump, mtu: int) -> None:
-    for peer in cfg.peers:
-        pump.set_route(str(peer.subnet), str(peer.addr), cfg.port)
-    # Block the signals before the engine threads exist so that only sigwait below ever sees them.
+    keeper = Keeper(PumpSpec(iface_ip=cfg.iface_ip, port=cfg.port, tun_name=cfg.tun, subnet=cfg.subnet,
+                             network=cfg.network, mtu=mtu, wanted=cfg.offloads, batch=cfg.batch,
+                             check_source=cfg.check_source))
+    # Block the signals before the engine threads exist so that only sigtimedwait below ever sees them.
     signals = {signal.SIGINT, signal.SIGTERM, signal.SIGUSR1}
     signal.pthread_sigmask(signal.SIG_BLOCK, signals)
-    pump.start()
+    pump = keeper.start({str(peer.subnet): (str(peer.addr), cfg.port) for peer in cfg.peers})
     log.info("%s up: subnet %s, mtu %d, %d peers, udp %s:%d, batch %d, offloads: %s", cfg.tun, cfg.subnet, mtu,
              len(cfg.peers), cfg.iface_ip, cfg.port, cfg.batch, pump.offloads.describe())
     try:
-        while (sig := signal.sigwait(signals)) == signal.SIGUSR1:
-            _write_stats(cfg.stats_file, pump)
+        sig = _forward(cfg, keeper, signals)
+        keeper.pump.stop()
+        _write_stats(cfg.stats_file, keeper)
     finally:
-        pump.stop()
-    _write_stats(cfg.stats_file, pump)
+        keeper.close()
     log.info("stopped on %s", signal.Signals(sig).name)
 
 
-def _write_stats(path: str | None, pump: Pump) -> None:
+def _forward(cfg: TunnelConfig, keeper: Keeper, signals: set[signal.Signals]) -> signal.Signals:
+    """Serve signals, and check the dataplane every CHECK_INTERVAL seconds; returns the signal that stops it."""
+    next_check = time.monotonic() + CHECK_INTERVAL
+    while True:
+        info = signal.sigtimedwait(signals, max(0.0, next_check - time.monotonic()))
+        if info is None:
+            keeper.check()
+            next_check = time.monotonic() + CHECK_INTERVAL
+        elif info.si_signo == signal.SIGUSR1:
+            _write_stats(cfg.stats_file, keeper)
+        else:
+            return signal.Signals(info.si_signo)
+
+
+def _write_stats(path: str | None, keeper: Keeper) -> None:
     if path is None:
         return
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
-        json.dump(pump.stats(), f)
+        json.dump(keeper.stats(), f)
     os.replace(tmp, path)
 
 
