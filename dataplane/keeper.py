@@ -12,6 +12,7 @@ flanneld's udp backend both drive it. All methods are thread-safe.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import logging
 import threading
@@ -21,6 +22,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
 
 from dataplane.errors import DataplaneError
 from dataplane.offload import Offloads
@@ -81,6 +83,7 @@ class Keeper:
             self._routes = {_key(subnet): hop for subnet, hop in (routes or {}).items()}
             pump = self._open()
             self.spec = replace(self.spec, tun_name=pump.tun.name)
+            self._failure = None
             return pump
 
     def close(self) -> None:
@@ -156,15 +159,28 @@ class Keeper:
 
         A deleted device or a dead engine means a new pump (same name, address, MTU, network route and all
         routes); a device set down, or missing its address or route, is brought back as it is. Raises
-        DataplaneError when a recreate failed after every retry; the next check() tries again."""
+        DataplaneError (also kept as `failure`) when it cannot put things right, for example when the recreate
+        failed after every retry or another device took the network's route; the next check() tries again."""
         with self._lock:
-            name = self.spec.tun_name
-            if self._pump is None:
-                self._recreate(f"{name} is still missing")
-            elif not self._pump.alive():
-                self._recreate(f"{name}'s engine stopped ({self._pump.failure()})")
-            else:
+            try:
+                self._check(self.spec.tun_name)
+            except DataplaneError as exc:
+                self._failure = str(exc)
+                raise
+            self._failure = None
+
+    def _check(self, name: str) -> None:
+        if self._pump is None:
+            self._recreate(f"{name} is still missing")
+        elif not self._pump.alive():
+            self._recreate(f"{name}'s engine stopped ({self._pump.failure()})")
+        else:
+            try:
                 self._repair(name)
+            except NetlinkError as exc:
+                if exc.code != errno.ENODEV:  # anything but a device deleted while we looked at it
+                    raise DataplaneError(f"{name}: cannot check it: {exc}") from None
+                self._recreate(f"{name} was deleted")
 
     def _repair(self, name: str) -> None:
         with IPRoute() as ipr:
@@ -194,8 +210,7 @@ class Keeper:
                 continue
             log.warning("%s; recreated it with %d routes", reason, len(self._routes))
             return
-        self._failure = f"{reason}; could not recreate it ({self.attempts} attempts): {error}"
-        raise DataplaneError(self._failure)
+        raise DataplaneError(f"{reason}; could not recreate it ({self.attempts} attempts): {error}")
 
     def _open(self) -> Pump:
         """A started pump carrying every desired route; caller holds the lock."""
@@ -208,5 +223,5 @@ class Keeper:
         except BaseException:
             pump.close()
             raise
-        self._pump, self._failure = pump, None
+        self._pump = pump
         return pump

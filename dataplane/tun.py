@@ -55,6 +55,7 @@ def open_tun(name: str, wanted: Offloads) -> TunDevice:
     """Create the TUN device `name` (non-blocking), or raise DataplaneError saying why not."""
     if not os.path.exists("/dev/net/tun"):
         raise DataplaneError("/dev/net/tun does not exist: load the tun module (modprobe tun)")
+    _refuse_existing(name)
     flags = pytun.IFF_TUN | pytun.IFF_NO_PI | (pytun.IFF_VNET_HDR if wanted.vnet_hdr else 0)
     try:
         handle = pytun.TunTapDevice(name=name, flags=flags)
@@ -70,6 +71,18 @@ def open_tun(name: str, wanted: Offloads) -> TunDevice:
         tso = wanted.tso and (uso or _tunsetoffload(fd, base))
         tun.offloads = replace(wanted, tso=tso, uso=uso)
     return tun
+
+
+def _refuse_existing(name: str) -> None:
+    """A device of that name that we did not create is not ours to take over: TUNSETIFF would attach to a
+    persistent TUN left by someone else, and anything else would fail later with a bare EEXIST. (A name with
+    %d is numbered by the kernel and cannot clash.)"""
+    if "%" in name:
+        return
+    with IPRoute() as ipr:
+        if ipr.link_lookup(ifname=name):
+            raise DataplaneError(f"a network device named {name} already exists and is not ours: "
+                                 f"delete it (ip link del {name}) or use another name")
 
 
 def _tunsetoffload(fd: int, flags: int) -> bool:
