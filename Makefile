@@ -1,6 +1,7 @@
 # The two entry points the README starts with. Both install what a fresh Debian machine lacks, then run.
 #   make demo   the two-host demo and benchmark (flannel-bench --quick), embedded defaults, no etcd
 #   make test   lint (ruff), type-check (mypy) and the whole test suite, as CI runs it
+#   make fuzz   the fuzz harness at full size (tests/fuzz)
 
 PYTHON ?= python3
 VENV := .venv
@@ -9,7 +10,7 @@ APT_PACKAGES := iproute2 iptables iperf3 iputils-ping ethtool etcd-server contai
 	gcc python3-dev python3-venv
 BENCH_OUT ?= bench-out
 
-.PHONY: setup apt demo test lint micro
+.PHONY: setup apt demo test lint micro fuzz
 
 setup: $(BIN)/flannel-tunnel
 	@command -v iperf3 >/dev/null && command -v ping >/dev/null && command -v ethtool >/dev/null || $(MAKE) apt
@@ -37,3 +38,8 @@ test: lint
 
 micro: setup
 	$(BIN)/python -m pytest bench/micro.py -q -p no:cacheprovider --benchmark-columns=min,median,mean,ops
+
+# The fuzz harness at full size: 10 million packets from the wire and 10 million into flannel0 (a few minutes).
+# The test suite runs the same test with 200,000.
+fuzz: setup
+	PYFLANNEL_FUZZ_PACKETS=10000000 $(BIN)/python -m pytest -q -s -p no:cacheprovider tests/fuzz
