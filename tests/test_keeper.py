@@ -108,3 +108,14 @@ def test_keeper_routes_survive_a_recreate(rig: Rig) -> None:
     ]
     assert "flannel0 was deleted; recreated it with 2 routes" in out.stderr
     assert "flannel0's engine stopped (engine not running); recreated it with 2 routes" in out.stderr
+
+
+def test_a_flannel0_taken_over_by_another_device_ends_the_tunnel(rig: Rig, tunnels: tuple[Tunnel, Tunnel]) -> None:
+    a, _ = rig.hosts
+    a.run("sh", "-c", "ip link del flannel0 && ip link add flannel0 type veth peer name other0")
+    proc = tunnels[0].proc
+    assert proc.wait(timeout=20) == 1
+    assert proc.stderr is not None
+    assert str(proc.stderr.read()).splitlines()[1:] == [
+        "flannel-tunnel: error: flannel0 was deleted; could not recreate it (5 attempts): a network device named "
+        "flannel0 already exists and is not ours: delete it (ip link del flannel0) or use another name"]
