@@ -170,24 +170,27 @@ class Keeper:
             self._failure = None
 
     def _check(self, name: str) -> None:
+        """The device first: a deleted one also stops an engine that notices, and the log should say why."""
         if self._pump is None:
             self._recreate(f"{name} is still missing")
-        elif not self._pump.alive():
-            self._recreate(f"{name}'s engine stopped ({self._pump.failure()})")
-        else:
-            try:
-                self._repair(name)
-            except NetlinkError as exc:
-                if exc.code != errno.ENODEV:  # anything but a device deleted while we looked at it
-                    raise DataplaneError(f"{name}: cannot check it: {exc}") from None
-                self._recreate(f"{name} was deleted")
+            return
+        try:
+            with IPRoute() as ipr:
+                if ipr.link_lookup(ifname=name) != [self._index]:
+                    reason = f"{name} was deleted"
+                elif not self._pump.alive():
+                    reason = f"{name}'s engine stopped ({self._pump.failure()})"
+                else:
+                    self._repair(ipr, name)
+                    return
+        except NetlinkError as exc:
+            if exc.code != errno.ENODEV:  # anything but a device deleted while we looked at it
+                raise DataplaneError(f"{name}: cannot check it: {exc}") from None
+            reason = f"{name} was deleted"
+        self._recreate(reason)
 
-    def _repair(self, name: str) -> None:
-        with IPRoute() as ipr:
-            if ipr.link_lookup(ifname=name) != [self._index]:
-                self._recreate(f"{name} was deleted")
-                return
-            fixed = ensure_configured(ipr, self._index, subnet=self.spec.subnet, network=self.spec.network)
+    def _repair(self, ipr: IPRoute, name: str) -> None:
+        fixed = ensure_configured(ipr, self._index, subnet=self.spec.subnet, network=self.spec.network)
         if fixed:
             log.warning("%s: %s", name, ", ".join(fixed))
 
