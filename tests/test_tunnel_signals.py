@@ -24,11 +24,11 @@ def _stopped_log(tunnel: Tunnel) -> list[str]:
     return str(tunnel.proc.stderr.read()).splitlines()
 
 
-def _wait_until(done: Callable[[], bool], seconds: float = 10) -> None:
+def _wait_until(done: Callable[[], bool], seconds: float = 10, interval: float = 0.02) -> None:
     deadline = time.monotonic() + seconds
     while not done():
         assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
+        time.sleep(interval)
 
 
 def _blocked(pid: int) -> int:
@@ -45,11 +45,9 @@ def test_signals_during_setup_wait_and_none_kills_it(rig: Rig, tmp_path: Path) -
     wanted = sum(1 << (sig - 1) for sig in SETUP_SIGNALS)
     with ThreadPoolExecutor(1) as pool:
         starting = pool.submit(start_tunnel, a, [b], tmp_path)
-        while not a.procs:
-            time.sleep(0.001)
+        _wait_until(lambda: bool(a.procs), interval=0.001)
         pid = a.procs[-1].pid
-        while _blocked(pid) & wanted != wanted:
-            time.sleep(0.001)
+        _wait_until(lambda: _blocked(pid) & wanted == wanted, interval=0.001)
         for sig in SETUP_SIGNALS:
             a.procs[-1].send_signal(sig)
         during_setup = "10.244.0.0/16" not in a.run("ip", "route").stdout
