@@ -2,6 +2,7 @@
 #   make demo   the two-host demo and benchmark (flannel-bench --quick), embedded defaults, no etcd
 #   make test   lint (ruff), type-check (mypy) and the whole test suite, as CI runs it
 #   make debug  the engine built with AddressSanitizer and UBSan, its C-level unit and property tests run on it
+#   make fuzz   the fuzz harness at full size (tests/fuzz)
 
 PYTHON ?= python3
 VENV := .venv
@@ -10,7 +11,7 @@ APT_PACKAGES := iproute2 iptables iperf3 iputils-ping ethtool etcd-server contai
 	gcc python3-dev python3-venv
 BENCH_OUT ?= bench-out
 
-.PHONY: setup apt demo test lint micro debug
+.PHONY: setup apt demo test lint micro debug fuzz
 
 setup: $(BIN)/flannel-tunnel
 	@command -v iperf3 >/dev/null && command -v ping >/dev/null && command -v ethtool >/dev/null || $(MAKE) apt
@@ -50,3 +51,8 @@ debug: setup
 	LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so)" \
 		ASAN_OPTIONS=detect_leaks=0 $(BIN)/python -m pytest -q -p no:cacheprovider $(DEBUG_TESTS); \
 		status=$$?; $(BIN)/pip install -q --no-deps -e . && exit $$status
+
+# The fuzz harness at full size: 10 million packets from the wire and 10 million into flannel0 (a few minutes).
+# The test suite runs the same test with 200,000.
+fuzz: setup
+	PYFLANNEL_FUZZ_PACKETS=10000000 $(BIN)/python -m pytest -q -s -p no:cacheprovider tests/fuzz

@@ -15,9 +15,11 @@ import threading
 from collections.abc import Iterable
 from typing import Any
 
+from pyroute2 import IPRoute
+
 from dataplane._engine import Engine, PrefixTable
 from dataplane.offload import Offloads
-from dataplane.tun import TunDevice, configure_tun, open_tun
+from dataplane.tun import TunDevice, configure_tun, ensure_configured, open_tun
 from dataplane.udp import enable_offloads, open_udp_socket
 
 DEFAULT_PORT = 8285
@@ -34,29 +36,36 @@ class Pump:
         tun: TunDevice,
         sock: socket.socket,
         *,
+        subnet: ipaddress.IPv4Network,
+        network: ipaddress.IPv4Network,
         offloads: Offloads,
         batch: int = DEFAULT_BATCH,
         check_source: bool = True,
-        local_subnet: str | None = None,
     ) -> None:
         """`offloads` must be what the TUN and socket were actually set up with (dataplane.tun, dataplane.udp).
-        With `local_subnet` (this node's subnet, which holds flannel0's address) and check_source, packets that
-        local processes write into flannel0 with any other inner source are dropped (tx_spoofed_source)."""
+        With check_source, packets that local processes write into flannel0 with an inner source outside this
+        node's `subnet` (which holds flannel0's address) are dropped (tx_spoofed_source), as the far end would."""
         self.tun = tun
         self.sock = sock
+        self.subnet = subnet
+        self.network = network
         self.routes = PrefixTable()
         self.offloads = offloads
         self._engine = Engine(
-            tun.fd, sock.fileno(), self.routes, batch=batch, check_source=check_source, local_subnet=local_subnet,
+            tun.fd, sock.fileno(), self.routes, batch=batch, check_source=check_source, local_subnet=str(subnet),
             vnet_hdr=offloads.vnet_hdr, gso=offloads.gso, gro=offloads.gro, coalesce=offloads.coalesce,
         )
         self._threads: list[threading.Thread] = []
 
     def start(self) -> None:
+        """Start both engine threads, then route the network into the TUN: only now is someone reading it, and
+        the routes set so far are already in the table (blocking netlink: call it from a worker thread)."""
         for name, loop in (("pump-tx", self._engine.run_tx), ("pump-rx", self._engine.run_rx)):
             thread = threading.Thread(target=loop, name=name, daemon=True)
             thread.start()
             self._threads.append(thread)
+        with IPRoute() as ipr:
+            ensure_configured(ipr, ipr.link_lookup(ifname=self.tun.name)[0], subnet=self.subnet, network=self.network)
 
     def alive(self) -> bool:
         """Both engine threads are running."""
@@ -110,7 +119,7 @@ class Pump:
 
 def open_pump(*, iface_ip: ipaddress.IPv4Address, port: int, tun_name: str, subnet: ipaddress.IPv4Network,
               network: ipaddress.IPv4Network, mtu: int, wanted: Offloads, batch: int = DEFAULT_BATCH,
-              check_source: bool = True, local_subnet: str | None = None) -> Pump:
+              check_source: bool = True) -> Pump:
     """The udp dataplane as flannel's udp backend sets it up: the socket bound to iface_ip:port, the TUN device
     configured for subnet, network and mtu, and the offloads both accept out of `wanted`. Not started yet;
     DataplaneError (nothing left open) if the host refuses any step."""
@@ -120,8 +129,8 @@ def open_pump(*, iface_ip: ipaddress.IPv4Address, port: int, tun_name: str, subn
         try:
             configure_tun(tun, subnet=subnet, network=network, mtu=mtu)
             offloads = enable_offloads(sock, tun.offloads)
-            return Pump(tun, sock, offloads=offloads, batch=batch, check_source=check_source,
-                        local_subnet=local_subnet)
+            return Pump(tun, sock, subnet=subnet, network=network, offloads=offloads, batch=batch,
+                        check_source=check_source)
         except BaseException:
             tun.close()
             raise

@@ -8,16 +8,16 @@ nothing configured.
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import ipaddress
 import os
+import socket
 import struct
 from dataclasses import dataclass, replace
+from typing import Any
 
 import pytun
 from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
 
 from dataplane.errors import DataplaneError
 from dataplane.offload import Offloads
@@ -27,6 +27,8 @@ ENCAP_OVERHEAD = 28  # outer IPv4 header + UDP header (flannel's encapOverhead)
 # include/uapi/linux/if_tun.h
 TUNSETOFFLOAD = 0x400454D0
 TUN_F_CSUM, TUN_F_TSO4, TUN_F_USO4, TUN_F_USO6 = 0x01, 0x02, 0x20, 0x40
+IFF_UP = 0x1  # include/uapi/linux/if.h
+RT_TABLE_MAIN = 254
 
 
 @dataclass
@@ -53,6 +55,7 @@ def open_tun(name: str, wanted: Offloads) -> TunDevice:
     """Create the TUN device `name` (non-blocking), or raise DataplaneError saying why not."""
     if not os.path.exists("/dev/net/tun"):
         raise DataplaneError("/dev/net/tun does not exist: load the tun module (modprobe tun)")
+    _refuse_existing(name)
     flags = pytun.IFF_TUN | pytun.IFF_NO_PI | (pytun.IFF_VNET_HDR if wanted.vnet_hdr else 0)
     try:
         handle = pytun.TunTapDevice(name=name, flags=flags)
@@ -68,6 +71,18 @@ def open_tun(name: str, wanted: Offloads) -> TunDevice:
         tso = wanted.tso and (uso or _tunsetoffload(fd, base))
         tun.offloads = replace(wanted, tso=tso, uso=uso)
     return tun
+
+
+def _refuse_existing(name: str) -> None:
+    """A device of that name that we did not create is not ours to take over: TUNSETIFF would attach to a
+    persistent TUN left by someone else, and anything else would fail later with a bare EEXIST. (A name with
+    %d is numbered by the kernel and cannot clash.)"""
+    if "%" in name:
+        return
+    with IPRoute() as ipr:
+        if ipr.link_lookup(ifname=name):
+            raise DataplaneError(f"a network device named {name} already exists and is not ours: "
+                                 f"delete it (ip link del {name}) or use another name")
 
 
 def _tunsetoffload(fd: int, flags: int) -> bool:
@@ -88,22 +103,60 @@ def _pytun_reason(exc: pytun.Error) -> str:
 
 
 def configure_tun(tun: TunDevice, *, subnet: ipaddress.IPv4Network, network: ipaddress.IPv4Network, mtu: int) -> None:
-    """Address = subnet network address /32, the given MTU, link up, and a route for the whole network.
+    """Address = subnet network address /32, the given MTU, link up; DataplaneError if another device already
+    routes the network. The network route itself comes with ensure_configured, once the engine forwards, so
+    the kernel never sends traffic into a device nobody reads.
 
     The /32 (rather than the subnet's own prefix) keeps the kernel from adding a connected route and broadcast
     addresses for the subnet, which belongs to the local bridge, not to flannel0 (flannel's configureIface).
     """
     with IPRoute() as ipr:
         index = ipr.link_lookup(ifname=tun.name)[0]
-        ipr.link("set", index=index, mtu=mtu, state="up")
-        ipr.addr("add", index=index, address=str(subnet.network_address), prefixlen=32)
-        try:
-            ipr.route("add", dst=str(network), oif=index, scope=0)
-        except NetlinkError as exc:
-            if exc.code != errno.EEXIST:
-                raise
+        ipr.link("set", index=index, mtu=mtu)
+        _ensure_link(ipr, index, subnet)
+        _ensure_route(ipr, index, network, add=False)
     if tun.offloads.coalesce and not _coalesced_write_works(tun.fd):
         tun.offloads = replace(tun.offloads, coalesce=False)
+
+
+def ensure_configured(ipr: IPRoute, index: int, *, subnet: ipaddress.IPv4Network,
+                      network: ipaddress.IPv4Network) -> list[str]:
+    """Bring the link up and add its /32 address and the network route, each only if missing; returns what it
+    did. Setting a link down makes the kernel delete the routes through it, and nothing puts them back when the
+    link comes up again: this does, and is cheap enough to run every second."""
+    return _ensure_link(ipr, index, subnet) + _ensure_route(ipr, index, network, add=True)
+
+
+def _ensure_link(ipr: IPRoute, index: int, subnet: ipaddress.IPv4Network) -> list[str]:
+    done = []
+    if not ipr.get_links(index)[0]["flags"] & IFF_UP:
+        ipr.link("set", index=index, state="up")
+        done.append("was down, brought it up")
+    address = str(subnet.network_address)
+    if not any(a.get_attr("IFA_ADDRESS") == address for a in ipr.get_addr(family=socket.AF_INET, index=index)):
+        ipr.addr("add", index=index, address=address, prefixlen=32)
+        done.append(f"address {address}/32 re-added")
+    return done
+
+
+def _ensure_route(ipr: IPRoute, index: int, network: ipaddress.IPv4Network, *, add: bool) -> list[str]:
+    routes = _routes_to(ipr, network)
+    if any(r.get("oif") == index for r in routes):
+        return []
+    if routes:
+        oif = routes[0].get("oif")
+        other = ipr.get_links(oif)[0].get("ifname") if oif else "a route with no device"
+        raise DataplaneError(f"{network} is already routed through {other}: is another tunnel running?")
+    if not add:
+        return []
+    ipr.route("add", dst=str(network), oif=index, scope=0)
+    return [f"route to {network} re-added"]
+
+
+def _routes_to(ipr: IPRoute, network: ipaddress.IPv4Network) -> list[Any]:
+    """The main table's routes for exactly `network` (any device)."""
+    return [r for r in ipr.get_routes(family=socket.AF_INET, table=RT_TABLE_MAIN)
+            if r.get("dst") == str(network.network_address) and r["dst_len"] == network.prefixlen]
 
 
 def _coalesced_write_works(fd: int) -> bool:

@@ -1,32 +1,60 @@
 """flannel-tunnel: a standalone flannel udp tunnel with static peers and no registry.
 
-    flannel-tunnel --iface-ip IP --subnet CIDR --network CIDR --peer CIDR=IP [--peer ...] [--port 8285]
-                   [--tun flannel0] [--offload auto|off] [--batch N]
+    flannel-tunnel --iface-ip IP --subnet CIDR --network CIDR --peer CIDR=IP [--peer ...] [--peers-file PATH]
+                   [--port 8285] [--tun flannel0] [--offload auto|off] [--batch N] [--no-source-check]
+                   [--stats-file PATH]
 
 It sets up flannel0 as flanneld's udp backend would, forwards until SIGINT/SIGTERM, and removes what it created.
-SIGUSR1 writes the engine counters as JSON to --stats-file.
+Every second a Keeper (dataplane.keeper) checks flannel0: deleted, it is recreated with every route; set down or
+stripped of its address or network route, these are put back; one log line each.
+
+Signals. main() blocks every signal below before it does anything else, and one loop takes them with
+sigtimedwait, so a signal during setup waits for setup to finish instead of killing it:
+    SIGINT, SIGTERM   stop: final stats written, flannel0 removed, exit 0
+    SIGHUP            re-read --peers-file and apply the difference (unchanged peers see no gap); a file that
+                      does not parse is logged in one line and the routes in use stay
+    SIGUSR1           write the counters as JSON to --stats-file (a new file renamed over it; errors logged)
+    SIGUSR2, SIGALRM, SIGVTALRM, SIGPROF, SIGIO, SIGPWR, SIGSTKFLT, SIGRTMIN..SIGRTMAX
+                      logged ("ignored SIGUSR2 from pid N") and otherwise ignored: their default would kill it
+Deliberately left at their defaults: SIGQUIT, SIGABRT, SIGSEGV, SIGBUS, SIGFPE, SIGILL, SIGSYS, SIGTRAP, SIGXCPU,
+SIGXFSZ (dump core: a request for one, or a bug; faulthandler prints the Python stacks first for the faults),
+SIGTSTP/SIGTTIN/SIGTTOU/SIGCONT (job control), SIGCHLD/SIGURG/SIGWINCH (ignored by default), SIGPIPE (ignored
+by Python: a write to a closed pipe is an error, not a death), and SIGKILL/SIGSTOP, which cannot be caught.
+
+Exit status: 0 after a clean stop; 2 for flags (or a --peers-file at start) that do not make sense; 1 when the
+host refuses the setup or flannel0 cannot be recreated; one line on stderr for both.
 """
 
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import ipaddress
 import json
 import logging
 import os
 import signal
 import sys
+import tempfile
+import time
 from dataclasses import dataclass
 from typing import NoReturn
 
 from dataplane import offload
 from dataplane.errors import DataplaneError
-from dataplane.pump import DEFAULT_BATCH, DEFAULT_PORT, Pump, open_pump
+from dataplane.keeper import Keeper, PumpSpec
+from dataplane.pump import DEFAULT_BATCH, DEFAULT_PORT
 from dataplane.tun import ENCAP_OVERHEAD, underlay_mtu
 
 log = logging.getLogger("flannel-tunnel")
 
 PROG = "flannel-tunnel"
+# The signals this process takes (see the module docstring); all others keep their default action.
+STOP = {signal.SIGINT, signal.SIGTERM}
+IGNORED = {signal.SIGUSR2, signal.SIGALRM, signal.SIGVTALRM, signal.SIGPROF, signal.SIGIO, signal.SIGPWR,
+           signal.SIGSTKFLT, *range(signal.SIGRTMIN, signal.SIGRTMAX + 1)}
+WATCHED = STOP | {signal.SIGHUP, signal.SIGUSR1} | IGNORED
+CHECK_INTERVAL = 1.0  # seconds between dataplane checks (a deleted flannel0 is back within about this)
 
 
 @dataclass(frozen=True)
@@ -41,6 +69,8 @@ class TunnelConfig:
     subnet: ipaddress.IPv4Network
     network: ipaddress.IPv4Network
     peers: tuple[Peer, ...]
+    """From --peer flags only; all_peers() adds the --peers-file."""
+    peers_file: str | None
     port: int
     tun: str
     offloads: offload.Offloads
@@ -61,6 +91,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--subnet", required=True, help="this host's overlay subnet, e.g. 10.244.1.0/24")
     p.add_argument("--network", required=True, help="the whole overlay network, e.g. 10.244.0.0/16")
     p.add_argument("--peer", action="append", default=[], metavar="CIDR=IP", help="a peer's subnet and address")
+    p.add_argument("--peers-file", metavar="PATH", help="more peers, one CIDR=IP a line; SIGHUP re-reads it")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help="UDP port, the same on every host (8285)")
     p.add_argument("--tun", default="flannel0", help="TUN device name (flannel0)")
     p.add_argument("--offload", choices=("auto", "off"), default="auto",
@@ -86,14 +117,40 @@ def _cidr(text: str, what: str) -> ipaddress.IPv4Network:
         raise DataplaneError(f"{what} {text!r} is not an IPv4 CIDR") from None
 
 
-def _peer(text: str, network: ipaddress.IPv4Network) -> Peer:
+def _peer(text: str, network: ipaddress.IPv4Network, where: str = "--peer") -> Peer:
     cidr, sep, addr = text.partition("=")
     if not sep:
-        raise DataplaneError(f"--peer {text!r} must look like CIDR=IP")
-    peer = Peer(_cidr(cidr, "--peer subnet"), _ip(addr, "--peer address"))
+        raise DataplaneError(f"{where} {text!r} must look like CIDR=IP")
+    peer = Peer(_cidr(cidr.strip(), f"{where} subnet"), _ip(addr.strip(), f"{where} address"))
     if not peer.subnet.subnet_of(network):
-        raise DataplaneError(f"--peer subnet {peer.subnet} is outside --network {network}")
+        raise DataplaneError(f"{where} subnet {peer.subnet} is outside --network {network}")
     return peer
+
+
+def _file_peers(path: str, network: ipaddress.IPv4Network) -> list[tuple[str, Peer]]:
+    """The peers in a --peers-file, each with where it came from: one CIDR=IP a line; blank lines and # comments
+    are skipped."""
+    try:
+        with open(path) as f:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataplaneError(f"cannot read --peers-file {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    return [(f"{path}:{n}:", _peer(text, network, f"{path}:{n}:"))
+            for n, line in enumerate(lines, 1) if (text := line.partition("#")[0].strip())]
+
+
+def all_peers(cfg: TunnelConfig) -> tuple[Peer, ...]:
+    """--peer flags plus the --peers-file as it is now, checked for overlaps; DataplaneError if they do not fit."""
+    sourced = [("--peer", peer) for peer in cfg.peers]
+    if cfg.peers_file is not None:
+        sourced += _file_peers(cfg.peers_file, cfg.network)
+    taken = [("--subnet", cfg.subnet)]
+    for where, peer in sourced:
+        for other_where, other in taken:
+            if peer.subnet.overlaps(other):
+                raise DataplaneError(f"{where} subnet {peer.subnet} overlaps {other_where} {other}")
+        taken.append((where, peer.subnet))
+    return tuple(peer for _, peer in sourced)
 
 
 def parse_config(argv: list[str] | None) -> TunnelConfig:
@@ -104,13 +161,6 @@ def parse_config(argv: list[str] | None) -> TunnelConfig:
     subnet = _cidr(args.subnet, "--subnet")
     if not subnet.subnet_of(network):
         raise DataplaneError(f"--subnet {subnet} is outside --network {network}")
-    peers = tuple(_peer(text, network) for text in args.peer)
-    taken = [("--subnet", subnet)]
-    for peer in peers:
-        for what, other in taken:
-            if peer.subnet.overlaps(other):
-                raise DataplaneError(f"--peer subnet {peer.subnet} overlaps {what} {other}")
-        taken.append((f"--peer {peer.subnet}", peer.subnet))
     if not 0 < args.port < 65536:
         raise DataplaneError(f"--port {args.port} is out of range 1-65535")
     if not 1 <= args.batch <= 128:
@@ -119,7 +169,8 @@ def parse_config(argv: list[str] | None) -> TunnelConfig:
         iface_ip=_ip(args.iface_ip, "--iface-ip"),
         subnet=subnet,
         network=network,
-        peers=peers,
+        peers=tuple(_peer(text, network) for text in args.peer),
+        peers_file=args.peers_file,
         port=args.port,
         tun=args.tun,
         offloads=offload.wanted(args.offload),
@@ -129,56 +180,105 @@ def parse_config(argv: list[str] | None) -> TunnelConfig:
     )
 
 
-def run(cfg: TunnelConfig) -> None:
-    """Bring the tunnel up, forward until SIGINT/SIGTERM, take it down."""
+def _routes(cfg: TunnelConfig, peers: tuple[Peer, ...]) -> dict[str, tuple[str, int]]:
+    return {str(peer.subnet): (str(peer.addr), cfg.port) for peer in peers}
+
+
+def run(cfg: TunnelConfig, peers: tuple[Peer, ...]) -> None:
+    """Bring the tunnel up, forward until SIGINT/SIGTERM, take it down. The signals are blocked by main()."""
     if os.geteuid() != 0:
         raise DataplaneError("must run as root (creating flannel0 needs CAP_NET_ADMIN)")
     mtu = underlay_mtu(cfg.iface_ip) - ENCAP_OVERHEAD
-    pump = open_pump(iface_ip=cfg.iface_ip, port=cfg.port, tun_name=cfg.tun, subnet=cfg.subnet,
-                     network=cfg.network, mtu=mtu, wanted=cfg.offloads, batch=cfg.batch,
-                     check_source=cfg.check_source)
-    try:
-        _forward(cfg, pump, mtu)
-    finally:
-        pump.close()
-
-
-def _forward(cfg: TunnelConfig, pump: Pump, mtu: int) -> None:
-    for peer in cfg.peers:
-        pump.set_route(str(peer.subnet), str(peer.addr), cfg.port)
-    # Block the signals before the engine threads exist so that only sigwait below ever sees them.
-    signals = {signal.SIGINT, signal.SIGTERM, signal.SIGUSR1}
-    signal.pthread_sigmask(signal.SIG_BLOCK, signals)
-    pump.start()
+    keeper = Keeper(PumpSpec(iface_ip=cfg.iface_ip, port=cfg.port, tun_name=cfg.tun, subnet=cfg.subnet,
+                             network=cfg.network, mtu=mtu, wanted=cfg.offloads, batch=cfg.batch,
+                             check_source=cfg.check_source))
+    pump = keeper.start(_routes(cfg, peers))
     log.info("%s up: subnet %s, mtu %d, %d peers, udp %s:%d, batch %d, offloads: %s", cfg.tun, cfg.subnet, mtu,
-             len(cfg.peers), cfg.iface_ip, cfg.port, cfg.batch, pump.offloads.describe())
+             len(peers), cfg.iface_ip, cfg.port, cfg.batch, pump.offloads.describe())
     try:
-        while (sig := signal.sigwait(signals)) == signal.SIGUSR1:
-            _write_stats(cfg.stats_file, pump)
+        sig = _serve(cfg, keeper)
+        keeper.pump.stop()
+        _write_stats(cfg.stats_file, keeper)
     finally:
-        pump.stop()
-    _write_stats(cfg.stats_file, pump)
-    log.info("stopped on %s", signal.Signals(sig).name)
+        keeper.close()
+    log.info("stopped on %s", _name(sig))
 
 
-def _write_stats(path: str | None, pump: Pump) -> None:
+def _serve(cfg: TunnelConfig, keeper: Keeper) -> int:
+    """Serve signals, and check the dataplane every CHECK_INTERVAL seconds; returns the signal that stops it."""
+    next_check = time.monotonic() + CHECK_INTERVAL
+    while True:
+        info = signal.sigtimedwait(WATCHED, max(0.0, next_check - time.monotonic()))
+        if info is None:
+            keeper.check()
+            next_check = time.monotonic() + CHECK_INTERVAL
+        elif info.si_signo in STOP:
+            return info.si_signo
+        elif info.si_signo == signal.SIGUSR1:
+            _write_stats(cfg.stats_file, keeper)
+        elif info.si_signo == signal.SIGHUP:
+            _reload(cfg, keeper)
+        else:
+            log.info("ignored %s from pid %d", _name(info.si_signo), info.si_pid)
+
+
+def _reload(cfg: TunnelConfig, keeper: Keeper) -> None:
+    """SIGHUP: the --peers-file again, applied as a difference; a file that does not parse changes nothing."""
+    if cfg.peers_file is None:
+        log.info("SIGHUP: no --peers-file to re-read")
+        return
+    try:
+        peers = all_peers(cfg)
+    except DataplaneError as exc:
+        log.error("SIGHUP: kept the %d routes in use: %s", len(keeper.routes), exc)
+        return
+    changed, removed = keeper.replace_routes(_routes(cfg, peers))
+    log.info("SIGHUP: %d peers from %s: %d routes added or changed, %d removed", len(peers), cfg.peers_file,
+             changed, removed)
+
+
+def _write_stats(path: str | None, keeper: Keeper) -> None:
+    """The counters as JSON, replacing `path` in one rename: a reader never sees half a file, and nothing
+    planted at a predictable temporary name (a symlink, say) is ever opened. Failures are logged, not fatal."""
     if path is None:
         return
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(pump.stats(), f)
-    os.replace(tmp, path)
+    directory, name = os.path.split(os.path.abspath(path))
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=directory)  # O_CREAT|O_EXCL: never follows a link
+    except OSError as exc:
+        log.error("cannot write stats to %s: %s", path, exc.strerror)
+        return
+    try:
+        os.fchmod(fd, 0o644)
+        with os.fdopen(fd, "w") as f:
+            json.dump(keeper.stats(), f)
+        os.replace(tmp, path)
+    except OSError as exc:
+        os.unlink(tmp)
+        log.error("cannot write stats to %s: %s", path, exc.strerror)
+
+
+def _name(signo: int) -> str:
+    try:
+        return signal.Signals(signo).name
+    except ValueError:
+        return f"SIGRTMIN+{signo - signal.SIGRTMIN}"
 
 
 def main(argv: list[str] | None = None) -> int:
     """Exit 0 after a clean stop, 2 for flags that do not make sense, 1 when the host refuses the setup."""
+    # Before anything else, so that no signal can kill the setup: each waits until _serve takes it (and the
+    # engine threads, started later, inherit the mask, so only _serve ever sees one).
+    signal.pthread_sigmask(signal.SIG_BLOCK, WATCHED)
+    faulthandler.enable()
     try:
         cfg = parse_config(argv)
+        peers = all_peers(cfg)
     except DataplaneError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
     try:
-        run(cfg)
+        run(cfg, peers)
     except DataplaneError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 1

@@ -33,13 +33,13 @@ def _wait_for(cond: Any, timeout: float = 5) -> None:
 
 @contextmanager
 def _pump(rig: Rig, offloads: str, **kw: Any) -> Iterator[Pump]:
-    """A started Pump on the rig's first host, whose subnet is local_subnet; the second host is its peer."""
+    """A started Pump on the rig's first host (its subnet is the pump's own); the second host is its peer."""
     a, b = rig.hosts
     with inside(a):
         p = open_pump(iface_ip=a.underlay, port=8285, tun_name="flannel0", subnet=a.subnet, network=NETWORK,
-                      mtu=1400, wanted=offload.wanted(offloads), local_subnet=str(a.subnet), **kw)
-    p.set_route(str(b.subnet), str(b.underlay))
-    p.start()
+                      mtu=1400, wanted=offload.wanted(offloads), **kw)
+        p.set_route(str(b.subnet), str(b.underlay))
+        p.start()
     try:
         yield p
     finally:

@@ -7,7 +7,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import TUNNEL, host_socket
+from conftest import TUNNEL, host_socket, start_tunnel
 
 from bench.rig import Rig
 
@@ -53,6 +53,18 @@ def test_unknown_offload_name_in_the_environment() -> None:
     assert "PYFLANNEL_DISABLE_OFFLOADS: unknown offload 'warp' (known: coalesce, gro, gso, tso, uso)" in r.stderr
 
 
+def test_peers_file_errors_at_start_exit_2(tmp_path: Path) -> None:
+    bad = tmp_path / "peers"
+    bad.write_text("# ok\n10.244.2.0/24=198.18.0.2\n10.245.0.0/24=198.18.0.3\n")
+    for path, message in ((bad, f"{bad}:3: subnet 10.245.0.0/24 is outside --network 10.244.0.0/16"),
+                          (tmp_path / "none", f"cannot read --peers-file {tmp_path / 'none'}: No such file")):
+        r = _run([*BASE, "--peer", "10.244.3.0/24=198.18.0.3", "--peers-file", str(path)])
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and message in r.stderr, r.stderr
+    bad.write_text("10.244.3.0/25=198.18.0.3\n")
+    r = _run([*BASE, "--peer", "10.244.3.0/24=198.18.0.3", "--peers-file", str(bad)])
+    assert r.returncode == 2 and f"{bad}:1: subnet 10.244.3.0/25 overlaps --peer 10.244.3.0/24" in r.stderr
+
+
 def _host_error(r: subprocess.CompletedProcess[str], message: str) -> None:
     assert r.returncode == 1, r.stderr
     assert message in r.stderr
@@ -75,3 +87,26 @@ def test_host_refusals(rig: Rig, tmp_path: Path) -> None:
                    check=False)
     _host_error(hidden, "/dev/net/tun does not exist")
     assert "flannel0" not in a.run("ip", "link").stdout, "a failed start leaves nothing configured"
+
+
+@pytest.mark.parametrize("make", [["ip", "tuntap", "add", "dev", "flannel0", "mode", "tun"],
+                                  ["ip", "link", "add", "flannel0", "type", "veth", "peer", "name", "other0"]],
+                         ids=["persistent-tun", "veth"])
+def test_a_flannel0_that_is_not_ours(rig: Rig, make: list[str]) -> None:
+    a, _ = rig.hosts
+    a.run(*make)
+    before = a.run("ip", "-d", "link", "show", "flannel0").stdout
+    _host_error(a.run(TUNNEL, *BASE, check=False),
+                "a network device named flannel0 already exists and is not ours: "
+                "delete it (ip link del flannel0) or use another name")
+    assert a.run("ip", "-d", "link", "show", "flannel0").stdout == before, "left as it was"
+
+
+def test_a_second_tunnel_on_the_same_network(rig: Rig, tmp_path: Path) -> None:
+    a, b = rig.hosts
+    first = start_tunnel(a, [b], tmp_path)
+    second = a.run(TUNNEL, *BASE, "--tun", "flannel1", "--port", "8286", check=False)
+    _host_error(second, "10.244.0.0/16 is already routed through flannel0: is another tunnel running?")
+    links = a.run("ip", "-o", "link").stdout
+    assert "flannel0" in links and "flannel1" not in links
+    assert first.stop() == 0
