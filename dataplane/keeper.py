@@ -17,7 +17,7 @@ import ipaddress
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -127,34 +127,39 @@ class Keeper:
 
     def set_route(self, subnet: str, peer: str, port: int = DEFAULT_PORT) -> None:
         """Send traffic for subnet to peer:port (add or replace), now and after any recreate."""
-        with self._lock:
-            self._apply({**self._routes, _key(subnet): (peer, port)})
+        self.update(set={subnet: (peer, port)})
 
     def del_route(self, subnet: str) -> None:
         """Forget the route for exactly this subnet; KeyError if there is none."""
-        key = _key(subnet)
         with self._lock:
-            if key not in self._routes:
+            if _key(subnet) not in self._routes:
                 raise KeyError(subnet)
-            self._apply({other: hop for other, hop in self._routes.items() if other != key})
+            self._apply({}, [_key(subnet)])
+
+    def update(self, set: Routes | None = None, delete: Iterable[str] = ()) -> tuple[int, int]:
+        """Add or replace the `set` routes and forget the `delete` subnets (those present), all in one table
+        update (one batch of lease events). Returns (routes added or changed, routes removed)."""
+        wanted = {_key(subnet): hop for subnet, hop in (set or {}).items()}
+        with self._lock:
+            gone = [key for key in dict.fromkeys(map(_key, delete)) if key in self._routes and key not in wanted]
+            return self._apply({k: hop for k, hop in wanted.items() if self._routes.get(k) != hop}, gone)
 
     def replace_routes(self, routes: Routes) -> tuple[int, int]:
         """Make `routes` the whole route set, touching only what differs: a peer whose route is unchanged keeps
         forwarding without a gap. Returns (routes added or changed, routes removed)."""
+        wanted = {_key(subnet): hop for subnet, hop in routes.items()}
         with self._lock:
-            return self._apply({_key(subnet): hop for subnet, hop in routes.items()})
+            changed = {subnet: hop for subnet, hop in wanted.items() if self._routes.get(subnet) != hop}
+            return self._apply(changed, [subnet for subnet in self._routes if subnet not in wanted])
 
-    def _apply(self, wanted: dict[str, tuple[str, int]]) -> tuple[int, int]:
-        """Move the pump from the current routes to `wanted` (one table update for all additions and changes);
-        caller holds the lock."""
-        changed = {subnet: hop for subnet, hop in wanted.items() if self._routes.get(subnet) != hop}
-        gone = self._routes.keys() - wanted.keys()
-        self._routes = wanted
-        if self._pump is not None:
-            if changed:
-                self._pump.routes.update((subnet, peer, port) for subnet, (peer, port) in changed.items())
-            for subnet in gone:
-                self._pump.del_route(subnet)
+    def _apply(self, changed: dict[str, tuple[str, int]], gone: list[str]) -> tuple[int, int]:
+        """Record the changes and hand them to the pump as one table update; caller holds the lock."""
+        for subnet in gone:
+            del self._routes[subnet]
+        self._routes.update(changed)
+        if self._pump is not None and (changed or gone):
+            self._pump.update_routes(set=[(subnet, peer, port) for subnet, (peer, port) in changed.items()],
+                                     delete=gone)
         return len(changed), len(gone)
 
     # ---- repair ------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from daemons import (
     assert_all_pairs_reach,
     http,
     pings,
+    serves,
     start_flanneld,
     start_nodes,
     wait_for,
@@ -242,3 +243,27 @@ def test_calls_cut_off_with_their_connection_are_unavailable_not_cancelled(rig5:
     outcomes = json.loads(etcd.tool("race").stdout)
     assert set(outcomes) <= {"ok", "unavailable"}, outcomes
     assert outcomes.get("unavailable", 0) > 0, "the race was run: some calls lost their connection"
+
+
+def test_flannel0_lost_under_flanneld_is_recreated_and_health_says_so_meanwhile(tmp_path: Path) -> None:
+    conf = tmp_path / "net-conf.json"
+    conf.write_text(NET % "udp")
+    registry = ["--local-registry", str(tmp_path / "l.db"), "--net-config-path", str(conf)]
+    with Rig(2, tag="pft") as rig:
+        started = start_nodes(rig, rig.hosts, registry, tmp_path, "--healthz-port", "8471")
+        node, envs = rig.hosts[0], [env for _, env in started]
+        assert "flanneld is running" in http(node, "/healthz")
+        node.run("ip", "link", "del", "flannel0")
+        assert_all_pairs_reach(rig.hosts, envs)  # recreated, with its route to the peer
+        # Taken by a device that is not ours: nothing to repair with, and /healthz says why until it is gone.
+        node.run("ip", "link", "del", "flannel0")
+        node.run("ip", "link", "add", "flannel0", "type", "veth", "peer", "name", "squatter")
+        wait_for(partial(serves, node, "/healthz", "500 Internal Server Error"), 20, "/healthz to fail")
+        assert "flannel0" in http(node, "/healthz") and "flannel0" in http(node, "/readyz")
+        node.run("ip", "link", "del", "flannel0")
+        wait_for(partial(serves, node, "/healthz", "flanneld is running"), 20, "/healthz to recover")
+        assert_all_pairs_reach(rig.hosts, envs)
+        assert all(proc.poll() is None for proc, _ in started)
+        started[0][0].send_signal(signal.SIGTERM)
+        assert started[0][0].wait(20) == 0 and started[0][0].stderr is not None
+        assert "flannel0 was deleted; recreated it with 1 routes" in started[0][0].stderr.read()

@@ -6,6 +6,9 @@ network; the UDP socket is bound to the external interface's address on Backend.
 node must use the same port because leases do not carry it; BackendType is not checked on peers' leases. Ours:
 the engine batches and uses kernel offloads (PYFLANNEL_OFFLOAD=off turns them off, PYFLANNEL_DISABLE_OFFLOADS
 single ones, see dataplane.offload), and it checks that packets come from the peer owning their source subnet.
+A dataplane.keeper.Keeper owns the engine: a batch of lease events is one route-table update, and every second
+the keeper repairs flannel0 (deleted, set down, its address or route removed) or a dead engine, with every
+route; /healthz reports what it could not repair.
 """
 
 from __future__ import annotations
@@ -13,48 +16,55 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import socket
 
 from daemon.backend.base import Context, Idle
 from daemon.errors import FlannelError
 from daemon.lease import Event, EventType, Lease, LeaseAttrs
 from dataplane import offload
 from dataplane.errors import DataplaneError
-from dataplane.pump import DEFAULT_PORT, Pump, open_pump
+from dataplane.keeper import Keeper, PumpSpec
+from dataplane.pump import DEFAULT_PORT
 from dataplane.tun import ENCAP_OVERHEAD
 
 log = logging.getLogger(__name__)
+CHECK_SECONDS = 1.0
 
 
 class UdpNetwork(Idle):
-    def __init__(self, lease: Lease, mtu: int, pump: Pump, port: int) -> None:
+    def __init__(self, lease: Lease, mtu: int, keeper: Keeper, port: int) -> None:
         self.lease = lease
         self.mtu = mtu
-        self.pump = pump
+        self.keeper = keeper
         self.port = port
 
     def handle(self, events: list[Event]) -> None:
-        for event in events:
-            subnet = str(event.lease.subnet)
-            if event.type is EventType.ADDED:
-                log.info("route %s -> %s:%d", subnet, event.lease.attrs.public_ip, self.port)
-                self.pump.set_route(subnet, str(event.lease.attrs.public_ip), self.port)
-            elif subnet in self.pump.routes:
-                log.info("route %s removed", subnet)
-                self.pump.del_route(subnet)
+        """One batch of lease events, one table update."""
+        added = {str(e.lease.subnet): (str(e.lease.attrs.public_ip), self.port)
+                 for e in events if e.type is EventType.ADDED}
+        removed = [str(e.lease.subnet) for e in events if e.type is EventType.REMOVED]
+        for subnet, (peer, port) in added.items():
+            log.info("route %s -> %s:%d", subnet, peer, port)
+        _, gone = self.keeper.update(set=added, delete=removed)
+        if gone:
+            log.info("%d route(s) removed", gone)
+
+    async def run(self) -> None:
+        """Keep flannel0 and the engine alive (dataplane.keeper): a failed repair is logged and tried again."""
+        while True:
+            await asyncio.sleep(CHECK_SECONDS)
+            try:
+                await asyncio.to_thread(self.keeper.check)
+            except DataplaneError as exc:
+                log.error("%s", exc)
 
     def close(self) -> None:
-        self.pump.close()
+        self.keeper.close()
 
     def failure(self) -> str | None:
-        try:
-            socket.if_nametoindex(self.pump.tun.name)
-        except OSError:
-            return f"{self.pump.tun.name} is gone"
-        return None
+        return self.keeper.failure
 
     def metrics(self) -> dict[str, float]:
-        stats = self.pump.stats()
+        stats = self.keeper.stats()
         out: dict[str, float] = {}
         for direction in ("tx", "rx"):
             out[f'pyflannel_packets_total{{direction="{direction}"}}'] = stats[f"{direction}_packets"]
@@ -81,10 +91,10 @@ def _start(ctx: Context, lease: Lease) -> UdpNetwork:
     """flannel0, the socket and the engine threads (blocking netlink calls: run in a worker thread)."""
     port = int(ctx.config.backend_option("port", DEFAULT_PORT))
     mtu = ctx.ext.mtu - ENCAP_OVERHEAD
-    pump = open_pump(iface_ip=ctx.ext.addr, port=port, tun_name="flannel%d", subnet=lease.subnet,
-                     network=ctx.config.network, mtu=mtu,
-                     wanted=offload.wanted(os.environ.get("PYFLANNEL_OFFLOAD", "auto")))
-    pump.start()
+    keeper = Keeper(PumpSpec(iface_ip=ctx.ext.addr, port=port, tun_name="flannel%d", subnet=lease.subnet,
+                             network=ctx.config.network, mtu=mtu,
+                             wanted=offload.wanted(os.environ.get("PYFLANNEL_OFFLOAD", "auto"))))
+    pump = keeper.start()
     log.info("%s up: mtu %d, udp %s:%d, offloads: %s", pump.tun.name, mtu, ctx.ext.addr, port,
              pump.offloads.describe())
-    return UdpNetwork(lease, mtu, pump, port)
+    return UdpNetwork(lease, mtu, keeper, port)
