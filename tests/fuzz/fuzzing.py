@@ -151,8 +151,9 @@ def tun_shots(rng: random.Random, hosts: Hosts, n: int) -> list[Shot]:
         lambda: Shot(_packet(rng, src, _addr(rng, hosts.unrouted)), "tx_no_route"),
         lambda: Shot(_packet(rng, src, to_b(), ttl=rng.randrange(2)), "tx_ttl_expired"),
         lambda: Shot(_packet(rng, src, to_b(), fragment=True), "tx_packets"),
-        lambda: Shot(_bad_checksum(_packet(rng, src, to_b(), fragment=True)), None),
-        lambda: Shot(_bad_length(rng, src, to_b()), None),
+        lambda: Shot(_bad_checksum(_packet(rng, src, to_b(), fragment=True)), "tx_bad_checksum"),
+        lambda: Shot(_bad_length(rng, src, to_b()), "tx_malformed"),
+        lambda: Shot(_packet(rng, _addr(rng, hosts.fake_subnet), to_b(), fragment=True), "tx_spoofed_source"),
     ]
     return [rng.choice(kinds)() for _ in range(n)]
 
