@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from dataplane._engine import GSO_TCPV4, PrefixTable, checksum, coalesce, split
+from dataplane.tunnel import all_peers, parse_config
 
 LOOKUPS = 100_000
 Benchmark = Any  # pytest-benchmark's fixture type is not exported
@@ -139,3 +140,14 @@ def test_startup_4000_peers_one_batch(benchmark: Benchmark) -> None:
 
     table = benchmark.pedantic(build, rounds=5)
     assert len(table) == 4_000
+
+
+def test_peers_file_4000_checked(benchmark: Benchmark, tmp_path: Any) -> None:
+    """flannel-tunnel's start with 4,000 peers in --peers-file: read, parsed and checked for overlaps (the part
+    of the start before the table; was quadratic in peers)."""
+    path = tmp_path / "peers"
+    path.write_text("".join(f"{subnet}={peer}\n" for subnet, peer, _ in PEERS))
+    cfg = parse_config(["--iface-ip", "198.18.0.1", "--subnet", "10.255.0.0/24", "--network", "10.0.0.0/8",
+                        "--peers-file", str(path)])
+    peers = benchmark.pedantic(all_peers, args=(cfg,), rounds=3)
+    assert len(peers) == 4_000
