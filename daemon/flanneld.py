@@ -218,10 +218,12 @@ class Daemon:
 
 
 def _where(exc: BaseException) -> str:
-    """The exception and the innermost line of ours that it passed through, for a one-line log."""
+    """The exception and the innermost line outside the installed libraries that it passed through, for a
+    one-line log."""
     place = ""
+    libraries = (sys.prefix, sys.base_prefix)
     for frame in traceback.extract_tb(exc.__traceback__):
-        if "/daemon/" in frame.filename or "/dataplane/" in frame.filename:
+        if not frame.filename.startswith(libraries):
             place = f" at {os.path.basename(frame.filename)}:{frame.lineno}"
     return f"{type(exc).__name__}: {exc}{place}"
 

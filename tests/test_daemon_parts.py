@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from daemons import FLANNELD
 
-from daemon import config, flags, iptables, subnet_env, subnets
+from daemon import config, flags, flanneld, iptables, subnet_env, subnets
 from daemon.errors import ConfigError, FlannelError
 from daemon.lease import Lease, LeaseAttrs, parse_subnet_key, subnet_key
 from daemon.registry import LeaseExists, Record
@@ -198,3 +198,25 @@ def test_an_iptables_call_that_hangs_is_a_retryable_error(monkeypatch: pytest.Mo
     monkeypatch.setattr(iptables, "TIMEOUT", 0.2)  # a real process that outlives it, as on a held xtables lock
     with pytest.raises(iptables.IptablesError, match=r"did not finish within 0\.2 s"):
         iptables._run(["sleep", "5"])
+
+
+def test_a_failing_loop_is_logged_and_restarted_a_fatal_one_ends_the_daemon(tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch,
+                                                                             caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(flanneld, "RESTART_MIN", 0.01)
+    (tmp_path / "net.json").write_text('{"Network": "10.244.0.0/16"}')
+    daemon = flanneld.Daemon(flags.parse(["--local-registry", str(tmp_path / "r.db"), "--net-config-path",
+                                          str(tmp_path / "net.json")]))
+    runs = []
+
+    async def flaky() -> None:
+        runs.append(1)
+        if len(runs) < 3:
+            raise RuntimeError(f"failure {len(runs)}")
+        raise FlannelError("fatal")
+
+    with pytest.raises(FlannelError, match="fatal"):
+        asyncio.run(daemon._keep("flaky loop", flaky))
+    assert len(runs) == 3
+    failures = [r.getMessage() for r in caplog.records if "flaky loop failed" in r.getMessage()]
+    assert len(failures) == 2 and "RuntimeError: failure 1 at test_daemon_parts.py" in failures[0], failures
