@@ -30,7 +30,8 @@ import sys
 import traceback
 from collections.abc import Awaitable, Callable
 from functools import partial
-from typing import TypeVar
+from http.server import ThreadingHTTPServer
+from typing import Any, TypeVar
 
 import uvloop
 
@@ -38,7 +39,7 @@ from daemon import config, flags, iptables, subnet_env, subnets
 from daemon.backend import hostgw, routes, udp, vxlan
 from daemon.backend.base import Context, Network
 from daemon.errors import ConfigError, FlannelError
-from daemon.health import Health
+from daemon.health import DaemonCollector, Status
 from daemon.interface import select
 from daemon.kube import KubeManager
 from daemon.lease import Lease, LeaseAttrs
@@ -47,6 +48,8 @@ from daemon.peers import PeerTable, follow
 from daemon.registry import Registry, Unavailable
 from daemon.registry.etcd import EtcdRegistry
 from daemon.registry.local import LocalRegistry
+from dataplane import metrics
+from dataplane.errors import DataplaneError
 
 VERSION = "v0.1.0-pyflannel"
 BACKENDS: dict[str, Callable[[Context], Awaitable[Network]]] = {
@@ -56,7 +59,6 @@ log = logging.getLogger("flanneld")
 T = TypeVar("T")
 RESTART_MIN, RESTART_MAX = 1.0, 30.0
 IPTABLES_ATTEMPTS = 5
-REJECT_REASONS = ("bad_key", "bad_value", "bad_public_ip", "oversize", "outside_network", "wrong_length", "overlap")
 
 
 class Daemon:
@@ -65,7 +67,7 @@ class Daemon:
         self.registry = Outage("registry")
         self.rules_state = Outage("iptables")
         self.manager = _manager(opts, self.registry)
-        self.health = Health(self._metrics, self._unhealthy, self._unready)
+        self.ready = False
         self.stopping = asyncio.Event()
         self.network: Network | None = None
         self.peers: PeerTable | None = None
@@ -74,14 +76,24 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.stopping.set)
-        if self.opts.healthz_port:
-            await self.health.serve(self.opts.healthz_ip, self.opts.healthz_port)
+        server = self._serve_health() if self.opts.healthz_port else None
         try:
             return await self._run()
         finally:
+            if server is not None:
+                server.shutdown()
             if self.network is not None:
                 self.network.close()
             await self.manager.close()
+
+    def _serve_health(self) -> ThreadingHTTPServer:
+        reg = metrics.registry(DaemonCollector(self.status), metrics.EngineCollector(self._engine_stats))
+        checks = {"/healthz": (self._unhealthy, 500, "flanneld is running"),
+                  "/readyz": (self._unready, 503, "flanneld is ready")}
+        try:
+            return metrics.serve(self.opts.healthz_ip, self.opts.healthz_port, reg, checks, what="healthz")
+        except DataplaneError as exc:
+            raise FlannelError(str(exc)) from None
 
     async def _run(self) -> int:
         subnet_env.check_target(self.opts.subnet_file)
@@ -106,7 +118,7 @@ class Daemon:
             await asyncio.to_thread(routes.add_blackhole, network.lease.subnet)
         subnet_env.write(self.opts.subnet_file, subnet_env.render(network=cfg.network, subnet=network.lease.subnet,
                                                                   mtu=network.mtu, ip_masq=self.opts.ip_masq))
-        self.health.ready = True
+        self.ready = True
         log.info("lease %s ready; subnet.env written to %s", network.lease.subnet, self.opts.subnet_file)
         return await self._supervise(cfg, network, self.peers, rules)
 
@@ -195,26 +207,22 @@ class Daemon:
         return self.network.failure() if self.network is not None else None
 
     def _unready(self) -> str | None:
-        if not self.health.ready:
+        if not self.ready:
             return "flanneld is not ready yet"
         if self.registry.since is not None:
             return f"registry unreachable: {self.registry.reason}"
         return self._unhealthy()
 
-    def _metrics(self) -> dict[str, float]:
-        out: dict[str, float] = {"flannel_ready": float(self.health.ready),
-                                 "flannel_registry_errors_total": float(self.registry.errors),
-                                 "flannel_registry_up": float(self.registry.since is None),
-                                 "flannel_iptables_errors_total": float(self.rules_state.errors)}
-        if self.peers is not None:
-            out["flannel_peers"] = float(len(self.peers.routed))
-            for reason in REJECT_REASONS:
-                out[f'flannel_lease_records_rejected_total{{reason="{reason}"}}'] = self.peers.rejected[reason]
-        if self.network is not None:
-            out[f'flannel_lease_info{{subnet="{self.network.lease.subnet}"}}'] = 1.0
-            out["flannel_lease_expiration_seconds"] = self.network.lease.expiration
-            out.update(self.network.metrics())
-        return out
+    def status(self) -> Status:
+        peers, network = self.peers, self.network
+        return Status(ready=self.ready, registry_up=self.registry.since is None, registry_errors=self.registry.errors,
+                      iptables_errors=self.rules_state.errors, peers=len(peers.routed) if peers else 0,
+                      rejected=dict(peers.rejected) if peers else {},
+                      subnet=str(network.lease.subnet) if network else None,
+                      expiration=self.manager.expiration() if network else None)
+
+    def _engine_stats(self) -> dict[str, Any] | None:
+        return self.network.engine_stats() if self.network is not None else None
 
 
 def _where(exc: BaseException) -> str:

@@ -1,70 +1,56 @@
-"""/healthz, /readyz and Prometheus /metrics on --healthz-ip:--healthz-port (flannel's mustRunHealthz).
+"""flanneld's health checks and its own metrics, served with the engine's (dataplane.metrics) on
+--healthz-ip:--healthz-port, as flannel's mustRunHealthz does.
 
-A small HTTP/1.0 responder on asyncio streams: three fixed paths, any method, no keep-alive; pulling in an HTTP
-framework for this would be most of the daemon's dependency weight.
+/healthz fails (500) only for what a restart of flanneld could mend: the dataplane broken beyond the keeper's
+repair. A registry outage is not one, so a liveness probe does not restart every node while etcd is down; /readyz
+(503) reports it, and a daemon not set up yet.
 """
 
 from __future__ import annotations
 
-import asyncio
-import errno
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 
-from daemon.errors import FlannelError
-
-Metrics = Callable[[], dict[str, float]]
-Problem = Callable[[], "str | None"]  # what is wrong, or None
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 
-class Health:
-    def __init__(self, metrics: Metrics, unhealthy: Problem, unready: Problem) -> None:
-        self.ready = False
-        self._metrics = metrics
-        self._unhealthy = unhealthy
-        self._unready = unready
+@dataclass(frozen=True)
+class Status:
+    """What flanneld reports about itself at one moment."""
 
-    async def serve(self, host: str, port: int) -> asyncio.Server:
-        try:
-            return await asyncio.start_server(self._handle, host, port)
-        except OSError as exc:
-            if exc.errno == errno.EADDRINUSE:
-                raise FlannelError(f"healthz port {host}:{port} is already in use") from None
-            raise FlannelError(f"cannot serve healthz on {host}:{port}: {exc.strerror}") from None
-
-    def _respond(self, path: str) -> tuple[int, str, str]:
-        if path == "/healthz":
-            problem = self._unhealthy()
-            return (500, "text/plain", f"{problem}\n") if problem else (200, "text/plain", "flanneld is running\n")
-        if path == "/readyz":
-            problem = self._unready()
-            return (503, "text/plain", f"{problem}\n") if problem else (200, "text/plain", "flanneld is ready\n")
-        if path == "/metrics":
-            return 200, "text/plain; version=0.0.4", render(self._metrics())
-        return 404, "text/plain", "not found\n"
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            request = await asyncio.wait_for(reader.readline(), 5)
-            parts = request.decode("latin-1").split()
-            status, kind, body = self._respond(parts[1].split("?")[0] if len(parts) >= 2 else "")
-            reason = {200: "OK", 404: "Not Found", 500: "Internal Server Error", 503: "Service Unavailable"}[status]
-            data = body.encode()
-            writer.write(f"HTTP/1.0 {status} {reason}\r\nContent-Type: {kind}\r\nContent-Length: {len(data)}\r\n"
-                         f"Connection: close\r\n\r\n".encode() + data)
-            await writer.drain()
-        except (TimeoutError, ConnectionError, ValueError):  # slow, gone, or a line past the reader's limit
-            pass
-        finally:
-            writer.close()
+    ready: bool
+    registry_up: bool
+    registry_errors: int
+    iptables_errors: int
+    peers: int = 0
+    rejected: Mapping[str, int] = field(default_factory=dict)  # lease records refused, by reason
+    subnet: str | None = None
+    expiration: float | None = None  # unix time the lease expires
 
 
-def render(samples: dict[str, float]) -> str:
-    """Prometheus text format from {"name{labels}": value}: samples grouped per metric under one TYPE line."""
-    families: dict[str, list[str]] = {}
-    for key, value in samples.items():
-        families.setdefault(key.split("{", 1)[0], []).append(f"{key} {value:g}")
-    lines = []
-    for name, family in families.items():
-        lines.append(f"# TYPE {name} {'counter' if name.endswith('_total') else 'gauge'}")
-        lines += family
-    return "\n".join(lines) + "\n"
+class DaemonCollector(Collector):
+    def __init__(self, status: Callable[[], Status]) -> None:
+        self.status = status
+
+    def collect(self) -> Iterator[Metric]:
+        s = self.status()
+        yield GaugeMetricFamily("flannel_ready", "1 once the lease, subnet.env and rules are in place.", s.ready)
+        yield GaugeMetricFamily("flannel_registry_up", "1 while the registry answers.", s.registry_up)
+        yield CounterMetricFamily("flannel_registry_errors_total", "Failed registry calls (each is retried).",
+                                  s.registry_errors)
+        yield CounterMetricFamily("flannel_iptables_errors_total", "Failed iptables calls (each is retried).",
+                                  s.iptables_errors)
+        yield GaugeMetricFamily("flannel_peers", "Other nodes' leases routed.", s.peers)
+        rejected = CounterMetricFamily("flannel_lease_records_rejected_total", "Lease records refused (never "
+                                       "routed), by reason; each record counted once per bad state.",
+                                       labels=["reason"])
+        for reason, count in sorted(s.rejected.items()):
+            rejected.add_metric([reason], count)
+        yield rejected
+        if s.subnet is not None and s.expiration is not None:
+            info = GaugeMetricFamily("flannel_lease_info", "This node's lease.", labels=["subnet"])
+            info.add_metric([s.subnet], 1)
+            yield info
+            yield GaugeMetricFamily("flannel_lease_expiration_timestamp_seconds",
+                                    "When this node's lease expires unless renewed (unix time).", s.expiration)

@@ -65,6 +65,7 @@ class KubeManager:
         self.set_network_unavailable = set_network_unavailable
         self.node = node_name()
         self._api: client.CoreV1Api | None = None
+        self._expiration = 0.0
         self._client: client.ApiClient | None = None
 
     async def _core(self) -> client.CoreV1Api:
@@ -119,7 +120,8 @@ class KubeManager:
             await self._call("annotating the node", api.patch_node_status(
                 self.node, {"metadata": {"annotations": wanted}}))
         log.info("lease %s from the podCIDR of node %s", subnet, self.node)
-        return Lease(subnet, attrs, time.time() + SUBNET_TTL)
+        self._expiration = time.time() + SUBNET_TTL
+        return Lease(subnet, attrs, self._expiration)
 
     async def _node_with_pod_cidr(self, api: client.CoreV1Api) -> Any:
         deadline = time.monotonic() + PODCIDR_WAIT
@@ -147,6 +149,11 @@ class KubeManager:
 
     def source(self, cfg: NetworkConfig) -> KubeSource:
         return KubeSource(self, cfg)
+
+    def expiration(self) -> float:
+        """flannel's kube leases carry a nominal 24 h from acquisition; nothing renews them (the podCIDR is the
+        Node's for as long as the Node exists)."""
+        return self._expiration
 
     async def close(self) -> None:
         if self._client is not None:

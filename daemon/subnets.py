@@ -76,6 +76,9 @@ class Manager(Protocol):
     def source(self, cfg: NetworkConfig) -> Source:
         """The other nodes' leases, for daemon.peers.follow."""
 
+    def expiration(self) -> float:
+        """When this node's lease expires unless renewed (unix time)."""
+
     async def close(self) -> None: ...
 
 
@@ -288,6 +291,9 @@ class RegistryManager:
 
     def source(self, cfg: NetworkConfig) -> RegistrySource:
         return RegistrySource(self.registry, cfg, self._own())
+
+    def expiration(self) -> float:
+        return self._own().expires
 
     async def close(self) -> None:
         await self.registry.close()

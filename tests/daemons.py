@@ -14,6 +14,7 @@ from typing import Any
 
 from conftest import host_socket
 from packets import Parsed, parse_ipv4
+from prometheus_client.parser import text_string_to_metric_families
 
 from bench.rig import Host, Rig
 
@@ -166,3 +167,15 @@ def http(node: Host, path: str) -> str:
 def serves(node: Host, path: str, text: str) -> bool:
     """Does flanneld's health server on node (port 8471) answer path with text in the response?"""
     return text in http(node, path)
+
+
+def scrape(node: Host) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """/metrics of flanneld's health server on node, parsed as Prometheus does: {(sample, labels): value}. Every
+    flannel_ family must say what it is (HELP)."""
+    body = http(node, "/metrics").split("\r\n\r\n", 1)[1]
+    samples = {}
+    for family in text_string_to_metric_families(body):
+        assert not family.name.startswith("flannel_") or family.documentation, f"{family.name} has no HELP"
+        for s in family.samples:
+            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return samples

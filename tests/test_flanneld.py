@@ -4,7 +4,6 @@ with Debian's etcd; flannel's etcd layout byte for byte; restarts, races and an 
 from __future__ import annotations
 
 import ipaddress
-import re
 import signal
 import socket
 import sqlite3
@@ -23,6 +22,7 @@ from daemons import (
     http,
     pings,
     read_env,
+    scrape,
     send_and_catch,
     serves,
     start_flanneld,
@@ -203,12 +203,24 @@ def test_metrics_and_readiness(tmp_path: Path) -> None:
             with host.ipr() as ipr:
                 ipr.addr("add", index=ipr.link_lookup(ifname="lo")[0], address=addr, prefixlen=32)
         wait_for(partial(pings, node, src, dst), 20, "a ping between the nodes")
-        body = http(node, "/metrics")
-        assert f'flannel_lease_info{{subnet="{ipaddress.IPv4Interface(env["FLANNEL_SUBNET"]).network}"}} 1' in body
-        assert 'pyflannel_drops_total{reason="rx_spoofed_source"} 0' in body
-        assert "flannel_peers 1" in body
-        sent = re.search(r'pyflannel_peer_packets_total\{peer="198.18.0.2",direction="tx"\} (\d+)', body)
-        assert sent is not None and int(sent.group(1)) >= 1, body
+        before = scrape(node)
+        subnet = str(ipaddress.IPv4Interface(env["FLANNEL_SUBNET"]).network)
+        assert before[("flannel_lease_info", (("subnet", subnet),))] == 1
+        assert before[("flannel_peers", ())] == 1 and before[("flannel_ready", ())] == 1
+        expires = before[("flannel_lease_expiration_timestamp_seconds", ())]
+        assert time.time() + 24 * 3600 - 120 < expires <= time.time() + 24 * 3600
+        assert before[("flannel_drops_total", (("reason", "rx_spoofed_source"),))] == 0
+        with host_socket(node) as s:
+            s.bind((src, 0))
+            for _ in range(5):
+                s.sendto(b"x" * 100, (dst, 9))
+        peer_tx = ("flannel_peer_packets_total", (("direction", "tx"), ("peer", "198.18.0.2")))
+        wait_for(lambda: scrape(node)[peer_tx] >= before[peer_tx] + 5, 10, "the datagrams counted")
+        after = scrape(node)
+        for sample, moved in ((peer_tx, 5), (("flannel_packets_total", (("direction", "tx"),)), 5),
+                              (("flannel_bytes_total", (("direction", "tx"),)), 5 * 128)):
+            assert after[sample] - before[sample] == moved, sample
+        assert ("process_cpu_seconds_total", ()) in after
         assert http(node, "/readyz").startswith("HTTP/1.0 200") and "flanneld is ready" in http(node, "/readyz")
         assert "flanneld is running" in http(node, "/healthz")
         proc.send_signal(signal.SIGTERM)

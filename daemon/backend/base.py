@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from daemon.config import NetworkConfig
 from daemon.interface import ExternalInterface
@@ -39,8 +39,8 @@ class Network(Protocol):
     def failure(self) -> str | None:
         """Why forwarding is broken right now (for /healthz), or None."""
 
-    def metrics(self) -> dict[str, float]:
-        """Dataplane samples for /metrics, {"name{labels}": value}."""
+    def engine_stats(self) -> dict[str, Any] | None:
+        """The packet engine's counters (dataplane.metrics exports them), or None for a kernel dataplane."""
 
 
 class Idle:
@@ -56,5 +56,5 @@ class Idle:
     def failure(self) -> str | None:
         return None
 
-    def metrics(self) -> dict[str, float]:
-        return {}
+    def engine_stats(self) -> dict[str, Any] | None:
+        return None

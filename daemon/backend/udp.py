@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from typing import Any
 
 from daemon.backend.base import Context, Idle
 from daemon.errors import FlannelError
@@ -63,20 +64,11 @@ class UdpNetwork(Idle):
     def failure(self) -> str | None:
         return self.keeper.failure
 
-    def metrics(self) -> dict[str, float]:
-        stats = self.keeper.stats()
-        out: dict[str, float] = {}
-        for direction in ("tx", "rx"):
-            out[f'pyflannel_packets_total{{direction="{direction}"}}'] = stats[f"{direction}_packets"]
-            out[f'pyflannel_bytes_total{{direction="{direction}"}}'] = stats[f"{direction}_bytes"]
-        for reason, n in stats["drops"].items():
-            out[f'pyflannel_drops_total{{reason="{reason}"}}'] = n
-        for peer, counts in stats["peers"].items():
-            for direction in ("tx", "rx"):
-                labels = f'peer="{peer}",direction="{direction}"'
-                out[f"pyflannel_peer_packets_total{{{labels}}}"] = counts[f"{direction}_packets"]
-                out[f"pyflannel_peer_bytes_total{{{labels}}}"] = counts[f"{direction}_bytes"]
-        return out
+    def engine_stats(self) -> dict[str, Any] | None:
+        try:
+            return self.keeper.stats()
+        except DataplaneError:  # between a lost flannel0 and its replacement
+            return None
 
 
 async def register(ctx: Context) -> UdpNetwork:

@@ -1,0 +1,143 @@
+"""Prometheus metrics for the engine, and the small HTTP server that flanneld and flannel-tunnel both serve them on.
+
+Metrics go through prometheus_client, so counters are exact integers (a hand-formatted "%g" stops a byte counter
+moving at 1.96e9), every family has HELP and TYPE, and the names follow Prometheus' conventions: one prefix
+(`flannel_`), base units, `_total` for counters. Engine counters are read from the engine when scraped (a
+collector, not a second set of counters to keep in step), and the per-peer series are bounded by the engine,
+which counts configured peers only. The server answers /metrics and a set of check paths (/healthz, /readyz)
+from a daemon thread, so a blocked event loop or signal loop does not silence it.
+"""
+
+from __future__ import annotations
+
+import errno
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
+
+from dataplane._engine import COUNTERS
+from dataplane.errors import DataplaneError
+
+Stats = Callable[[], "dict[str, Any] | None"]  # the engine's stats(), or None while there is no engine
+Check = Callable[[], "str | None"]  # what is wrong, or None
+
+# Every engine counter, as the family and the one label it is exported under (drops come by reason).
+_EXPORTED: dict[str, tuple[str, str, str]] = {
+    "tx_packets": ("packets", "direction", "tx"), "rx_packets": ("packets", "direction", "rx"),
+    "tx_bytes": ("bytes", "direction", "tx"), "rx_bytes": ("bytes", "direction", "rx"),
+    "tx_send_calls": ("syscalls", "call", "sendmmsg"), "rx_recv_calls": ("syscalls", "call", "recvmmsg"),
+    "tun_reads": ("syscalls", "call", "tun_read"), "tun_writes": ("syscalls", "call", "tun_write"),
+    "tx_gso_messages": ("offload_events", "event", "gso_send"),
+    "tun_super_packets": ("offload_events", "event", "tso_read"),
+    "rx_gro_trains": ("offload_events", "event", "gro_train"),
+    "tun_coalesced_writes": ("offload_events", "event", "coalesced_write"),
+    "gso_fallbacks": ("offload_events", "event", "gso_fallback"),
+    "coalesce_fallbacks": ("offload_events", "event", "coalesce_fallback"),
+    "icmp_unreachable_sent": ("icmp_unreachable", "outcome", "sent"),
+    "icmp_unreachable_rate_limited": ("icmp_unreachable", "outcome", "rate_limited"),
+    "rx_socket_overflow": ("drops", "reason", "rx_socket_overflow"),
+}
+assert set(_EXPORTED) == set(COUNTERS), "every engine counter is exported"
+_HELP = {
+    "packets": "Inner packets forwarded: tx from flannel0 to the wire, rx from the wire into flannel0.",
+    "bytes": "Bytes of the inner packets forwarded, by direction.",
+    "syscalls": "System calls the engine made to move packets, by call.",
+    "offload_events": "Kernel offload use: GSO sends, TSO super-packets read, GRO trains, coalesced writes, and "
+                      "fallbacks when the kernel refused one.",
+    "icmp_unreachable": "ICMP net-unreachable replies for destinations with no lease, sent or suppressed by the "
+                        "rate limit.",
+    "drops": "Packets the engine dropped, by reason (rx_socket_overflow: dropped by the kernel in the socket "
+             "buffer).",
+}
+
+
+class EngineCollector(Collector):
+    def __init__(self, stats: Stats) -> None:
+        self.stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self.stats()
+        if stats is None:
+            return
+        families: dict[str, CounterMetricFamily] = {}
+
+        def add(family: str, label: str, value: str, count: int) -> None:
+            if family not in families:
+                families[family] = CounterMetricFamily(f"flannel_{family}", _HELP[family], labels=[label])
+            families[family].add_metric([value], count)
+
+        for name, (family, label, value) in _EXPORTED.items():
+            add(family, label, value, stats[name])
+        for reason, count in stats["drops"].items():
+            add("drops", "reason", reason, count)
+        yield from families.values()
+        yield from _peers(stats["peers"])
+        offloads = GaugeMetricFamily("flannel_offload_enabled", "Kernel offloads in use (1) or not (0).",
+                                     labels=["offload"])
+        for name, on in stats["offloads"].items():
+            offloads.add_metric([name], float(on))
+        yield offloads
+
+
+def _peers(peers: Mapping[str, Mapping[str, int]]) -> Iterator[Metric]:
+    for unit in ("packets", "bytes"):
+        family = CounterMetricFamily(f"flannel_peer_{unit}_total", f"Inner {unit} to (tx) and from (rx) each "
+                                     "configured peer, counted once accepted.", labels=["peer", "direction"])
+        for peer, counts in peers.items():
+            for direction in ("tx", "rx"):
+                family.add_metric([peer, direction], counts[f"{direction}_{unit}"])
+        yield family
+
+
+def registry(*collectors: Collector) -> CollectorRegistry:
+    """A registry with the process metrics (CPU, memory, file descriptors) and the given collectors."""
+    reg = CollectorRegistry(auto_describe=False)
+    ProcessCollector(registry=reg)
+    for collector in collectors:
+        reg.register(collector)
+    return reg
+
+
+def serve(host: str, port: int, reg: CollectorRegistry, checks: Mapping[str, tuple[Check, int, str]],
+          what: str = "metrics") -> ThreadingHTTPServer:
+    """Serve /metrics and the `checks` ({path: (check, status when failing, text when fine)}) from a daemon
+    thread; DataplaneError with one line if the address cannot be had."""
+    class Handler(BaseHTTPRequestHandler):
+        timeout = 5  # a client that sends nothing holds a thread only this long
+
+        def do_GET(self) -> None:
+            path = self.path.split("?")[0]
+            if path == "/metrics":
+                self._reply(200, generate_latest(reg), CONTENT_TYPE_LATEST)
+            elif path in checks:
+                check, failing, fine = checks[path]
+                problem = check()
+                self._reply(failing if problem else 200, f"{problem or fine}\n".encode(), "text/plain")
+            else:
+                self._reply(404, b"not found\n", "text/plain")
+
+        def _reply(self, status: int, body: bytes, kind: str) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            """Scrapes and probes every few seconds are not worth a log line each."""
+
+    try:
+        server = ThreadingHTTPServer((host, port), Handler)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise DataplaneError(f"{what} port {host}:{port} is already in use") from None
+        raise DataplaneError(f"cannot serve {what} on {host}:{port}: {exc.strerror}") from None
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name=f"{what}-http", daemon=True).start()
+    return server
