@@ -113,10 +113,11 @@ class Keeper:
             return self._failure or "the dataplane is not started"
         return _engine_problem(pump)
 
-    def stats(self) -> dict[str, Any]:
-        """The engine's counters; they start again from zero when the device is recreated."""
+    def stats(self) -> dict[str, Any] | None:
+        """The engine's counters, or None while there is no engine (a lost flannel0 not yet replaced); they
+        start again from zero when the device is recreated."""
         with self._lock:
-            return self.pump.stats()
+            return None if self._pump is None else self._pump.stats()
 
     # ---- routes ------------------------------------------------------------------------------------------
 

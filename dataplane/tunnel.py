@@ -2,7 +2,7 @@
 
     flannel-tunnel --iface-ip IP --subnet CIDR --network CIDR --peer CIDR=IP [--peer ...] [--peers-file PATH]
                    [--port 8285] [--tun flannel0] [--offload auto|off] [--batch N] [--no-source-check]
-                   [--stats-file PATH]
+                   [--stats-file PATH] [--metrics-addr HOST:PORT]
 
 It sets up flannel0 as flanneld's udp backend would, forwards until SIGINT/SIGTERM, and removes what it created.
 Every second a Keeper (dataplane.keeper) checks flannel0: deleted, it is recreated with every route; set down or
@@ -40,7 +40,7 @@ import time
 from dataclasses import dataclass
 from typing import NoReturn
 
-from dataplane import offload
+from dataplane import metrics, offload
 from dataplane.errors import DataplaneError
 from dataplane.keeper import Keeper, PumpSpec
 from dataplane.pump import DEFAULT_BATCH, DEFAULT_PORT
@@ -77,6 +77,7 @@ class TunnelConfig:
     batch: int
     check_source: bool
     stats_file: str | None
+    metrics_addr: tuple[str, int] | None
 
 
 class _Parser(argparse.ArgumentParser):
@@ -99,6 +100,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=DEFAULT_BATCH, help=f"packets per syscall, 1-128 ({DEFAULT_BATCH})")
     p.add_argument("--no-source-check", action="store_true", help="accept packets whose sender is not their peer")
     p.add_argument("--stats-file", help="where SIGUSR1 writes the counters as JSON")
+    p.add_argument("--metrics-addr", metavar="HOST:PORT", help="serve Prometheus /metrics and /healthz there")
     p.add_argument("-v", "--verbose", action="store_true", help="log more")
     return p
 
@@ -187,7 +189,15 @@ def parse_config(argv: list[str] | None) -> TunnelConfig:
         batch=args.batch,
         check_source=not args.no_source_check,
         stats_file=args.stats_file,
+        metrics_addr=None if args.metrics_addr is None else _host_port(args.metrics_addr, "--metrics-addr"),
     )
+
+
+def _host_port(text: str, flag: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise DataplaneError(f"{flag} {text!r} is not HOST:PORT")
+    return host or "0.0.0.0", int(port)
 
 
 def _routes(cfg: TunnelConfig, peers: tuple[Peer, ...]) -> dict[str, tuple[str, int]]:
@@ -202,14 +212,20 @@ def run(cfg: TunnelConfig, peers: tuple[Peer, ...]) -> None:
     keeper = Keeper(PumpSpec(iface_ip=cfg.iface_ip, port=cfg.port, tun_name=cfg.tun, subnet=cfg.subnet,
                              network=cfg.network, mtu=mtu, wanted=cfg.offloads, batch=cfg.batch,
                              check_source=cfg.check_source))
-    pump = keeper.start(_routes(cfg, peers))
-    log.info("%s up: subnet %s, mtu %d, %d peers, udp %s:%d, batch %d, offloads: %s", cfg.tun, cfg.subnet, mtu,
-             len(peers), cfg.iface_ip, cfg.port, cfg.batch, pump.offloads.describe())
+    server = None
+    if cfg.metrics_addr is not None:  # before flannel0, so that a port in use leaves nothing behind
+        server = metrics.serve(*cfg.metrics_addr, metrics.registry(metrics.EngineCollector(keeper.stats)),
+                               {"/healthz": (lambda: keeper.failure, 500, "flannel-tunnel is running")})
     try:
+        pump = keeper.start(_routes(cfg, peers))
+        log.info("%s up: subnet %s, mtu %d, %d peers, udp %s:%d, batch %d, offloads: %s", cfg.tun, cfg.subnet,
+                 mtu, len(peers), cfg.iface_ip, cfg.port, cfg.batch, pump.offloads.describe())
         sig = _serve(cfg, keeper)
         keeper.pump.stop()
         _write_stats(cfg.stats_file, keeper)
     finally:
+        if server is not None:
+            server.shutdown()
         keeper.close()
     log.info("stopped on %s", _name(sig))
 

@@ -153,10 +153,11 @@ def unreachable(node: Host, src: str) -> bool:
     return False
 
 
-def http(node: Host, path: str) -> str:
+def http(node: Host, path: str, port: int = 8471) -> str:
+    """The whole HTTP response (status line, headers, body) of flanneld's health server on node, or any other."""
     with host_socket(node, socket.SOCK_STREAM) as s:
         s.settimeout(5)
-        s.connect(("127.0.0.1", 8471))
+        s.connect(("127.0.0.1", port))
         s.sendall(f"GET {path} HTTP/1.0\r\n\r\n".encode())
         chunks = []
         while data := s.recv(65536):
@@ -169,10 +170,10 @@ def serves(node: Host, path: str, text: str) -> bool:
     return text in http(node, path)
 
 
-def scrape(node: Host) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """/metrics of flanneld's health server on node, parsed as Prometheus does: {(sample, labels): value}. Every
-    flannel_ family must say what it is (HELP)."""
-    body = http(node, "/metrics").split("\r\n\r\n", 1)[1]
+def scrape(node: Host, port: int = 8471) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """/metrics on node (flanneld's health server by default), parsed as Prometheus does: {(sample, labels):
+    value}. Every flannel_ family must say what it is (HELP)."""
+    body = http(node, "/metrics", port).split("\r\n\r\n", 1)[1]
     samples = {}
     for family in text_string_to_metric_families(body):
         assert not family.name.startswith("flannel_") or family.documentation, f"{family.name} has no HELP"

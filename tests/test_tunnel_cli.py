@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 from pathlib import Path
 
 import pytest
 from conftest import TUNNEL, host_socket, start_tunnel
+from daemons import http, scrape, wait_for
 
 from bench.rig import Rig
 
@@ -37,6 +39,7 @@ def _run(argv: list[str], prefix: list[str] | None = None) -> subprocess.Complet
         ([*BASE, "--batch", "0"], "--batch 0 is out of range 1-128"),
         ([*BASE, "--port", "70000"], "--port 70000 is out of range"),
         ([*BASE, "--offload", "maybe"], "invalid choice: 'maybe'"),
+        ([*BASE, "--metrics-addr", "localhost"], "--metrics-addr 'localhost' is not HOST:PORT"),
     ],
 )
 def test_bad_flags_exit_2_with_one_line(argv: list[str], message: str) -> None:
@@ -82,6 +85,11 @@ def test_host_refusals(rig: Rig, tmp_path: Path) -> None:
     with host_socket(a) as squatter:
         squatter.bind((str(a.underlay), 8285))
         _host_error(a.run(TUNNEL, *BASE, check=False), "UDP port 8285 on 198.18.0.1 is already in use")
+    with host_socket(a, socket.SOCK_STREAM) as squatter:
+        squatter.bind(("127.0.0.1", 9471))
+        squatter.listen()
+        _host_error(a.run(TUNNEL, *BASE, "--metrics-addr", "127.0.0.1:9471", check=False),
+                    "metrics port 127.0.0.1:9471 is already in use")
     # No /dev/net/tun: hide it behind an empty tmpfs in a private mount namespace.
     hidden = a.run("unshare", "--mount", "sh", "-c", f"mount -t tmpfs none /dev/net && exec {TUNNEL} {' '.join(BASE)}",
                    check=False)
@@ -110,3 +118,25 @@ def test_a_second_tunnel_on_the_same_network(rig: Rig, tmp_path: Path) -> None:
     links = a.run("ip", "-o", "link").stdout
     assert "flannel0" in links and "flannel1" not in links
     assert first.stop() == 0
+
+
+def test_metrics_count_exactly_what_crossed(rig: Rig, tmp_path: Path) -> None:
+    a, b = rig.hosts
+    tunnel = start_tunnel(a, [b], tmp_path, "--metrics-addr", "127.0.0.1:9471")
+    start_tunnel(b, [a], tmp_path)
+    before = scrape(a, 9471)
+    with host_socket(a) as s:
+        s.bind((str(a.overlay_ip), 0))
+        for _ in range(7):
+            s.sendto(b"y" * 72, (str(b.overlay_ip), 9))
+    peer_tx = ("flannel_peer_packets_total", (("direction", "tx"), ("peer", str(b.underlay))))
+    wait_for(lambda: scrape(a, 9471)[peer_tx] >= before.get(peer_tx, 0) + 7, 10, "the datagrams counted")
+    after = scrape(a, 9471)
+    assert after[peer_tx] - before.get(peer_tx, 0) == 7
+    assert after[("flannel_packets_total", (("direction", "tx"),))] - before[("flannel_packets_total",
+                                                                             (("direction", "tx"),))] == 7
+    assert after[("flannel_bytes_total", (("direction", "tx"),))] - before[("flannel_bytes_total",
+                                                                           (("direction", "tx"),))] == 7 * 100
+    assert http(a, "/healthz", 9471).startswith("HTTP/1.0 200") and "flannel-tunnel is running" in http(
+        a, "/healthz", 9471)
+    assert tunnel.stop() == 0

@@ -65,10 +65,7 @@ class UdpNetwork(Idle):
         return self.keeper.failure
 
     def engine_stats(self) -> dict[str, Any] | None:
-        try:
-            return self.keeper.stats()
-        except DataplaneError:  # between a lost flannel0 and its replacement
-            return None
+        return self.keeper.stats()
 
 
 async def register(ctx: Context) -> UdpNetwork:
