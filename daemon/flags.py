@@ -142,17 +142,21 @@ def _parser() -> argparse.ArgumentParser:
         kinds: dict[type, Callable[[str], object]] = {bool: _bool, int: _int, str: str, list: str}
         kind = kinds[flag.kind]
         action = "append" if flag.repeat else "store"
-        p.add_argument(f"--{flag.name}", type=kind, action=action, default=None, help=flag.help,
+        default = ",".join(flag.default) if isinstance(flag.default, list) else flag.default
+        p.add_argument(f"--{flag.name}", type=kind, action=action, default=None,
+                       help=f"{flag.help} (default {default!r}; or ${flag.env})",
                        metavar=None if flag.kind is not bool else "BOOL")
     return p
 
 
 def _normalize(argv: list[str]) -> list[str]:
-    """Go flag syntax to argparse's: `-name` becomes `--name`, a bare boolean flag becomes `--name=true`."""
+    """Go flag syntax to argparse's: `-name` becomes `--name` (one-letter names too: `-v 2`), a bare boolean flag
+    becomes `--name=true`. A negative number stays a value."""
     bools = {f.name for f in FLAGS if f.kind is bool}
     out = []
     for arg in argv:
-        if arg.startswith("-") and not arg.startswith("--") and len(arg) > 2:
+        if arg.startswith("-") and not arg.startswith("--") and arg != "-h" and len(arg) >= 2 and \
+                not arg[1].isdigit():
             arg = "-" + arg
         if arg.startswith("--") and arg[2:] in bools:
             arg += "=true"

@@ -48,7 +48,7 @@ from daemon.peers import PeerTable, follow
 from daemon.registry import Registry, Unavailable
 from daemon.registry.etcd import EtcdRegistry
 from daemon.registry.local import LocalRegistry
-from dataplane import metrics
+from dataplane import klog, metrics
 from dataplane.errors import DataplaneError
 
 VERSION = "v0.1.0-pyflannel"
@@ -262,8 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     if opts.version:
         print(VERSION, file=sys.stderr)
         return 0
-    logging.basicConfig(level=logging.DEBUG if opts.v > 0 else logging.INFO,
-                        format="flanneld: %(levelname)s %(message)s")
+    klog.setup(opts.v)
     if os.geteuid() != 0:
         print("flanneld: error: must run as root (it creates network devices, routes and rules)", file=sys.stderr)
         return 1

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import logging
+import re
 import subprocess
 from pathlib import Path
 
@@ -16,6 +18,7 @@ from daemon.errors import ConfigError, FlannelError
 from daemon.lease import Lease, LeaseAttrs, parse_subnet_key, subnet_key
 from daemon.registry import LeaseExists, Record
 from daemon.registry.local import LocalRegistry
+from dataplane import klog
 
 Net = ipaddress.IPv4Network
 IP = ipaddress.IPv4Address
@@ -220,3 +223,18 @@ def test_a_failing_loop_is_logged_and_restarted_a_fatal_one_ends_the_daemon(tmp_
     assert len(runs) == 3
     failures = [r.getMessage() for r in caplog.records if "flaky loop failed" in r.getMessage()]
     assert len(failures) == 2 and "RuntimeError: failure 1 at test_daemon_parts.py" in failures[0], failures
+
+
+def test_klog_lines_and_go_style_verbosity() -> None:
+    assert flags.parse(["-v", "2"]).v == 2 and flags.parse(["-v=3"]).v == 3 and flags.parse(["--v", "4"]).v == 4
+    record = logging.LogRecord("flanneld", logging.WARNING, "/x/flanneld.py", 42, "lease %s", ("10.244.1.0/24",),
+                               None)
+    line = klog.KlogFormatter().format(record)
+    assert re.fullmatch(r"W\d{4} \d\d:\d\d:\d\d\.\d{6} +\d+ flanneld\.py:42\] lease 10\.244\.1\.0/24", line), line
+    try:
+        klog.setup(1)
+        assert logging.getLogger().level == logging.DEBUG and logging.getLogger("pyroute2").level == logging.WARNING
+        klog.setup(klog.LIBRARY_VERBOSITY)
+        assert logging.getLogger("pyroute2").level == logging.DEBUG
+    finally:
+        klog.setup(0)

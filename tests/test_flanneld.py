@@ -4,6 +4,7 @@ with Debian's etcd; flannel's etcd layout byte for byte; restarts, races and an 
 from __future__ import annotations
 
 import ipaddress
+import re
 import signal
 import socket
 import sqlite3
@@ -225,7 +226,10 @@ def test_metrics_and_readiness(tmp_path: Path) -> None:
         assert "flanneld is running" in http(node, "/healthz")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0 and proc.stderr is not None
-        assert "using interface eth0 (198.18.0.1)" in proc.stderr.read(), "found by the route to 198.18.0.2"
+        lines = proc.stderr.read().splitlines()
+        assert any("using interface eth0 (198.18.0.1)" in line for line in lines), "found by the route to 198.18.0.2"
+        klog_line = re.compile(r"[IWEF]\d{4} \d\d:\d\d:\d\d\.\d{6} +\d+ [\w.]+:\d+\] .+")
+        assert all(klog_line.fullmatch(line) for line in lines), lines
 
 
 def test_ports_in_use_are_one_line_errors(tmp_path: Path) -> None:
