@@ -4,13 +4,17 @@ No Kubernetes cluster can run here, so the manifest is checked for content, not 
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import re
+import tomllib
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from daemon import cni, config
+from daemon import cni, config, flags, subnet_env
+from dataplane import tunnel
 
 DEPLOY = Path(__file__).parent.parent / "daemon" / "deploy"
 
@@ -47,3 +51,44 @@ def test_daemonset_runs_pyflannels_commands() -> None:
     assert install["command"][0] == "flannel-install-cni"
     mounts = {v["name"] for v in spec["volumes"]}
     assert {"run", "cni-bin", "cni-conf", "flannel-cfg", "xtables-lock", "dev-net-tun"} <= mounts
+
+
+SYSTEMD = DEPLOY / "systemd"
+
+
+def _unit(name: str) -> tuple[dict[str, list[str]], dict[str, str]]:
+    """A unit file's settings ({key: values in order}) and the example variables in its comments."""
+    settings: dict[str, list[str]] = {}
+    examples = {}
+    for line in (SYSTEMD / name).read_text().splitlines():
+        if line.startswith("#") and "=" in line and line[1:].strip().split("=")[0].isupper():
+            key, _, value = line[1:].strip().partition("=")
+            examples[key] = value
+        elif "=" in line and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            settings.setdefault(key, []).append(value)
+    return settings, examples
+
+
+def test_systemd_units_run_what_they_say() -> None:
+    flanneld, env = _unit("flanneld.service")
+    assert flanneld["ExecStart"] == ["/usr/local/bin/flanneld"] and flanneld["Restart"] == ["always"]
+    opts = flags.parse([], environ=env)
+    assert opts.etcd_endpoints == "https://198.18.0.9:2379" and opts.iface == ["eth0"] and opts.ip_masq
+    tunnel_unit, env = _unit("flannel-tunnel.service")
+    assert tunnel_unit["ExecStart"] == ["/usr/local/bin/flannel-tunnel $FLANNEL_TUNNEL_ARGS"]
+    assert tunnel_unit["ExecReload"] == ["/bin/kill -HUP $MAINPID"], "reload is SIGHUP: the peers file again"
+    cfg = tunnel.parse_config(env["FLANNEL_TUNNEL_ARGS"].split())
+    assert cfg.peers_file == "/etc/flannel/peers" and str(cfg.subnet) == "10.244.1.0/24"
+    scripts = tomllib.loads((DEPLOY.parent.parent / "pyproject.toml").read_text())["project"]["scripts"]
+    assert {"flanneld", "flannel-tunnel"} <= set(scripts)
+
+
+def test_docker_drop_in_reads_what_flanneld_writes() -> None:
+    docker, _ = _unit("docker-flannel.conf")
+    assert docker["EnvironmentFile"] == ["/run/flannel/subnet.env"] and docker["ExecStart"][0] == ""
+    written = subnet_env.render(network=ipaddress.IPv4Network("10.244.0.0/16"),
+                                subnet=ipaddress.IPv4Network("10.244.3.0/24"), mtu=1472, ip_masq=True)
+    variables = {line.split("=")[0] for line in written.splitlines()}
+    used = set(re.findall(r"\$\{(\w+)\}", docker["ExecStart"][1]))
+    assert used and used <= variables
