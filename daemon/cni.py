@@ -1,4 +1,9 @@
+#!/usr/bin/env python3
 """The `flannel` CNI plugin: builds the delegate config from subnet.env and hands the work to a real plugin.
+
+This file is the whole plugin: `flannel-install-cni` copies it as it is into the CNI bin directory, where kubelet
+runs it with the host's python3 (3.9 or newer) and nothing else, so it imports only the standard library and
+uses no syntax or call newer than 3.9. The `flannel` console script runs the same code from the package.
 
 Behaviour follows flannel's cni-plugin (flannel.go, flannel_linux.go):
 - netconf keys: name, type, subnetFile (/run/flannel/subnet.env), dataDir (/var/lib/cni/flannel), delegate,
@@ -95,7 +100,7 @@ def delegate_config(netconf: dict[str, Any], env: dict[str, Any]) -> dict[str, A
 
 def _environ(*names: str) -> list[str]:
     values = [os.environ.get(name, "") for name in names]
-    missing = [n for n, v in zip(names, values, strict=True) if not v]
+    missing = [n for n, v in zip(names, values) if not v]  # noqa: B905 (zip's strict= is Python 3.10)
     if missing:
         raise CniError(7, f"required environment variables missing: {', '.join(missing)}")
     return values
@@ -180,28 +185,5 @@ def main() -> int:
         return 1
 
 
-def install_main(argv: list[str] | None = None) -> int:
-    """flannel-install-cni: what the DaemonSet's install-cni step does. Copies the `flannel` plugin into the CNI
-    bin directory and writes the network config (CNI_NETWORK_CONFIG, or --conf FILE) as 10-flannel.conflist."""
-    import argparse
-
-    p = argparse.ArgumentParser(prog="flannel-install-cni", description=install_main.__doc__)
-    p.add_argument("--cni-bin-dir", default="/opt/cni/bin")
-    p.add_argument("--cni-conf-dir", default="/etc/cni/net.d")
-    p.add_argument("--conf", help="network config file (default: the CNI_NETWORK_CONFIG variable)")
-    args = p.parse_args(argv)
-    plugin = Path(sys.executable).with_name("flannel")
-    text = Path(args.conf).read_text() if args.conf else os.environ.get("CNI_NETWORK_CONFIG", "")
-    try:
-        json.loads(text)
-    except json.JSONDecodeError as exc:
-        print(f"flannel-install-cni: error: the network config is not JSON: {exc}", file=sys.stderr)
-        return 1
-    for directory in (args.cni_bin_dir, args.cni_conf_dir):
-        Path(directory).mkdir(parents=True, exist_ok=True)
-    tmp = Path(args.cni_bin_dir) / ".flannel.tmp"
-    shutil.copy2(plugin, tmp)
-    os.replace(tmp, Path(args.cni_bin_dir) / "flannel")
-    (Path(args.cni_conf_dir) / "10-flannel.conflist").write_text(text)
-    print(f"installed {args.cni_bin_dir}/flannel and {args.cni_conf_dir}/10-flannel.conflist", file=sys.stderr)
-    return 0
+if __name__ == "__main__":
+    sys.exit(main())

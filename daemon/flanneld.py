@@ -248,7 +248,8 @@ def _manager(opts: flags.Options, outage: Outage) -> subnets.Manager:
         registry = LocalRegistry(opts.local_registry, opts.net_config_path)
     else:
         registry = EtcdRegistry(opts.etcd_endpoints, opts.etcd_prefix, username=opts.etcd_username,
-                                password=opts.etcd_password, keyfile=opts.etcd_keyfile, certfile=opts.etcd_certfile)
+                                password=opts.etcd_password, keyfile=opts.etcd_keyfile, certfile=opts.etcd_certfile,
+                                cafile=opts.etcd_cafile)
     return subnets.RegistryManager(registry, opts.subnet_lease_renew_margin, outage,
                                    exit_on_loss=opts.exit_on_lease_loss)
 

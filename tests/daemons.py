@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -34,13 +35,50 @@ def wait_for(cond: Callable[[], object], timeout: float = 20, what: str = "condi
     return result
 
 
-class Etcd:
-    """Debian's etcd-server in a test host, on the underlay address."""
+@dataclass(frozen=True)
+class Certs:
+    """A test CA, and a server and a client certificate it signed (openssl, EC P-256, valid for a day)."""
+    ca: Path
+    server: tuple[Path, Path]
+    client: tuple[Path, Path]
 
-    def __init__(self, host: Host, data: Path) -> None:
+
+def make_certs(where: Path, server_ip: str) -> Certs:
+    where.mkdir(parents=True, exist_ok=True)
+    ca = _openssl_key_and_cert(where, "ca", "/CN=pyflannel test CA", None,
+                               "basicConstraints=critical,CA:TRUE\nkeyUsage=keyCertSign")
+    server = _openssl_key_and_cert(where, "server", "/CN=etcd", ca,
+                                   f"subjectAltName=IP:{server_ip}\nextendedKeyUsage=serverAuth")
+    client = _openssl_key_and_cert(where, "client", "/CN=flanneld", ca, "extendedKeyUsage=clientAuth")
+    return Certs(ca[1], server, client)
+
+
+def _openssl_key_and_cert(where: Path, name: str, subject: str, ca: tuple[Path, Path] | None, ext: str
+                          ) -> tuple[Path, Path]:
+    """(key, certificate) for name, signed by ca (or by itself), with the extensions given."""
+    key, csr, crt, extfile = (where / f"{name}.{suffix}" for suffix in ("key", "csr", "crt", "ext"))
+    extfile.write_text(ext + "\n")
+    subprocess.run(["openssl", "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                    "-keyout", str(key), "-out", str(csr), "-subj", subject], check=True, capture_output=True)
+    signer = ["-CA", str(ca[1]), "-CAkey", str(ca[0]), "-CAcreateserial"] if ca else ["-signkey", str(key)]
+    subprocess.run(["openssl", "x509", "-req", "-in", str(csr), "-out", str(crt), "-days", "1", *signer,
+                    "-extfile", str(extfile)], check=True, capture_output=True)
+    return key, crt
+
+
+class Etcd:
+    """Debian's etcd-server in a test host, on the underlay address; with `certs`, clients must speak TLS and
+    show a certificate the test CA signed; `etcd_args` go to etcd as they are (e.g. --auth-token-ttl)."""
+
+    def __init__(self, host: Host, data: Path, certs: Certs | None = None, etcd_args: tuple[str, ...] = ()) -> None:
         self.host = host
         self.data = data
-        self.url = f"http://{host.underlay}:{ETCD_PORT}"
+        self.certs = certs
+        self.etcd_args = etcd_args
+        self.url = f"{'https' if certs else 'http'}://{host.underlay}:{ETCD_PORT}"
+        self.tool_args: list[str] = []
+        if certs:
+            self.tool_args = ["--cacert", str(certs.ca), "--cert", str(certs.client[1]), "--key", str(certs.client[0])]
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -50,11 +88,15 @@ class Etcd:
     def start_unchecked(self) -> None:
         """Start etcd without waiting for it to answer (a test may have cut it off)."""
         log = open(self.data.with_suffix(".log"), "ab")  # noqa: SIM115 (the process owns it)
+        tls = []
+        if self.certs:
+            tls = ["--cert-file", str(self.certs.server[1]), "--key-file", str(self.certs.server[0]),
+                   "--client-cert-auth", "--trusted-ca-file", str(self.certs.ca)]
         self.proc = self.host.popen(
             "etcd", "--name", "test", "--data-dir", str(self.data), "--listen-client-urls", self.url,
             "--advertise-client-urls", self.url, "--listen-peer-urls", "http://127.0.0.1:2380",
             "--initial-advertise-peer-urls", "http://127.0.0.1:2380",
-            "--initial-cluster", "test=http://127.0.0.1:2380", stdout=log, stderr=log)
+            "--initial-cluster", "test=http://127.0.0.1:2380", *tls, *self.etcd_args, stdout=log, stderr=log)
 
     def _answers(self) -> bool:
         return self.tool("status", check=False).returncode == 0
@@ -65,7 +107,12 @@ class Etcd:
         self.proc.wait(20)
 
     def tool(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        return self.host.run(sys.executable, ETCD_TOOL, f"{self.host.underlay}:{ETCD_PORT}", *args, check=check)
+        return self.host.run(sys.executable, ETCD_TOOL, self.url, *self.tool_args, *args, check=check)
+
+    def enable_auth(self, root_password: str, user: str, password: str) -> None:
+        """Users root and `user` (read-write on PREFIX only), then authentication on; this tool goes on as root."""
+        self.tool("enable-auth", root_password, user, password, PREFIX)
+        self.tool_args += ["--user", f"root:{root_password}"]
 
     def put(self, key: str, value: str) -> None:
         self.tool("put", key, value)

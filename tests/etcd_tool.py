@@ -1,7 +1,13 @@
 """put / delete / dump / status against etcd, run inside a test host's namespace (ip netns exec), so that every
 socket the gRPC client opens lives in that namespace.
 
-    python etcd_tool.py ENDPOINT put KEY VALUE | put-file KEY PATH | delete KEY | dump PREFIX | status | race
+    python etcd_tool.py ENDPOINT [--cacert F --cert F --key F] [--user NAME:PASSWORD]
+        put KEY VALUE | put-file KEY PATH | delete KEY | dump PREFIX | status | race
+        | enable-auth ROOT_PASSWORD USER PASSWORD PREFIX
+
+The connection is flanneld's own (daemon.registry.etcd), so TLS and authentication work here as they do there.
+`enable-auth` is etcdctl's `user add root`, `role add`, `role grant-permission --prefix`, `user add`,
+`user grant-role` and `auth enable`: USER may read and write PREFIX only.
 
 `race` drives flanneld's EtcdRegistry: listings run while the connection under them is closed again and again
 (as when the watch fails during a renewal), and it prints how each call ended.
@@ -9,14 +15,14 @@ socket the gRPC client opens lives in that namespace.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
-import sys
 
-import aetcd
+from aetcd import rpc
 
 from daemon.registry import Unavailable
-from daemon.registry.etcd import EtcdRegistry
+from daemon.registry.etcd import EtcdRegistry, Security, _Client, _prefix_end, endpoints
 
 
 async def race(endpoint: str) -> dict[str, int]:
@@ -43,29 +49,54 @@ async def race(endpoint: str) -> dict[str, int]:
     return outcomes
 
 
-async def main(endpoint: str, verb: str, *args: str) -> None:
+async def enable_auth(client: _Client, root_password: str, user: str, password: str, prefix: str) -> None:
+    stub, md = rpc.AuthStub(client.channel), client.metadata
+    await stub.UserAdd(rpc.AuthUserAddRequest(name="root", password=root_password), metadata=md)
+    await stub.UserGrantRole(rpc.AuthUserGrantRoleRequest(user="root", role="root"), metadata=md)
+    await stub.RoleAdd(rpc.AuthRoleAddRequest(name="flannel"), metadata=md)
+    perm = rpc.Permission(permType=rpc.Permission.READWRITE, key=prefix.encode(),
+                          range_end=_prefix_end(prefix.encode()))
+    await stub.RoleGrantPermission(rpc.AuthRoleGrantPermissionRequest(name="flannel", perm=perm), metadata=md)
+    await stub.UserAdd(rpc.AuthUserAddRequest(name=user, password=password), metadata=md)
+    await stub.UserGrantRole(rpc.AuthUserGrantRoleRequest(user=user, role="flannel"), metadata=md)
+    await stub.AuthEnable(rpc.AuthEnableRequest(), metadata=md)
+
+
+async def main(args: argparse.Namespace) -> None:
+    verb, rest = args.verb, args.args
     if verb == "race":
-        print(json.dumps(await race(endpoint)))
+        print(json.dumps(await race(args.endpoint)))
         return
-    host, port = endpoint.rsplit(":", 1)
-    client = aetcd.Client(host, int(port), timeout=5)
+    user, _, password = args.user.partition(":")
+    security = Security.build(cafile=args.cacert, certfile=args.cert, keyfile=args.key, username=user,
+                              password=password)
+    client = _Client(endpoints(args.endpoint, security.client_cert)[0], security)
+    await client.connect()
     try:
         if verb == "put":
-            await client.put(args[0].encode(), args[1].encode())
+            await client.put(rest[0].encode(), rest[1].encode())
         elif verb == "put-file":  # values larger than one command-line argument may be
-            with open(args[1], "rb") as f:
-                await client.put(args[0].encode(), f.read())
+            with open(rest[1], "rb") as f:
+                await client.put(rest[0].encode(), f.read())
         elif verb == "delete":
-            await client.delete(args[0].encode())
+            await client.delete(rest[0].encode())
         elif verb == "dump":
-            result = await client.get_prefix(args[0].encode())
+            result = await client.get_prefix(rest[0].encode())
             print(json.dumps({bytes(kv.key).decode(errors="replace"): bytes(kv.value).decode(errors="replace")
                               for kv in result}))
         elif verb == "status":
             await client.status()
+        elif verb == "enable-auth":
+            await enable_auth(client, *rest)
     finally:
         await client.close()
 
 
 if __name__ == "__main__":
-    asyncio.run(main(*sys.argv[1:]))
+    parser = argparse.ArgumentParser()
+    parser.add_argument("endpoint")
+    for option in ("--cacert", "--cert", "--key", "--user"):
+        parser.add_argument(option, default="")
+    parser.add_argument("verb")
+    parser.add_argument("args", nargs="*")
+    asyncio.run(main(parser.parse_args()))

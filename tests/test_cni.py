@@ -3,6 +3,7 @@ the install step."""
 
 from __future__ import annotations
 
+import ast
 import ipaddress
 import json
 import os
@@ -171,13 +172,62 @@ def test_mk_docker_opts(tmp_path: Path) -> None:
     assert run("-x").returncode == 1 and run("-h").returncode == 1
 
 
-def test_install_cni(tmp_path: Path) -> None:
+def _install(tmp_path: Path) -> Path:
     conflist = '{"name": "cbr0", "cniVersion": "1.0.0", "plugins": [{"type": "flannel"}]}'
     r = subprocess.run([str(BIN / "flannel-install-cni"), "--cni-bin-dir", str(tmp_path / "bin"), "--cni-conf-dir",
                         str(tmp_path / "net.d")], env={**os.environ, "CNI_NETWORK_CONFIG": conflist},
                        capture_output=True, text=True, timeout=30)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "net.d" / "10-flannel.conflist").read_text() == conflist
-    v = subprocess.run([str(tmp_path / "bin" / "flannel")], env={**os.environ, "CNI_COMMAND": "VERSION"},
+    return tmp_path / "bin" / "flannel"
+
+
+def test_install_cni_copies_a_plain_self_contained_file(tmp_path: Path) -> None:
+    plugin = _install(tmp_path)
+    assert not plugin.is_symlink() and plugin.stat().st_mode & 0o777 == 0o755
+    source = plugin.read_text()
+    assert source.startswith("#!/usr/bin/env python3\n") and source == Path(cni.__file__).read_text()
+    tree = ast.parse(source, feature_version=(3, 9))  # no syntax newer than the oldest python3 it promises
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                for alias in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.walk(tree)
+                 if isinstance(node, ast.ImportFrom) and node.module}
+    assert imported <= sys.stdlib_module_names, f"not in the standard library: {imported - sys.stdlib_module_names}"
+    v = subprocess.run([str(plugin)], env={"PATH": "/usr/bin:/bin", "CNI_COMMAND": "VERSION"},
                        capture_output=True, text=True, timeout=30)
     assert v.returncode == 0 and "supportedVersions" in v.stdout
+
+
+def test_installed_plugin_on_bare_python3(tmp_path: Path) -> None:
+    """The installed file under the host's python3 with no site-packages (-I -S) and a bare environment, through
+    VERSION, ADD, CHECK and DEL with the real bridge and host-local plugins: the pod gets an address in the
+    node's subnet and reaches the node, and DEL takes it all away."""
+    plugin = _install(tmp_path)
+    (tmp_path / "subnet.env").write_text("FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.9.1/24\n"
+                                         "FLANNEL_MTU=1472\nFLANNEL_IPMASQ=true\n")
+    conf = json.dumps({"cniVersion": "1.0.0", "name": "cbr0", "type": "flannel",
+                       "subnetFile": str(tmp_path / "subnet.env"), "dataDir": str(tmp_path / "flannel"),
+                       "ipam": {"dataDir": str(tmp_path / "ipam")}})
+    with Rig(2, tag="pfb") as rig:  # a rig has at least two hosts; the second stays idle
+        node, pod = rig.hosts[0], rig.add_namespace("pod")
+
+        def run(command: str) -> subprocess.CompletedProcess[str]:
+            env = {"PATH": "/usr/bin:/bin", "CNI_COMMAND": command, "CNI_CONTAINERID": pod.ns,
+                   "CNI_NETNS": f"/run/netns/{pod.ns}", "CNI_IFNAME": "eth0", "CNI_PATH": CNI_PATH}
+            return node.run("/usr/bin/python3", "-I", "-S", str(plugin), input=conf, env=env, check=False,
+                            cwd=str(tmp_path))
+
+        version = run("VERSION")
+        assert version.returncode == 0 and "1.0.0" in json.loads(version.stdout)["supportedVersions"]
+        add = run("ADD")
+        assert add.returncode == 0, add.stdout + add.stderr
+        address = ipaddress.IPv4Interface(json.loads(add.stdout)["ips"][0]["address"])
+        assert address.ip in ipaddress.IPv4Network("10.244.9.0/24")
+        assert json.loads((tmp_path / "flannel" / pod.ns).read_text())["mtu"] == 1472
+        assert "1 received" in pod.run("ping", "-c", "1", "-W", "2", "10.244.9.1", check=False).stdout
+        assert run("CHECK").returncode == 0
+        delete = run("DEL")
+        assert delete.returncode == 0, delete.stdout + delete.stderr
+        assert "eth0" not in pod.run("ip", "link").stdout
+        assert not (tmp_path / "flannel" / pod.ns).exists()
+        assert run("DEL").returncode == 0, "a second DEL is fine"
