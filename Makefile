@@ -24,7 +24,7 @@ $(BIN)/flannel-tunnel: pyproject.toml setup.py $(wildcard src_ext/*)
 	$(MAKE) apt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q -e ".[test,bench]"
 	touch $@
 
 demo: setup
