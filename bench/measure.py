@@ -11,7 +11,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from bench.modes import Endpoints
+from bench.modes import Endpoints, Tunnel
 
 PORT = 5201
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -26,6 +26,12 @@ class Result:
     rtt_ms_p99: float
     cpu_s_per_gb: float
     retransmits: int
+    # udp modes, from the engines' counters over the single-stream run: syscalls per GB received and inner
+    # packets per syscall, TX on the client (TUN reads + sends), RX on the server (receives + TUN writes)
+    tx_syscalls_per_gb: float | None = None
+    rx_syscalls_per_gb: float | None = None
+    tx_packets_per_syscall: float | None = None
+    rx_packets_per_syscall: float | None = None
 
 
 class MeasurementError(Exception):
@@ -37,10 +43,12 @@ def measure(path: Endpoints, *, seconds: int, parallel: int, pings: int) -> Resu
     path.server.popen("iperf3", "-s", "-p", str(PORT), "-B", path.server_addr, stdout=subprocess.DEVNULL,
                       stderr=subprocess.DEVNULL)
     _wait_for_server(path)
+    before = _engine_counters(path.tunnels)
     busy = _busy_seconds()
     tcp = _iperf(path, "tcp", 1, seconds)
     cpu = _busy_seconds() - busy
     moved_gb = tcp["end"]["sum_received"]["bytes"] / 1e9
+    syscalls = _syscall_figures(before, _engine_counters(path.tunnels), moved_gb)
     tcp_parallel = _iperf(path, "tcp", parallel, seconds)
     udp = _iperf(path, "udp", 1, seconds)["end"]["sum"]
     rtts = _ping(path, pings)
@@ -52,7 +60,28 @@ def measure(path: Endpoints, *, seconds: int, parallel: int, pings: int) -> Resu
         rtt_ms_p99=statistics.quantiles(rtts, n=100, method="inclusive")[98],
         cpu_s_per_gb=cpu / moved_gb if moved_gb else float("inf"),
         retransmits=int(tcp["end"]["sum_sent"].get("retransmits", 0)),
+        **syscalls,
     )
+
+
+def _engine_counters(tunnels: tuple[Tunnel, Tunnel] | None) -> tuple[int, int, int, int] | None:
+    """(client TX syscalls, client TX packets, server RX syscalls, server RX packets) so far."""
+    if tunnels is None:
+        return None
+    tx, rx = (t.stats() for t in tunnels)
+    return (tx["tun_reads"] + tx["tx_send_calls"], tx["tx_packets"],
+            rx["rx_recv_calls"] + rx["tun_writes"], rx["rx_packets"])
+
+
+def _syscall_figures(before: tuple[int, int, int, int] | None, after: tuple[int, int, int, int] | None,
+                     moved_gb: float) -> dict[str, float]:
+    """The Result's engine figures over the run between the two readings; none outside the udp modes."""
+    if before is None or after is None or not moved_gb:
+        return {}
+    tx_calls, tx_packets, rx_calls, rx_packets = (b - a for a, b in zip(before, after, strict=True))
+    return {"tx_syscalls_per_gb": tx_calls / moved_gb, "rx_syscalls_per_gb": rx_calls / moved_gb,
+            "tx_packets_per_syscall": tx_packets / max(tx_calls, 1),
+            "rx_packets_per_syscall": rx_packets / max(rx_calls, 1)}
 
 
 def _wait_for_server(path: Endpoints, timeout: float = 10) -> None:

@@ -6,12 +6,16 @@ address to the server host's. Everything a mode creates lives in the rig's names
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from bench.rig import NETWORK, Host, Rig
 from daemon.backend import routes, vxlan_device
@@ -32,6 +36,33 @@ class Endpoints:
     client_addr: str
     server: Host
     server_addr: str
+    tunnels: tuple[Tunnel, Tunnel] | None = None   # the udp modes' engines: client's, server's
+
+
+@dataclass(frozen=True)
+class Tunnel:
+    """A running flannel-tunnel, whose counters SIGUSR1 writes to stats_file."""
+
+    proc: subprocess.Popen[Any]
+    stats_file: Path
+
+    def stats(self, timeout: float = 5) -> dict[str, Any]:
+        """The engine's counters now: signal, then wait for the file to be replaced (a new inode)."""
+        before = _inode(self.stats_file)
+        self.proc.send_signal(signal.SIGUSR1)
+        deadline = time.monotonic() + timeout
+        while _inode(self.stats_file) == before:
+            if time.monotonic() > deadline:
+                raise ModeUnavailable("flannel-tunnel wrote no counters")
+            time.sleep(0.01)
+        return dict(json.loads(self.stats_file.read_text()))
+
+
+def _inode(path: Path) -> int:
+    try:
+        return os.stat(path).st_ino
+    except FileNotFoundError:
+        return 0
 
 
 def setup(mode: str, rig: Rig) -> Endpoints:
@@ -41,8 +72,8 @@ def setup(mode: str, rig: Rig) -> Endpoints:
         return Endpoints(a, str(a.underlay), b, str(b.underlay))
     for host in rig.hosts:
         host.add_overlay_endpoint()
-    SETUPS[mode](rig)
-    return Endpoints(a, str(a.overlay_ip), b, str(b.overlay_ip))
+    tunnels = SETUPS[mode](rig)
+    return Endpoints(a, str(a.overlay_ip), b, str(b.overlay_ip), tunnels)
 
 
 def _host_gw(rig: Rig) -> None:
@@ -68,23 +99,28 @@ def _vxlan(rig: Rig) -> None:
                                   mac=vteps[peer.ns].mac)
 
 
-def _udp(rig: Rig, *extra: str) -> None:
+def _udp(rig: Rig, *extra: str) -> tuple[Tunnel, Tunnel]:
     """flannel-tunnel on both hosts: the same engine the udp backend drives."""
+    tunnels = []
     for host, peer in _pairs(rig):
-        host.popen(TUNNEL, "--iface-ip", str(host.underlay), "--subnet", str(host.subnet), "--network", str(NETWORK),
-                   "--peer", f"{peer.subnet}={peer.underlay}", *extra, stderr=subprocess.DEVNULL)
+        stats = rig.files / f"{host.ns}-stats.json"
+        proc = host.popen(TUNNEL, "--iface-ip", str(host.underlay), "--subnet", str(host.subnet), "--network",
+                          str(NETWORK), "--peer", f"{peer.subnet}={peer.underlay}", "--stats-file", str(stats),
+                          *extra, stderr=subprocess.DEVNULL)
+        tunnels.append(Tunnel(proc, stats))
     for host in rig.hosts:
         _wait_for_route(host, f"{NETWORK} dev flannel0")
+    return tunnels[0], tunnels[1]
 
 
-def _udp_batch(rig: Rig) -> None:
+def _udp_batch(rig: Rig) -> tuple[Tunnel, Tunnel]:
     """Batching alone: recvmmsg/sendmmsg at the default batch, no offloads."""
-    _udp(rig, "--offload", "off")
+    return _udp(rig, "--offload", "off")
 
 
-def _udp_basic(rig: Rig) -> None:
+def _udp_basic(rig: Rig) -> tuple[Tunnel, Tunnel]:
     """The design of flannel's C proxy: no offloads, one packet per syscall."""
-    _udp(rig, "--offload", "off", "--batch", "1")
+    return _udp(rig, "--offload", "off", "--batch", "1")
 
 
 def _wait_for_route(host: Host, route: str, timeout: float = 15) -> None:
@@ -100,6 +136,6 @@ def _pairs(rig: Rig) -> list[tuple[Host, Host]]:
     return [(a, b), (b, a)]
 
 
-SETUPS: dict[str, Callable[[Rig], None]] = {
+SETUPS: dict[str, Callable[[Rig], tuple[Tunnel, Tunnel] | None]] = {
     "host-gw": _host_gw, "vxlan": _vxlan, "udp": _udp, "udp-batch": _udp_batch, "udp-basic": _udp_basic,
 }

@@ -16,8 +16,10 @@ FIELDS = [f.name for f in fields(Result)]
 
 
 def medians(runs: list[Result]) -> dict[str, float]:
-    """Each figure's median over the repeats (N repeats, N odd by default, so a real measured value)."""
-    return {name: statistics.median(getattr(r, name) for r in runs) for name in FIELDS}
+    """Each figure's median over the repeats (N repeats, N odd by default, so a real measured value); figures
+    a mode does not have (the engine's, outside the udp modes) are left out."""
+    return {name: statistics.median(getattr(r, name) for r in runs) for name in FIELDS
+            if all(getattr(r, name) is not None for r in runs)}
 
 
 def penalties(modes: dict[str, dict[str, float]]) -> dict[str, float]:
@@ -51,19 +53,26 @@ def build(runs: dict[str, list[Result]], config: dict[str, Any], skipped: dict[s
 
 def table(report: dict[str, Any]) -> str:
     header = ["mode", "TCP Gbit/s", "penalty", f"TCP x{report['config']['parallel']}", "UDP64 kpps",
-              "RTT p50/p99 ms", "CPU s/GB", "retrans"]
+              "RTT p50/p99 ms", "CPU s/GB", "retrans", "syscalls/GB tx/rx", "pkts/syscall tx/rx"]
     rows = [header]
     for mode, m in report["modes"].items():
         pen = report["penalty_pct"].get(mode)
         rows.append([mode, f"{m['tcp_gbps']:.2f}", "-" if pen is None else f"{pen:.1f}%",
                      f"{m['tcp_parallel_gbps']:.2f}", f"{m['udp64_kpps']:.0f}",
                      f"{m['rtt_ms_p50']:.3f}/{m['rtt_ms_p99']:.3f}", f"{m['cpu_s_per_gb']:.2f}",
-                     str(m["retransmits"])])
+                     str(m["retransmits"]), *_syscall_cells(m)])
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
              for r in rows]
     lines += [f"{mode:<{widths[0]}}  skipped: {reason}" for mode, reason in report.get("skipped", {}).items()]
     return "\n".join(lines)
+
+
+def _syscall_cells(m: dict[str, float]) -> list[str]:
+    if "tx_syscalls_per_gb" not in m:
+        return ["-", "-"]
+    return [f"{m['tx_syscalls_per_gb']:.0f}/{m['rx_syscalls_per_gb']:.0f}",
+            f"{m['tx_packets_per_syscall']:.1f}/{m['rx_packets_per_syscall']:.1f}"]
 
 
 def write_json(report: dict[str, Any], path: Path) -> None:

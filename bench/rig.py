@@ -12,11 +12,14 @@ from __future__ import annotations
 import ipaddress
 import os
 import secrets
+import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -76,6 +79,7 @@ class Rig:
         self.extra: list[str] = []
         self.mtu = mtu
         self.netem = netem
+        self.files = Path(tempfile.mkdtemp(prefix=f"{self.prefix}-"))   # what the hosts' programs write; goes too
         self.hosts = [
             Host(f"{self.prefix}-h{i}", UNDERLAY.network_address + i + 1, ipaddress.IPv4Network(f"10.244.{i + 1}.0/24"))
             for i in range(hosts)
@@ -141,6 +145,7 @@ class Rig:
         for ns in [host.ns for host in self.hosts] + [self.switch, *self.extra]:
             if ns in netns.listnetns():
                 netns.remove(ns)
+        shutil.rmtree(self.files, ignore_errors=True)
 
 
 def _terminate(proc: subprocess.Popen[Any], grace: float = 5.0) -> None:

@@ -24,6 +24,11 @@ Design notes (what is flannel's and why; what is ours and why)
 - Ours: batches. The TX thread drains the TUN into one contiguous arena and sends with sendmmsg; the RX thread
   uses recvmmsg. With batch 1 and no offloads each direction is one packet per syscall, like flannel's C proxy;
   that mode is the baseline for every speed figure.
+- Ours: a reply crosses without waiting for the TX thread. Writing a packet into the TUN makes the kernel
+  answer at once when it can (an echo reply, an ACK), inside the write, so the answer is already on the TUN
+  when the RX thread returns. If the TX thread is asleep, the RX thread sends it (the TX side's state is
+  claimed by one thread at a time), sparing the round trip one wake-up: on this 2-vCPU VM each one costs tens
+  of microseconds, and a ping through two engines crossed four of them.
 - The routing table is a prefix_table.h table, read lock-free: each thread pins the current table in its reader
   slot for one batch (and lets go before it may wait for socket space), so a route change never waits for
   traffic, and traffic never waits for a change. A route change costs O(changed routes); the sender check and
@@ -63,6 +68,21 @@ from offload cimport (
     vnet_finish_csum, gso_split, gro_reset, gro_add, gro_finish, CMSG_ROOM, cmsg_set_segment, cmsg_parse_rx,
     PEER_SLOTS, PEER_EMPTY, peer_slot, peer_table, peer_find, peer_configured, peer_add,
 )
+
+
+cdef extern from *:
+    """
+    /* The TX side's state belongs to whichever thread holds this flag: the TX thread, or the RX thread sending
+       what its own TUN write made the kernel answer at once. */
+    static inline int tx_claim(int *flag) { return !__atomic_exchange_n(flag, 1, __ATOMIC_ACQUIRE); }
+    static inline void tx_unclaim(int *flag) { __atomic_store_n(flag, 0, __ATOMIC_RELEASE); }
+    static inline void flag_set(int *flag, int v) { __atomic_store_n(flag, v, __ATOMIC_RELAXED); }
+    static inline int flag_get(int *flag) { return __atomic_load_n(flag, __ATOMIC_RELAXED); }
+    """
+    bint tx_claim(int *flag) noexcept nogil
+    void tx_unclaim(int *flag) noexcept nogil
+    void flag_set(int *flag, int v) noexcept nogil
+    bint flag_get(int *flag) noexcept nogil
 
 
 include "prefix_table.pxi"
@@ -195,6 +215,8 @@ cdef class Engine:
     cdef bint owns_stop_fd
     cdef int failed[2]              # per thread (HAZARD_TX, HAZARD_RX): the errno it stopped on, 0 while running
     cdef int batch
+    cdef int tx_owned               # tx_claim's flag: set while a thread runs the TX side
+    cdef int tx_asleep              # set while the TX thread blocks in poll (not while it spins)
     cdef bint check_source, vnet_hdr, gso, gro, coalesce
     cdef bint check_tx_source       # TX: the inner source must be in local_net/local_mask (host order)
     cdef uint32_t local_net, local_mask
@@ -353,7 +375,8 @@ cdef class Engine:
         between) before it blocks: in a bulk transfer the next packet is usually microseconds away, and a
         sleep-and-wake-up costs more than that. Measured on the 2-vCPU rig (bench/RESULTS.md), SPIN_POLLS 20
         gave +10-20% single-stream throughput at the same CPU per GB; 50 and 200 were worse. With batch 1 the
-        engine keeps flannel's C proxy design and blocks at once."""
+        engine keeps flannel's C proxy design and blocks at once. The TX thread says when it blocks (tx_asleep):
+        the RX thread then sends what its TUN writes made the kernel answer (_tx_reply)."""
         cdef pollfd fds[2]
         cdef int idle = 0
         cdef int spin = SPIN_POLLS if self.batch > 1 else 0
@@ -362,6 +385,8 @@ cdef class Engine:
         fds[1].fd = self.stop_fd
         fds[1].events = POLLIN
         while not self.failed[side]:
+            if side == HAZARD_TX:
+                flag_set(&self.tx_asleep, idle >= spin)
             if poll(fds, 2, 0 if idle < spin else -1) < 0:
                 if errno != EINTR:
                     self._fail(side, errno)
@@ -372,13 +397,42 @@ cdef class Engine:
                 idle += 1
                 sched_yield()
                 continue
+            if side == HAZARD_TX:
+                flag_set(&self.tx_asleep, False)
+            if not self._drain(side):
+                idle += 1           # the RX thread is sending from the TUN right now
+                sched_yield()
+                continue
             idle = 0
-            while (self._tx_batch() if side == HAZARD_TX else self._rx_batch()) and not self.failed[side]:
-                pass
             # POLLERR on the socket is a queued ICMP error that the receive just consumed; on the TUN (or
             # POLLNVAL on either) it is final. Normally the read has already failed with the reason.
             if fds[0].revents & POLLNVAL or (side == HAZARD_TX and fds[0].revents & (POLLERR | POLLHUP)):
                 self._fail(side, EBADF if fds[0].revents & POLLNVAL else EBADFD)
+
+    cdef bint _drain(self, int side) noexcept nogil:
+        """Move packets batch by batch until the fd would block; False (nothing done) if this is the TX thread
+        and the RX thread holds the TX side."""
+        if side == HAZARD_RX:
+            while self._rx_batch() and not self.failed[side]:
+                pass
+            self._tx_reply()
+            return True
+        if not tx_claim(&self.tx_owned):
+            return False
+        while self._tx_batch() and not self.failed[side]:
+            pass
+        tx_unclaim(&self.tx_owned)
+        return True
+
+    cdef void _tx_reply(self) noexcept nogil:
+        """After RX wrote into the TUN: send one TX batch from this thread if the TX thread sleeps. What the
+        kernel answers at once (a ping's reply, an ACK) is already queued on the TUN, and sending it here spares
+        the round trip the TX thread's wake-up (tens of microseconds on this rig). A TX thread that is awake
+        (busy or spinning) keeps its work: taking it over in a bulk transfer cost throughput."""
+        if self.failed[HAZARD_TX] or not flag_get(&self.tx_asleep) or not tx_claim(&self.tx_owned):
+            return
+        self._tx_batch()
+        tx_unclaim(&self.tx_owned)
 
     cdef void _fail(self, int side, int err) noexcept nogil:
         """Stop this thread for good with err (the first reason wins)."""

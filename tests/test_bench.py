@@ -56,10 +56,13 @@ def test_quick_run_writes_json_and_png(tmp_path: Path) -> None:
     assert set(data) == {"machine", "config", "modes", "penalty_pct"}
     assert {"kernel", "cpus"} <= set(data["machine"])
     assert set(data["modes"]) == {"none", "udp"}
-    for figures in data["modes"].values():
+    for mode, figures in data["modes"].items():
+        engine = {"tx_syscalls_per_gb", "rx_syscalls_per_gb", "tx_packets_per_syscall", "rx_packets_per_syscall"}
         assert set(figures) == {"tcp_gbps", "tcp_parallel_gbps", "udp64_kpps", "rtt_ms_p50", "rtt_ms_p99",
-                                "cpu_s_per_gb", "retransmits"}
+                                "cpu_s_per_gb", "retransmits"} | (engine if mode == "udp" else set())
         assert figures["tcp_gbps"] > 0 and figures["rtt_ms_p99"] >= figures["rtt_ms_p50"] > 0
+    udp = data["modes"]["udp"]
+    assert udp["tx_syscalls_per_gb"] > 0 and udp["rx_packets_per_syscall"] > 0
     assert set(data["penalty_pct"]) == {"udp"}
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "penalty" in r.stdout and "udp" in r.stdout

@@ -19,6 +19,7 @@ from traffic import start_transfer
 from bench.rig import NETWORK, Rig
 from dataplane import offload
 from dataplane.pump import Pump, open_pump
+from dataplane.tun import TXQUEUELEN
 
 ETH_P_IP = 0x0800
 MB = 1 << 20
@@ -187,3 +188,8 @@ def test_route_changes_under_traffic_lose_nothing(rig: Rig, tmp_path: Path) -> N
         assert transfer.received == transfer.sent and transfer.received_bytes == 300 * MB
         assert changes >= 10_000, changes
         assert pump.failure() is None and list(pump.routes) == [(str(b.subnet), str(b.underlay), 8285)]
+
+
+def test_flannel0_queues_more_than_the_default_500_packets(rig: Rig, pump: Pump) -> None:
+    link = rig.hosts[0].run("ip", "-o", "link", "show", "flannel0").stdout
+    assert f"qlen {TXQUEUELEN}" in link, link
