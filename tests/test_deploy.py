@@ -11,6 +11,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+import kubernetes_validate
 import yaml
 
 from daemon import cni, config, flags, subnet_env
@@ -92,3 +93,27 @@ def test_docker_drop_in_reads_what_flanneld_writes() -> None:
     variables = {line.split("=")[0] for line in written.splitlines()}
     used = set(re.findall(r"\$\{(\w+)\}", docker["ExecStart"][1]))
     assert used and used <= variables
+
+
+def test_manifest_is_valid_kubernetes_and_what_an_operator_applies() -> None:
+    docs = _docs()
+    for doc in docs.values():
+        kubernetes_validate.validate(doc, "1.30.0", strict=True)
+    assert docs["Namespace"]["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "privileged"
+    pod = docs["DaemonSet"]["spec"]["template"]["spec"]
+    terms = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    assert terms == [{"matchExpressions": [{"key": "kubernetes.io/os", "operator": "In", "values": ["linux"]}]}]
+    (flanneld,) = pod["containers"]
+    assert all(not c["image"].endswith(":latest") and ":" in c["image"] for c in pod["containers"] +
+               pod["initContainers"]), "a pinned tag"
+    assert flanneld["resources"]["requests"] == {"cpu": "100m", "memory": "50Mi"}
+    assert flanneld["ports"] == [{"name": "healthz", "containerPort": 8471}]
+    assert flanneld["livenessProbe"]["httpGet"]["port"] == flanneld["readinessProbe"]["httpGet"]["port"] == "healthz"
+    port = flanneld["command"][flanneld["command"].index("--healthz-port") + 1]
+    assert port == "8471", "the named port is the one flanneld serves"
+    assert {doc["metadata"].get("namespace") for doc in docs.values()} - {None} == {"kube-pyflannel"}
+
+
+def test_dockerignore_keeps_local_environments_out_of_the_image() -> None:
+    ignored = (DEPLOY.parent.parent / ".dockerignore").read_text().split()
+    assert {".venv", ".git", "build", "**/*.so"} <= set(ignored)
