@@ -68,6 +68,7 @@ class Daemon:
         self.rules_state = Outage("iptables")
         self.manager = _manager(opts, self.registry)
         self.ready = False
+        self.tables = iptables.Backend()
         self.stopping = asyncio.Event()
         self.network: Network | None = None
         self.peers: PeerTable | None = None
@@ -110,9 +111,10 @@ class Daemon:
 
         self.network = network = await BACKENDS[cfg.backend_type](Context(ext, cfg, acquire))
         self.peers = PeerTable(network.lease)
-        rules = self._rules(cfg, network.lease)
+        rules = await self._rules(cfg, network.lease)
         for rs in rules:
-            await self._retry(partial(asyncio.to_thread, iptables.apply, rs), f"installing the {rs.chain} rules",
+            await self._retry(partial(asyncio.to_thread, iptables.apply, self.tables, rs),
+                              f"installing the {rs.chain} rules",
                               self.rules_state, attempts=IPTABLES_ATTEMPTS)
         if self.opts.ip_blackhole_route:
             await asyncio.to_thread(routes.add_blackhole, network.lease.subnet)
@@ -167,16 +169,20 @@ class Daemon:
             await asyncio.sleep(self.opts.iptables_resync)
             for rs in rules:
                 try:
-                    if await asyncio.to_thread(iptables.ensure, rs):
+                    if await asyncio.to_thread(iptables.ensure, self.tables, rs):
                         log.warning("%s rules were missing and have been restored", rs.chain)
                     self.rules_state.ok()
                 except iptables.IptablesError as exc:
                     self.rules_state.failed(str(exc))
 
-    def _rules(self, cfg: config.NetworkConfig, lease: Lease) -> list[iptables.RuleSet]:
-        rules = []
+    async def _rules(self, cfg: config.NetworkConfig, lease: Lease) -> list[iptables.RuleSet]:
+        rules: list[iptables.RuleSet] = []
+        if not (self.opts.ip_masq or self.opts.iptables_forward_rules):
+            return rules
+        self.tables = await asyncio.to_thread(iptables.detect)
+        log.info("iptables: %s", self.tables.tool())
         if self.opts.ip_masq:
-            fully_random = not self.opts.ip_masq_fully_random_disable and iptables.supports_random_fully()
+            fully_random = not self.opts.ip_masq_fully_random_disable and iptables.supports_random_fully(self.tables)
             rules.append(iptables.masq_rules(cfg.network, lease.subnet, fully_random))
         if self.opts.iptables_forward_rules:
             rules.append(iptables.forward_rules(cfg.network))

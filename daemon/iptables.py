@@ -8,12 +8,14 @@ Each chain is flushed and refilled, and the jump from the built-in chain is dele
 `iptables-restore --noflush --wait` payload per table. ensure() checks every rule with `iptables -C` and
 re-applies the set if any is missing (the periodic resync). Rules stay in place on shutdown, as with flannel.
 Every call is blocking (flanneld runs them in worker threads) and bounded by TIMEOUT; IptablesError is retried.
+The rules go into the backend (legacy or nft) that the host's rules are in: see detect().
 """
 
 from __future__ import annotations
 
 import ipaddress
 import re
+import shutil
 import subprocess
 from dataclasses import dataclass
 
@@ -58,9 +60,35 @@ def forward_rules(network: ipaddress.IPv4Network) -> RuleSet:
     ))
 
 
-def supports_random_fully() -> bool:
+@dataclass(frozen=True)
+class Backend:
+    """Which iptables flanneld drives: "legacy" or "nft" (iptables-legacy, iptables-nft-restore, ...), or "" for
+    whatever plain `iptables` is. Rules in the other backend than kube-proxy's still run, but in an order neither
+    program sees, so flanneld writes where the host's rules already are."""
+
+    name: str = ""
+
+    def tool(self, suffix: str = "") -> str:
+        return "-".join(part for part in ("iptables", self.name, suffix) if part)
+
+
+def detect() -> Backend:
+    """The host's backend, decided as Kubernetes' iptables-wrapper does: the kubelet's marker chains first (nft,
+    then legacy), else whichever backend holds more rules; nft when both are empty. Plain `iptables` when the two
+    variants are not both installed."""
+    if not (shutil.which("iptables-legacy-save") and shutil.which("iptables-nft-save")):
+        return Backend()
+    saves = {name: _run([f"iptables-{name}-save"]).stdout for name in ("nft", "legacy")}
+    for name, text in saves.items():
+        if "KUBE-IPTABLES-HINT" in text or "KUBE-KUBELET-CANARY" in text:
+            return Backend(name)
+    rules = {name: sum(line.startswith("-") for line in text.splitlines()) for name, text in saves.items()}
+    return Backend("legacy" if rules["legacy"] > rules["nft"] else "nft")
+
+
+def supports_random_fully(backend: Backend) -> bool:
     """iptables >= 1.6.2 knows --random-fully (flannel's HasRandomFully)."""
-    out = _run(["iptables", "--version"]).stdout
+    out = _run([backend.tool(), "--version"]).stdout
     m = re.search(r"v(\d+)\.(\d+)\.(\d+)", out)
     return bool(m) and tuple(int(x) for x in m.groups()) >= (1, 6, 2)  # type: ignore[union-attr]
 
@@ -79,8 +107,8 @@ def _run(argv: list[str], stdin: str | None = None) -> subprocess.CompletedProce
                             "xtables lock?)") from None
 
 
-def _exists(table: str, chain: str, rule: tuple[str, ...]) -> bool:
-    return _run(["iptables", "-t", table, "-C", chain, *rule]).returncode == 0
+def _exists(backend: Backend, table: str, chain: str, rule: tuple[str, ...]) -> bool:
+    return _run([backend.tool(), "-t", table, "-C", chain, *rule]).returncode == 0
 
 
 def _join(rule: tuple[str, ...]) -> str:
@@ -88,27 +116,27 @@ def _join(rule: tuple[str, ...]) -> str:
     return " ".join(f'"{arg}"' if " " in arg else arg for arg in rule)
 
 
-def payload(rs: RuleSet) -> str:
+def payload(backend: Backend, rs: RuleSet) -> str:
     """The iptables-restore input for one rule set: flush our chain, refill it, re-append the jump."""
     q = _join
     lines = [f"*{rs.table}", f":{rs.chain} - [0:0]", f"-F {rs.chain}"]
     lines += [f"-A {rs.chain} {q(rule)}" for rule in rs.rules]
-    if _exists(rs.table, rs.parent, rs.jump()):
+    if _exists(backend, rs.table, rs.parent, rs.jump()):
         lines.append(f"-D {rs.parent} {q(rs.jump())}")
     lines += [f"-A {rs.parent} {q(rs.jump())}", "COMMIT", ""]
     return "\n".join(lines)
 
 
-def apply(rs: RuleSet) -> None:
-    r = _run(["iptables-restore", "--noflush", "--wait"], payload(rs))
+def apply(backend: Backend, rs: RuleSet) -> None:
+    r = _run([backend.tool("restore"), "--noflush", "--wait"], payload(backend, rs))
     if r.returncode != 0:
         raise IptablesError(f"iptables-restore failed for {rs.chain}: {r.stderr.strip().splitlines()[-1:]}")
 
 
-def ensure(rs: RuleSet) -> bool:
+def ensure(backend: Backend, rs: RuleSet) -> bool:
     """Re-apply the set if any of its rules is missing; True if it had to."""
-    missing = not _exists(rs.table, rs.parent, rs.jump()) or any(
-        not _exists(rs.table, rs.chain, rule) for rule in rs.rules)
+    missing = not _exists(backend, rs.table, rs.parent, rs.jump()) or any(
+        not _exists(backend, rs.table, rs.chain, rule) for rule in rs.rules)
     if missing:
-        apply(rs)
+        apply(backend, rs)
     return missing

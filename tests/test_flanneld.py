@@ -310,3 +310,22 @@ def test_masquerade_rules_and_host_gw_routes_are_put_back(tmp_path: Path) -> Non
         node.run("ip", "route", "del", peer)
         wait_for(lambda: f"{peer} via 198.18.0.2" in node.run("ip", "route").stdout, 20, "the route re-added")
         assert all(proc.poll() is None for proc, _ in started)
+
+
+def test_rules_land_in_the_iptables_backend_the_host_uses(tmp_path: Path) -> None:
+    """A host whose rules are in iptables-legacy (kube-proxy in legacy mode) gets flannel's there, not in nft."""
+    conf = tmp_path / "net-conf.json"
+    conf.write_text(NET % "host-gw")
+    with Rig(2, tag="pfd") as rig:
+        node = rig.hosts[0]
+        node.run("iptables-legacy", "-t", "nat", "-N", "KUBE-POSTROUTING")
+        node.run("iptables-legacy", "-t", "nat", "-A", "POSTROUTING", "-j", "KUBE-POSTROUTING")
+        proc = start_flanneld(node, ["--local-registry", str(tmp_path / "l.db"), "--net-config-path", str(conf)],
+                              tmp_path / "n.env", "--ip-masq")
+        wait_for_env(tmp_path / "n.env", proc)
+        assert "-A POSTROUTING -m comment --comment \"flanneld masq\" -j FLANNEL-POSTRTG" in node.run(
+            "iptables-legacy-save", "-t", "nat").stdout
+        assert "FLANNEL" not in node.run("iptables-nft-save").stdout
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0 and proc.stderr is not None
+        assert "iptables: iptables-legacy" in proc.stderr.read()
