@@ -40,7 +40,7 @@ import time
 from dataclasses import dataclass
 from typing import NoReturn
 
-from dataplane import metrics, offload
+from dataplane import klog, metrics, offload
 from dataplane.errors import DataplaneError
 from dataplane.keeper import Keeper, PumpSpec
 from dataplane.pump import DEFAULT_BATCH, DEFAULT_PORT
@@ -168,7 +168,7 @@ def _refuse_overlaps(subnets: list[tuple[str, ipaddress.IPv4Network]]) -> None:
 def parse_config(argv: list[str] | None) -> TunnelConfig:
     """Parse and cross-check the flags; DataplaneError for values that parse but do not fit together."""
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format=f"{PROG}: %(message)s")
+    klog.setup(1 if args.verbose else 0)
     network = _cidr(args.network, "--network")
     subnet = _cidr(args.subnet, "--subnet")
     if not subnet.subnet_of(network):

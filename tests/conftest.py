@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -24,6 +25,7 @@ import pytest
 
 from bench.rig import Host, Rig
 
+KLOG = re.compile(r"[IWEF]\d{4} \d\d:\d\d:\d\d\.\d{6} +\d+ [\w.]+:\d+\] (.*)")  # the message is group 1
 TUNNEL = str(Path(sys.executable).with_name("flannel-tunnel"))
 CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -97,6 +99,14 @@ class Tunnel:
     def stop(self) -> int:
         self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(timeout=20)
+
+    def stop_and_log(self) -> list[str]:
+        """Stop the tunnel (it must exit 0) and return its log messages; every line must be klog's."""
+        assert self.stop() == 0 and self.proc.stderr is not None
+        lines = str(self.proc.stderr.read()).splitlines()
+        messages = [KLOG.fullmatch(line) for line in lines]
+        assert all(messages), lines
+        return [m.group(1) for m in messages if m]
 
 
 def start_tunnel(host: Host, peers: list[Host], tmp_path: Path, *extra: str, env: dict[str, str] | None = None

@@ -26,11 +26,6 @@ def _wait_for_ping(a: Host, b: Host, seconds: float) -> float:
     return time.monotonic() - start
 
 
-def _log(tunnel: Tunnel) -> list[str]:
-    assert tunnel.stop() == 0
-    assert tunnel.proc.stderr is not None
-    return str(tunnel.proc.stderr.read()).splitlines()
-
 
 def test_a_deleted_flannel0_is_recreated_with_its_address_mtu_and_routes(rig: Rig, tunnels: tuple[Tunnel, Tunnel]
                                                                           ) -> None:
@@ -43,7 +38,7 @@ def test_a_deleted_flannel0_is_recreated_with_its_address_mtu_and_routes(rig: Ri
     assert "10.244.0.0/16 dev flannel0" in a.run("ip", "route").stdout
     stats = tunnels[0].stats()
     assert stats["peers"]["198.18.0.2"]["tx_packets"] >= 1, "the recreated engine forwards to the old peer"
-    assert "flannel-tunnel: flannel0 was deleted; recreated it with 1 routes" in _log(tunnels[0])
+    assert "flannel0 was deleted; recreated it with 1 routes" in tunnels[0].stop_and_log()
 
 
 @pytest.mark.parametrize(
@@ -65,8 +60,8 @@ def test_what_is_taken_from_flannel0_is_put_back(rig: Rig, tunnels: tuple[Tunnel
     assert not _ping_once(a, b), "broken for real"
     assert _wait_for_ping(a, b, 5) < 4
     assert "10.244.0.0/16 dev flannel0" in a.run("ip", "route").stdout
-    log = _log(tunnels[0])
-    assert f"flannel-tunnel: {line}" in log, log
+    log = tunnels[0].stop_and_log()
+    assert f"{line}" in log, log
     assert sum("flannel0:" in entry for entry in log) == 1, "one line per event"
 
 

@@ -11,17 +11,12 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from conftest import Tunnel, start_tunnel
+from conftest import start_tunnel
 
 from bench.rig import Host, Rig
 
 SETUP_SIGNALS = [signal.SIGUSR1, signal.SIGHUP, signal.SIGUSR2, signal.SIGALRM, signal.SIGRTMIN + 3]
 
-
-def _stopped_log(tunnel: Tunnel) -> list[str]:
-    assert tunnel.stop() == 0
-    assert tunnel.proc.stderr is not None
-    return str(tunnel.proc.stderr.read()).splitlines()
 
 
 def _wait_until(done: Callable[[], bool], seconds: float = 10, interval: float = 0.02) -> None:
@@ -56,11 +51,11 @@ def test_signals_during_setup_wait_and_none_kills_it(rig: Rig, tmp_path: Path) -
     start_tunnel(b, [a], tmp_path)
     assert a.run("ping", "-c", "1", "-W", "2", "-I", str(a.overlay_ip), str(b.overlay_ip), check=False).returncode == 0
     _wait_until(tunnel.stats_file.exists)  # the SIGUSR1 from setup, served once it is done
-    log = _stopped_log(tunnel)
-    assert "flannel-tunnel: SIGHUP: no --peers-file to re-read" in log
+    log = tunnel.stop_and_log()
+    assert "SIGHUP: no --peers-file to re-read" in log
     for name in ("SIGUSR2", "SIGALRM", "SIGRTMIN+3"):
-        assert f"flannel-tunnel: ignored {name} from pid {os.getpid()}" in log, log
-    assert log[-1] == "flannel-tunnel: stopped on SIGTERM"
+        assert f"ignored {name} from pid {os.getpid()}" in log, log
+    assert log[-1] == "stopped on SIGTERM"
 
 
 def test_stats_never_follow_a_planted_symlink(rig: Rig, tmp_path: Path) -> None:
@@ -86,9 +81,9 @@ def test_stats_file_errors_are_logged_and_survived(rig: Rig, tmp_path: Path) -> 
                          (tmp_path / "a-dir", "Is a directory")):
         tunnel = start_tunnel(a, [b], tmp_path, "--stats-file", str(path))
         tunnel.proc.send_signal(signal.SIGUSR1)
-        log = _stopped_log(tunnel)
-        assert log.count(f"flannel-tunnel: cannot write stats to {path}: {reason}") == 2, log  # SIGUSR1, stop
-        assert len(log) == 4 and log[-1] == "flannel-tunnel: stopped on SIGTERM"
+        log = tunnel.stop_and_log()
+        assert log.count(f"cannot write stats to {path}: {reason}") == 2, log  # SIGUSR1, stop
+        assert len(log) == 4 and log[-1] == "stopped on SIGTERM"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-dir"]
     assert list((tmp_path / "a-dir").iterdir()) == []
 
@@ -131,9 +126,9 @@ def test_sighup_applies_the_peers_file_as_a_difference(tmp_path: Path) -> None:
         pinging.join()
         assert reach(c)
         assert "1500 packets transmitted, 1500 received, 0% packet loss" in flood[0], flood
-        log = _stopped_log(tunnel)
+        log = tunnel.stop_and_log()
     assert [line for line in log if "SIGHUP" in line] == [
-        f"flannel-tunnel: SIGHUP: 1 peers from {peers}: 0 routes added or changed, 1 removed",
-        f"flannel-tunnel: SIGHUP: kept the 1 routes in use: {peers}:2: 'garbage' must look like CIDR=IP",
-        f"flannel-tunnel: SIGHUP: 2 peers from {peers}: 1 routes added or changed, 0 removed",
+        f"SIGHUP: 1 peers from {peers}: 0 routes added or changed, 1 removed",
+        f"SIGHUP: kept the 1 routes in use: {peers}:2: 'garbage' must look like CIDR=IP",
+        f"SIGHUP: 2 peers from {peers}: 1 routes added or changed, 0 removed",
     ]
