@@ -98,8 +98,7 @@ class OwnLease:
         self.exit_on_loss = exit_on_loss
         self._lock = asyncio.Lock()
 
-    def _taken(self, current: Record) -> LeaseTaken:
-        found = decode(current, self.cfg)
+    def _taken(self, found: Lease | BadRecord) -> LeaseTaken:
         holder = found.attrs.public_ip if isinstance(found, Lease) else "an unreadable value"
         return LeaseTaken(f"subnet {self.lease.subnet} is now held by {holder}: another node wrote it while this "
                           "node's lease was gone; exiting without touching it (a restart acquires another subnet)")
@@ -115,7 +114,7 @@ class OwnLease:
                         await self._recreate()
                         return
                     if exc.current.value != self.value:
-                        raise self._taken(exc.current) from None
+                        raise self._taken(decode(exc.current, self.cfg)) from None
                     self.revision = exc.current.revision  # our value, written by a call whose answer was lost
                     continue
                 self.revision, self.expires = written.revision, written.expires
@@ -136,7 +135,7 @@ class OwnLease:
                 except LeaseChanged:
                     pass  # changed again meanwhile: the watch shows us what it is now
             elif entry.lease.attrs != self.lease.attrs:
-                raise self._taken(Record(self.key, entry.lease.attrs.to_json().encode()))
+                raise self._taken(entry.lease)
             else:
                 self.revision = max(self.revision, entry.revision)
 

@@ -227,21 +227,23 @@ class EtcdRegistry:
             return await self._call_once(fn)
 
     async def _call_once(self, fn: Callable[[_Client], Awaitable[T]]) -> T:
-        """Transport failures drop the connection and become Unavailable; so does a CancelledError that is not
-        ours (grpc cancels every call on a channel that another task closed)."""
+        """fn on a connected client; a failed connection is dropped and becomes Unavailable (see _lost)."""
         client = await self._connected()
         try:
             return await fn(client)
-        except (grpc.aio.AioRpcError, aetcd.ClientError, TimeoutError) as exc:
+        except (grpc.aio.AioRpcError, aetcd.ClientError, TimeoutError, asyncio.CancelledError) as exc:
             if _token_expired(exc):
                 raise _TokenExpired(f"etcd: {_reason(exc)}") from None
-            await self._drop(client)
-            raise Unavailable(f"etcd: {_reason(exc)}") from None
-        except asyncio.CancelledError:
-            if _cancelled_here():
-                raise
-            await self._drop(client)
-            raise Unavailable("etcd: the call was cut off with its connection") from None
+            raise await self._lost(client, "etcd", exc) from None
+
+    async def _lost(self, client: _Client, what: str, exc: BaseException) -> Unavailable:
+        """The Unavailable for a call or watch whose connection failed, after dropping that connection. A
+        CancelledError counts only when it is not our own task's: grpc cancels every call on a channel that
+        another task closed; our own cancellation is raised again."""
+        if isinstance(exc, asyncio.CancelledError) and _cancelled_here():
+            raise exc
+        await self._drop(client)
+        return Unavailable(f"{what}: {_reason(exc)}")
 
     async def _drop(self, client: _Client) -> None:
         if self._client is client:
@@ -346,14 +348,8 @@ class EtcdRegistry:
                          if ev.type == rpc.Event.DELETE else self._record(ev.kv) for ev in resp.events]
                 if batch:
                     yield batch
-        except grpc.aio.AioRpcError as exc:
-            await self._drop(client)
-            raise Unavailable(f"etcd watch: {_reason(exc)}") from None
-        except asyncio.CancelledError:
-            if _cancelled_here():
-                raise
-            await self._drop(client)
-            raise Unavailable("etcd watch: cut off with its connection") from None
+        except (grpc.aio.AioRpcError, asyncio.CancelledError) as exc:
+            raise await self._lost(client, "etcd watch", exc) from None
         finally:
             call.cancel()
         raise Unavailable("etcd ended the watch")
@@ -391,6 +387,8 @@ def _token_expired(exc: BaseException) -> bool:
 def _reason(exc: BaseException) -> str:
     if isinstance(exc, grpc.aio.AioRpcError):
         return f"{exc.code().name.lower()}: {exc.details()}"
+    if isinstance(exc, asyncio.CancelledError):
+        return "cut off with its connection"
     return str(exc) or type(exc).__name__
 
 
