@@ -58,6 +58,10 @@ BACKENDS: dict[str, Callable[[Context], Awaitable[Network]]] = {
 log = logging.getLogger("flanneld")
 T = TypeVar("T")
 RESTART_MIN, RESTART_MAX = 1.0, 30.0
+# Signals whose default would end flanneld without a word (an operator's stray kill -HUP, a timer): logged and
+# ignored, from the first line of main() on. INT and TERM stop it cleanly; QUIT and the faults keep their core dump.
+IGNORED = (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGALRM, signal.SIGVTALRM, signal.SIGPROF,
+           signal.SIGIO, signal.SIGPWR)
 IPTABLES_ATTEMPTS = 5
 
 
@@ -77,6 +81,8 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.stopping.set)
+        for sig in IGNORED:
+            loop.add_signal_handler(sig, log.info, "ignored %s", sig.name)
         server = self._serve_health() if self.opts.healthz_port else None
         try:
             return await self._run()
@@ -261,6 +267,8 @@ def _manager(opts: flags.Options, outage: Outage) -> subnets.Manager:
 
 
 def main(argv: list[str] | None = None) -> int:
+    for sig in IGNORED:
+        signal.signal(sig, signal.SIG_IGN)  # until the event loop logs them
     try:
         opts = flags.parse(argv)
     except FlannelError as exc:

@@ -267,3 +267,23 @@ def test_flannel0_lost_under_flanneld_is_recreated_and_health_says_so_meanwhile(
         started[0][0].send_signal(signal.SIGTERM)
         assert started[0][0].wait(20) == 0 and started[0][0].stderr is not None
         assert "flannel0 was deleted; recreated it with 1 routes" in started[0][0].stderr.read()
+
+
+def test_stray_signals_neither_kill_nor_stop_flanneld(tmp_path: Path) -> None:
+    conf = tmp_path / "net-conf.json"
+    conf.write_text(NET % "host-gw")
+    with Rig(2, tag="pft") as rig:
+        node = rig.hosts[0]
+        proc = start_flanneld(node, ["--local-registry", str(tmp_path / "l.db"), "--net-config-path", str(conf)],
+                              tmp_path / "n.env")
+        wait_for_env(tmp_path / "n.env", proc)
+        stray = (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGALRM, signal.SIGPWR)
+        for sig in stray:
+            proc.send_signal(sig)
+        time.sleep(1)
+        assert proc.poll() is None, "still running"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0 and proc.stderr is not None
+        log = proc.stderr.read()
+        for sig in stray:
+            assert f"ignored {sig.name}" in log, log
