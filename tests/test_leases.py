@@ -9,9 +9,11 @@ import ipaddress
 from pathlib import Path
 
 import pytest
+from kubernetes_asyncio.client import V1Node, V1NodeSpec, V1ObjectMeta
 
 from daemon import config
 from daemon.errors import FlannelError
+from daemon.kube import KubeManager
 from daemon.lease import BadRecord, EventType, Lease, LeaseAttrs, decode
 from daemon.outage import Outage
 from daemon.peers import Entry, PeerTable, follow
@@ -185,3 +187,32 @@ def test_a_damaged_registry_file_is_refused_not_recreated(tmp_path: Path, conten
     with pytest.raises(FlannelError, match=r"local registry .* (damaged|not an SQLite database)"):
         LocalRegistry(str(path), str(tmp_path / "net.json"))
     assert path.read_bytes() == content, "left as it was, for the operator"
+
+
+@pytest.mark.parametrize(("pod_cidr", "annotations", "reason"), [
+    ("10.99.0.0/24", {}, "outside_network"),
+    ("10.244.7.0/24", {"public-ip": "0.0.0.0"}, "bad_public_ip"),
+    ("10.244.7.0/24", {"public-ip": "224.0.0.1"}, "bad_public_ip"),
+    ("10.244.7.0/24", {"public-ip": None}, "bad_public_ip"),
+    ("10.244.7.0/24", {"backend-data": "[" * 5000}, "bad_value"),
+    ("10.244.7.0/24", {"backend-data": '{"x":"' + "y" * 20000 + '"}'}, "bad_value"),
+    ("not-a-cidr", {}, "bad_value"),
+])
+def test_every_part_of_a_kubernetes_node_lease_is_checked(monkeypatch: pytest.MonkeyPatch, pod_cidr: str,
+                                                          annotations: dict[str, str | None], reason: str) -> None:
+    """The same checks as registry records, for leases that Nodes advertise (--kube-subnet-mgr)."""
+    monkeypatch.setenv("NODE_NAME", "me")
+    manager = KubeManager(net_config_path="", kubeconfig="", api_url="", annotation_prefix="flannel.alpha.coreos.com",
+                          set_network_unavailable=False)
+    source = manager.source(config.parse('{"Network": "10.244.0.0/16"}'))
+    prefix = "flannel.alpha.coreos.com/"
+    ann = {prefix + "kube-subnet-manager": "true", prefix + "public-ip": "198.18.0.7", prefix + "backend-type": "",
+           prefix + "backend-data": "null"}
+    ann.update({prefix + k: v for k, v in annotations.items() if v is not None})
+    for k in (k for k, v in annotations.items() if v is None):
+        del ann[prefix + k]
+    node = V1Node(metadata=V1ObjectMeta(name="other", annotations=ann), spec=V1NodeSpec(pod_cidr=pod_cidr))
+    entry = source._entry(node)
+    assert entry is not None and isinstance(entry.lease, BadRecord) and entry.lease.reason == reason, entry
+    table = PeerTable(_lease("10.244.1.0/24"))
+    assert table.apply([("other", entry)]) == [] and table.rejected[reason] == 1
