@@ -13,7 +13,10 @@ BENCH_OUT ?= bench-out
 
 .PHONY: setup apt demo test lint micro debug fuzz
 
-setup: $(BIN)/flannel-tunnel
+# mypy cannot follow the editable install's import hook; it reads the packages through these links instead.
+TYPECHECK_TREE := build/typecheck/pyflannel
+
+setup: $(BIN)/flannel-tunnel $(TYPECHECK_TREE)
 	@command -v iperf3 >/dev/null && command -v ping >/dev/null && command -v ethtool >/dev/null || $(MAKE) apt
 
 apt:
@@ -26,6 +29,10 @@ $(BIN)/flannel-tunnel: pyproject.toml setup.py $(wildcard src_ext/*)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e ".[test,bench]"
 	touch $@
+
+$(TYPECHECK_TREE):
+	mkdir -p $@
+	for d in dataplane daemon bench; do ln -sfn ../../../$$d $@/$$d; done
 
 demo: setup
 	$(BIN)/flannel-bench --quick --json $(BENCH_OUT)/quick.json --plot $(BENCH_OUT)/quick.png

@@ -1,10 +1,10 @@
-"""Builds the Cython packet engine into dataplane._engine; everything else is plain Python packaging."""
+"""Builds the Cython packet engine into pyflannel.dataplane._engine; everything else is plain Python packaging."""
 
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
 engine = Extension(
-    "dataplane._engine",
+    "pyflannel.dataplane._engine",
     sources=["src_ext/engine.pyx"],
     include_dirs=["src_ext"],
     extra_compile_args=["-O2", "-Wno-unused-function"],

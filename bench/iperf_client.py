@@ -5,7 +5,7 @@ one process: it points the process's stdout at a pipe with dup2 to capture libip
 descriptors again when the Client is collected, after which a second Client fails with EBADF. The server side
 is the iperf3 binary, since the wrapper's Server blocks its caller for the whole test with no way to stop it.
 
-    python -m bench.iperf_client SERVER PORT {tcp,udp} STREAMS SECONDS BIND
+    python -m pyflannel.bench.iperf_client SERVER PORT {tcp,udp} STREAMS SECONDS BIND
 """
 
 from __future__ import annotations

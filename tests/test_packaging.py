@@ -8,6 +8,7 @@ import subprocess
 import sys
 import tarfile
 import venv
+import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).parent.parent
@@ -22,6 +23,9 @@ def test_sdist_and_wheel_build_and_the_wheel_installs_alone(tmp_path: Path) -> N
     with tarfile.open(sdist) as archive:
         names = archive.getnames()
     assert any(n.endswith("src_ext/engine.pyx") for n in names) and any(n.endswith(".pxi") for n in names)
+    with zipfile.ZipFile(wheel) as archive:
+        tops = {n.split("/")[0] for n in archive.namelist()}
+    assert tops == {"pyflannel", "pyflannel-0.1.0.dist-info"}, "one import namespace: nothing else is claimed"
     venv.create(tmp_path / "env", with_pip=True)
     bin_dir = tmp_path / "env" / "bin"
     subprocess.run([bin_dir / "pip", "install", "-q", str(wheel)], check=True, capture_output=True, timeout=600)
