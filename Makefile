@@ -7,7 +7,7 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-APT_PACKAGES := iproute2 iptables iperf3 iputils-ping ethtool etcd-server containernetworking-plugins util-linux \
+APT_PACKAGES := iproute2 iptables nftables iperf3 iputils-ping ethtool etcd-server containernetworking-plugins util-linux \
 	gcc python3-dev python3-venv
 BENCH_OUT ?= bench-out
 
