@@ -8,13 +8,15 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 APT_PACKAGES := iproute2 iptables iperf3 iputils-ping ethtool etcd-server containernetworking-plugins util-linux \
+	openssh-server openssh-client \
 	gcc python3-dev python3-venv
 BENCH_OUT ?= bench-out
 
 .PHONY: setup apt demo test lint micro debug fuzz
 
 setup: $(BIN)/flannel-tunnel
-	@command -v iperf3 >/dev/null && command -v ping >/dev/null && command -v ethtool >/dev/null || $(MAKE) apt
+	@command -v iperf3 >/dev/null && command -v ping >/dev/null && command -v ethtool >/dev/null && \
+		command -v ssh >/dev/null && test -x /usr/sbin/sshd || $(MAKE) apt
 
 apt:
 	apt-get update -qq
