@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         return SUBCOMMANDS[argv[0]](argv[1:])
     args = parse(argv)
     if os.geteuid() != 0:
-        print(f"{PROG}: error: must run as root (it builds network namespaces)", file=sys.stderr)
+        print(f"{PROG}: error: must run as root (it sets up network devices and routes)", file=sys.stderr)
         return 1
     missing = [tool for tool in ("iperf3", "ping", "ip", "ss") if shutil.which(tool) is None]
     if missing:

@@ -174,6 +174,39 @@ def test_a_killed_ssh_session_leaves_nothing_configured_on_either_host(hosts: Ho
     wait_for(hosts.clean, what="the far host to be clean")
 
 
+def test_ctrl_c_removes_both_halves_through_the_session(hosts: Hosts, tmp_path: Path) -> None:
+    """SIGINT to flannel-bench alone, as Ctrl-C sends it (ssh runs in a session of its own and stays up), while
+    the far agent is in the middle of a request: its reply is read and both ends are reset before ssh closes."""
+    bench = hosts.near.popen(*_bench(hosts, "--modes", "vxlan,udp", *QUICK, "--json", str(tmp_path / "r.json")),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: _far_tunnel_started(hosts.far), timeout=60, what="flannel-tunnel on the far host")
+        bench.send_signal(signal.SIGINT)
+        _, err = bench.communicate(timeout=60)
+    finally:
+        if bench.poll() is None:
+            bench.kill()
+    assert bench.returncode == 130
+    assert err.splitlines()[-1] == "flannel-bench: interrupted; what it set up on both hosts is removed", err
+    assert hosts.clean()
+
+
+def test_a_silent_agent_cleans_up_after_its_idle_timeout(hosts: Hosts) -> None:
+    """A link that dies without closing the session: the agent stops waiting and removes what it set up."""
+    agent = hosts.near.popen(BENCH, "agent", "--idle-timeout", "1", stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             text=True)
+    assert agent.stdin and agent.stdout
+    for request in ({"op": "open", "args": {"underlay": str(hosts.near.underlay), "subnet": "10.244.1.0/24"}},
+                    {"op": "prepare", "args": {"mode": "vxlan"}}):
+        agent.stdin.write(json.dumps(request) + "\n")
+        agent.stdin.flush()
+        assert "ok" in json.loads(agent.stdout.readline())
+    assert set(_configured(hosts.near, agent.pid)) == {"link flannel.1", "address 10.244.1.1/32",
+                                                       "address 10.244.1.0/32"}
+    assert agent.wait(timeout=30) == 0
+    assert _configured(hosts.near) == []
+
+
 def test_errors_are_one_line(hosts: Hosts, tmp_path: Path) -> None:
     missing = hosts.near.run(*_bench(hosts)[:-1], "/opt/nowhere/flannel-bench", check=False)
     assert missing.returncode == 1
