@@ -216,6 +216,10 @@ def test_errors_are_one_line(hosts: Hosts, tmp_path: Path) -> None:
     assert closed.returncode == 1
     assert closed.stderr == (f"flannel-bench: error: ssh closed failed: ssh: connect to host {hosts.far.underlay} "
                              f"port {SSHD_PORT + 1}: Connection refused\n")
+    for flag, where in (("--local-ip", ""), ("--remote-ip", "far: ")):
+        wrong = hosts.near.run(*_bench(hosts, flag, "198.18.0.9"), check=False)
+        assert (wrong.returncode, wrong.stderr) == (
+            1, f"flannel-bench: error: {where}198.18.0.9 is not an address of this host\n")
     assert hosts.clean()
 
 
