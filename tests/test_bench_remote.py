@@ -12,7 +12,7 @@ import re
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -153,41 +153,39 @@ def _children(pid: int, command: str) -> list[int]:
     return found
 
 
-def test_a_killed_ssh_session_leaves_nothing_configured_on_either_host(hosts: Hosts, tmp_path: Path) -> None:
-    """ssh is killed while the far agent is bringing up its flannel-tunnel (the near end's is up already): the
-    near end stops with one line and removes its half, the agent sees its input close and removes its half."""
-    bench = hosts.near.popen(*_bench(hosts, "--modes", "udp", *QUICK, "--json", str(tmp_path / "r.json")),
+def _stopped_mid_mode(hosts: Hosts, stop: Callable[[subprocess.Popen[str]], None]) -> tuple[int, str]:
+    """flannel-bench running udp, stopped by `stop` while the far agent is bringing up its flannel-tunnel (the
+    near end's is up already, and the near end waits for the agent's reply): its exit status and stderr."""
+    bench = hosts.near.popen(*_bench(hosts, "--modes", "udp", *QUICK, "--json", os.devnull, "--plot", os.devnull),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_for(lambda: _far_tunnel_started(hosts.far), timeout=60, what="flannel-tunnel on the far host")
         assert "flannel0" in hosts.near.run("ip", "link").stdout
-        (ssh,) = _children(bench.pid, "ssh")
-        os.kill(ssh, signal.SIGKILL)
+        stop(bench)
         _, err = bench.communicate(timeout=60)
     finally:
         if bench.poll() is None:
             bench.kill()
-    assert bench.returncode == 1
-    assert err.splitlines()[-1] == "flannel-bench: error: lost the connection to far", err
     assert "Traceback" not in err
+    return bench.returncode, err.splitlines()[-1]
+
+
+def test_a_killed_ssh_session_leaves_nothing_configured_on_either_host(hosts: Hosts) -> None:
+    """The near end stops with one line and removes its half; the agent sees its input close and removes its."""
+    def kill_ssh(bench: subprocess.Popen[str]) -> None:
+        (ssh,) = _children(bench.pid, "ssh")
+        os.kill(ssh, signal.SIGKILL)
+
+    assert _stopped_mid_mode(hosts, kill_ssh) == (1, "flannel-bench: error: lost the connection to far")
     assert _configured(hosts.near) == []
     wait_for(hosts.clean, what="the far host to be clean")
 
 
-def test_ctrl_c_removes_both_halves_through_the_session(hosts: Hosts, tmp_path: Path) -> None:
-    """SIGINT to flannel-bench alone, as Ctrl-C sends it (ssh runs in a session of its own and stays up), while
-    the far agent is in the middle of a request: its reply is read and both ends are reset before ssh closes."""
-    bench = hosts.near.popen(*_bench(hosts, "--modes", "vxlan,udp", *QUICK, "--json", str(tmp_path / "r.json")),
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        wait_for(lambda: _far_tunnel_started(hosts.far), timeout=60, what="flannel-tunnel on the far host")
-        bench.send_signal(signal.SIGINT)
-        _, err = bench.communicate(timeout=60)
-    finally:
-        if bench.poll() is None:
-            bench.kill()
-    assert bench.returncode == 130
-    assert err.splitlines()[-1] == "flannel-bench: interrupted; what it set up on both hosts is removed", err
+def test_ctrl_c_removes_both_halves_through_the_session(hosts: Hosts) -> None:
+    """SIGINT to flannel-bench alone, as Ctrl-C sends it (ssh runs in a session of its own and stays up): the
+    pending reply is read and both ends are reset before the session closes."""
+    assert _stopped_mid_mode(hosts, lambda bench: bench.send_signal(signal.SIGINT)) == (
+        130, "flannel-bench: interrupted; what it set up on both hosts is removed")
     assert hosts.clean()
 
 
