@@ -45,6 +45,7 @@ class Lease:
         """The pod-side endpoint behind the subnet (what Host.add_overlay_endpoint puts on lo)."""
         return str(IPv4Network(self.subnet).network_address + 1)
 
+
 @dataclass(frozen=True)
 class Tunnel:
     """A running flannel-tunnel, whose counters SIGUSR1 writes to stats_file."""
