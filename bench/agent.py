@@ -22,10 +22,10 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from bench.args import Parser
-from bench.end import LocalEnd
-from bench.interrupt import like_ctrl_c
-from bench.modes import Lease
+from pyflannel.bench.args import Parser
+from pyflannel.bench.end import LocalEnd
+from pyflannel.bench.interrupt import like_ctrl_c
+from pyflannel.bench.modes import Lease
 
 VERSION = version("pyflannel")
 MODE_OPS = {"prepare", "connect", "serve", "engine_stats"}

@@ -19,13 +19,13 @@ from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
-from bench import agent, compare, remote, report
-from bench.args import Parser, positive
-from bench.end import Endpoints, HostUnfit, LocalEnd, join
-from bench.interrupt import like_ctrl_c
-from bench.measure import MeasurementError, Result, measure
-from bench.modes import MODES, ModeUnavailable
-from bench.rig import Rig
+from pyflannel.bench import agent, compare, remote, report
+from pyflannel.bench.args import Parser, positive
+from pyflannel.bench.end import Endpoints, HostUnfit, LocalEnd, join
+from pyflannel.bench.interrupt import like_ctrl_c
+from pyflannel.bench.measure import MeasurementError, Result, measure
+from pyflannel.bench.modes import MODES, ModeUnavailable
+from pyflannel.bench.rig import Rig
 
 PROG = "flannel-bench"
 SUBCOMMANDS = {"agent": agent.main, "compare": compare.main}

@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bench import report
-from bench.args import Parser
+from pyflannel.bench import report
+from pyflannel.bench.args import Parser
 
 LABELS = {
     "tcp_gbps": "TCP Gbit/s", "tcp_parallel_gbps": "TCP parallel Gbit/s", "udp64_kpps": "UDP64 kpps",

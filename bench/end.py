@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from bench import modes, nic
-from bench.modes import Lease, ModeUnavailable, Tunnel
-from bench.rig import NETWORK, Host, terminate
+from pyflannel.bench import modes, nic
+from pyflannel.bench.modes import Lease, ModeUnavailable, Tunnel
+from pyflannel.bench.rig import NETWORK, Host, terminate
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 

@@ -9,7 +9,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from bench.end import Endpoints
+from pyflannel.bench.end import Endpoints
 
 PORT = 5201
 
@@ -96,7 +96,7 @@ def _syscall_figures(before: tuple[int, int, int, int] | None, after: tuple[int,
 
 
 def _iperf(path: Endpoints, proto: str, streams: int, seconds: int) -> dict[str, Any]:
-    r = path.client.host.run(sys.executable, "-m", "bench.iperf_client", path.server_addr, str(PORT), proto,
+    r = path.client.host.run(sys.executable, "-m", "pyflannel.bench.iperf_client", path.server_addr, str(PORT), proto,
                              str(streams), str(seconds), path.client_addr, check=False, timeout=seconds + 60)
     try:
         result = json.loads(r.stdout)

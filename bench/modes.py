@@ -20,8 +20,8 @@ from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any
 
-from bench.rig import NETWORK, Host, terminate
-from daemon.backend import routes, vxlan_device
+from pyflannel.bench.rig import NETWORK, Host, terminate
+from pyflannel.daemon.backend import routes, vxlan_device
 
 MODES = ("none", "host-gw", "vxlan", "udp", "udp-batch", "udp-basic")
 TUNNEL = str(Path(sys.executable).with_name("flannel-tunnel"))

@@ -10,7 +10,7 @@ import os
 import platform
 from typing import Any
 
-from bench.rig import Host
+from pyflannel.bench.rig import Host
 
 # report name -> the feature's name in `ethtool -k` output
 OFFLOADS = {"tx-udp_tnl-segmentation": "tx-udp_tnl-segmentation", "gro": "generic-receive-offload",

@@ -18,9 +18,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import IO, Any
 
-from bench.agent import VERSION
-from bench.end import Endpoints, LocalEnd, join
-from bench.modes import Lease, ModeUnavailable
+from pyflannel.bench.agent import VERSION
+from pyflannel.bench.end import Endpoints, LocalEnd, join
+from pyflannel.bench.modes import Lease, ModeUnavailable
 
 LOCAL_SUBNET, REMOTE_SUBNET = "10.244.1.0/24", "10.244.2.0/24"   # a rig's first and second host's
 

@@ -8,8 +8,8 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from bench import nic
-from bench.measure import Result
+from pyflannel.bench import nic
+from pyflannel.bench.measure import Result
 
 FIELDS = [f.name for f in fields(Result)]
 

@@ -19,11 +19,11 @@ from pathlib import Path
 import pytest
 from daemons import wait_for
 
-from bench import report
-from bench.measure import Result
-from bench.modes import MODES
-from bench.nic import OFFLOADS
-from bench.rig import Host, Rig
+from pyflannel.bench import report
+from pyflannel.bench.measure import Result
+from pyflannel.bench.modes import MODES
+from pyflannel.bench.nic import OFFLOADS
+from pyflannel.bench.rig import Host, Rig
 
 BENCH = str(Path(sys.executable).with_name("flannel-bench"))
 SSHD_PORT = 2222
