@@ -8,6 +8,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 APT_PACKAGES := iproute2 iptables nftables iperf3 iputils-ping ethtool etcd-server containernetworking-plugins util-linux \
+	openssh-server openssh-client \
 	gcc python3-dev python3-venv
 BENCH_OUT ?= bench-out
 
@@ -17,7 +18,8 @@ BENCH_OUT ?= bench-out
 TYPECHECK_TREE := build/typecheck/pyflannel
 
 setup: $(BIN)/flannel-tunnel $(TYPECHECK_TREE)
-	@command -v iperf3 >/dev/null && command -v ping >/dev/null && command -v ethtool >/dev/null || $(MAKE) apt
+	@command -v iperf3 >/dev/null && command -v ping >/dev/null && command -v ethtool >/dev/null && \
+		command -v ssh >/dev/null && test -x /usr/sbin/sshd && command -v nft >/dev/null || $(MAKE) apt
 
 apt:
 	apt-get update -qq

@@ -1,7 +1,8 @@
 """flannel-bench: measure what each flannel backend costs against the plain underlay, on this kernel.
 
-Every mode runs on a fresh pair of namespaces joined by a veth; repeats interleave the modes (each repeat
-starts one mode later) so that drift on a shared machine hits every mode alike; each figure is the median.
+Every mode runs on a fresh pair of namespaces joined by a veth, or with --remote between this host and another
+over the real link; repeats interleave the modes (each repeat starts one mode later) so that drift on a shared
+machine hits every mode alike; each figure is the median.
 """
 
 from __future__ import annotations
@@ -12,21 +13,22 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from types import FrameType
-from typing import NoReturn
+from typing import Any
 
-from pyflannel.bench import report
+from pyflannel.bench import agent, compare, remote, report
+from pyflannel.bench.args import Parser, positive
+from pyflannel.bench.end import Endpoints, HostUnfit, LocalEnd, join
+from pyflannel.bench.interrupt import like_ctrl_c
 from pyflannel.bench.measure import MeasurementError, Result, measure
-from pyflannel.bench.modes import MODES, ModeUnavailable, setup
+from pyflannel.bench.modes import MODES, ModeUnavailable
 from pyflannel.bench.rig import Rig
 
 PROG = "flannel-bench"
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{PROG}: error: {message}\n")
+SUBCOMMANDS = {"agent": agent.main, "compare": compare.main}
 
 
 def _modes(text: str) -> list[str]:
@@ -38,34 +40,64 @@ def _modes(text: str) -> list[str]:
     return modes
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not a positive number")
-    return value
-
-
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    p = _Parser(prog=PROG, description=__doc__.split("\n\n")[0] if __doc__ else None)
+    p = Parser(prog=PROG, description=__doc__.split("\n\n")[0] if __doc__ else None,
+               epilog="also: flannel-bench compare A.json B.json ... [--plot FILE.png]; flannel-bench agent (the "
+                      "far end of --remote, started through ssh)")
     p.add_argument("--modes", type=_modes, default=list(MODES), help=f"comma list ({','.join(MODES)})")
-    p.add_argument("--seconds", type=_positive, default=5, help="length of each iperf3 run (5)")
-    p.add_argument("--repeats", type=_positive, default=3, help="runs per mode; figures are medians (3)")
-    p.add_argument("--parallel", type=_positive, default=4, help="streams in the parallel TCP test (4)")
-    p.add_argument("--pings", type=_positive, default=200, help="pings for the RTT percentiles (200)")
+    p.add_argument("--seconds", type=positive, default=5, help="length of each iperf3 run (5)")
+    p.add_argument("--repeats", type=positive, default=3, help="runs per mode; figures are medians (3)")
+    p.add_argument("--parallel", type=positive, default=4, help="streams in the parallel TCP test (4)")
+    p.add_argument("--pings", type=positive, default=200, help="pings for the RTT percentiles (200)")
     p.add_argument("--json", type=Path, default=Path("bench-out/flannel-bench.json"), help="JSON report path")
     p.add_argument("--plot", type=Path, default=Path("bench-out/flannel-bench.png"), help="PNG chart path")
     p.add_argument("--netem", help='netem options on both underlay ends, e.g. "delay 1ms loss 0.1%%"')
-    p.add_argument("--mtu", type=_positive, default=1500, help="underlay MTU (1500)")
+    p.add_argument("--mtu", type=positive, help="underlay MTU (1500)")
     p.add_argument("--quick", action="store_true", help="short run: 2 s per test, 1 repeat, 50 pings")
+    two = p.add_argument_group("across two hosts (this one is the client, the iperf3 server runs on the other)")
+    two.add_argument("--remote", metavar="[USER@]HOST", help="run every mode between this host and HOST over ssh")
+    two.add_argument("--remote-bin", default="flannel-bench", metavar="COMMAND",
+                     help="flannel-bench on HOST, given to its shell as it is (flannel-bench on its PATH)")
+    two.add_argument("--local-ip", help="this host's underlay address (default: where the ssh session comes from)")
+    two.add_argument("--remote-ip", help="HOST's underlay address (default: where the ssh session goes to)")
+    two.add_argument("--ssh-config", metavar="FILE", help="ssh config file instead of ~/.ssh/config (ssh -F)")
     args = p.parse_args(argv)
     if args.quick:
         args.seconds, args.repeats, args.pings = 2, 1, 50
-    if not 576 <= args.mtu <= 65535:
+    if args.remote and (args.netem or args.mtu):
+        p.error("--netem and --mtu shape the namespace rig's link; --remote measures the real link as it is")
+    if not args.remote and (args.local_ip or args.remote_ip or args.ssh_config):
+        p.error("--local-ip, --remote-ip and --ssh-config go with --remote")
+    if not args.remote:
+        args.mtu = args.mtu or 1500
+    if args.mtu and not 576 <= args.mtu <= 65535:
         p.error(f"--mtu {args.mtu} is out of range 576-65535")
     return args
 
 
 def run(args: argparse.Namespace) -> dict[str, object]:
+    config: dict[str, Any] = {"modes": args.modes, "seconds": args.seconds, "repeats": args.repeats,
+                              "parallel": args.parallel, "pings": args.pings, "netem": args.netem, "mtu": args.mtu,
+                              "quick": args.quick}
+    if not args.remote:
+        runs, skipped = measure_modes(args, lambda mode: _on_rig(args, mode))
+        return report.build(runs, config, skipped)
+    with tempfile.TemporaryDirectory(prefix="flannel-bench-") as files, \
+            remote.ends(args, Path(files)) as (local, far, machine):
+        runs, skipped = measure_modes(args, lambda mode: remote.path(mode, local, far))
+        return report.build(runs, config | {"remote": args.remote}, skipped, machine)
+
+
+@contextmanager
+def _on_rig(args: argparse.Namespace, mode: str) -> Iterator[Endpoints]:
+    with Rig(mtu=args.mtu, netem=args.netem, tag="pfbench") as rig:
+        client, server = (LocalEnd(host, rig.files) for host in rig.hosts)
+        yield join(mode, client, server)
+
+
+def measure_modes(args: argparse.Namespace, path: Callable[[str], AbstractContextManager[Endpoints]],
+                  ) -> tuple[dict[str, list[Result]], dict[str, str]]:
+    """Every mode, args.repeats times, interleaved; the runs of the modes that worked and why the others did not."""
     runs: dict[str, list[Result]] = {m: [] for m in args.modes}
     skipped: dict[str, str] = {}
     total = args.repeats * len(args.modes)
@@ -79,48 +111,43 @@ def run(args: argparse.Namespace) -> dict[str, object]:
             print(f"[{step}/{total}] {mode} (repeat {rep + 1}/{args.repeats}) ...", end=" ", file=sys.stderr,
                   flush=True)
             try:
-                with Rig(mtu=args.mtu, netem=args.netem, tag="pfbench") as rig:
-                    result = measure(setup(mode, rig), seconds=args.seconds, parallel=args.parallel,
-                                     pings=args.pings)
+                with path(mode) as endpoints:
+                    result = measure(endpoints, seconds=args.seconds, parallel=args.parallel, pings=args.pings)
             except (ModeUnavailable, MeasurementError, subprocess.SubprocessError, OSError) as exc:
                 skipped[mode] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
                 print(f"skipped: {skipped[mode]}", file=sys.stderr)
                 continue
+            except BaseException:
+                print(file=sys.stderr)   # end the progress line; the caller says what stopped the run
+                raise
             runs[mode].append(result)
             print(f"{result.tcp_gbps:.2f} Gbit/s, {result.retransmits} retransmits", file=sys.stderr)
-    config = {"modes": args.modes, "seconds": args.seconds, "repeats": args.repeats, "parallel": args.parallel,
-              "pings": args.pings, "netem": args.netem, "mtu": args.mtu, "quick": args.quick}
-    return report.build({m: r for m, r in runs.items() if m not in skipped}, config, skipped)
-
-
-_MAIN_PID = os.getpid()
-
-
-def _interrupt(signum: int, frame: FrameType | None) -> None:
-    """SIGTERM cleans up like Ctrl-C, in this process only: pyroute2 forks helpers that inherit the handler."""
-    if os.getpid() != _MAIN_PID:
-        signal.signal(signum, signal.SIG_DFL)
-        os.kill(os.getpid(), signum)
-        return
-    raise KeyboardInterrupt
+    return {m: r for m, r in runs.items() if m not in skipped}, skipped
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in SUBCOMMANDS:
+        return SUBCOMMANDS[argv[0]](argv[1:])
     args = parse(argv)
     if os.geteuid() != 0:
-        print(f"{PROG}: error: must run as root (it builds network namespaces)", file=sys.stderr)
+        print(f"{PROG}: error: must run as root (it sets up network devices and routes)", file=sys.stderr)
         return 1
     missing = [tool for tool in ("iperf3", "ping", "ip", "ss") if shutil.which(tool) is None]
     if missing:
         print(f"{PROG}: error: {', '.join(missing)} not found (apt-get install iperf3 iputils-ping iproute2)",
               file=sys.stderr)
         return 1
-    signal.signal(signal.SIGTERM, _interrupt)
+    like_ctrl_c(signal.SIGTERM, signal.SIGHUP)
     try:
         result = run(args)
     except KeyboardInterrupt:
-        print(f"\n{PROG}: interrupted; the test namespaces are removed", file=sys.stderr)
+        where = "on both hosts" if args.remote else "in the test namespaces"
+        print(f"{PROG}: interrupted; what it set up {where} is removed", file=sys.stderr)
         return 130
+    except (remote.SessionError, HostUnfit) as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 1
     print(report.table(result))
     report.write_json(result, args.json)
     if result["modes"]:

@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import statistics
-import subprocess
 import sys
-import time
 from dataclasses import dataclass
+from typing import Any
 
-from pyflannel.bench.modes import Endpoints, Tunnel
+from pyflannel.bench.end import Endpoints
 
 PORT = 5201
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass(frozen=True)
@@ -32,6 +29,9 @@ class Result:
     rx_syscalls_per_gb: float | None = None
     tx_packets_per_syscall: float | None = None
     rx_packets_per_syscall: float | None = None
+    # across real hosts, cpu_s_per_gb is the sum of the two ends' CPU, and each end's share is given too
+    client_cpu_s_per_gb: float | None = None
+    server_cpu_s_per_gb: float | None = None
 
 
 class MeasurementError(Exception):
@@ -39,16 +39,14 @@ class MeasurementError(Exception):
 
 
 def measure(path: Endpoints, *, seconds: int, parallel: int, pings: int) -> Result:
-    """All figures for one mode; the iperf3 server runs in the server host for the duration."""
-    path.server.popen("iperf3", "-s", "-p", str(PORT), "-B", path.server_addr, stdout=subprocess.DEVNULL,
-                      stderr=subprocess.DEVNULL)
-    _wait_for_server(path)
-    before = _engine_counters(path.tunnels)
-    busy = _busy_seconds()
+    """All figures for one mode; the iperf3 server runs on the server end for the duration."""
+    path.server.serve(path.server_addr, PORT)
+    before = _engine_counters(path)
+    busy = _busy_seconds(path)
     tcp = _iperf(path, "tcp", 1, seconds)
-    cpu = _busy_seconds() - busy
+    cpu = [after - start for start, after in zip(busy, _busy_seconds(path), strict=True)]
     moved_gb = tcp["end"]["sum_received"]["bytes"] / 1e9
-    syscalls = _syscall_figures(before, _engine_counters(path.tunnels), moved_gb)
+    syscalls = _syscall_figures(before, _engine_counters(path), moved_gb)
     tcp_parallel = _iperf(path, "tcp", parallel, seconds)
     udp = _iperf(path, "udp", 1, seconds)["end"]["sum"]
     rtts = _ping(path, pings)
@@ -58,17 +56,30 @@ def measure(path: Endpoints, *, seconds: int, parallel: int, pings: int) -> Resu
         udp64_kpps=(udp["packets"] - udp["lost_packets"]) / udp["seconds"] / 1e3,
         rtt_ms_p50=statistics.median(rtts),
         rtt_ms_p99=statistics.quantiles(rtts, n=100, method="inclusive")[98],
-        cpu_s_per_gb=cpu / moved_gb if moved_gb else float("inf"),
+        cpu_s_per_gb=sum(cpu) / moved_gb if moved_gb else float("inf"),
         retransmits=int(tcp["end"]["sum_sent"].get("retransmits", 0)),
         **syscalls,
+        **_per_end_cpu(path, cpu, moved_gb),
     )
 
 
-def _engine_counters(tunnels: tuple[Tunnel, Tunnel] | None) -> tuple[int, int, int, int] | None:
+def _busy_seconds(path: Endpoints) -> list[float]:
+    """Busy CPU seconds of each machine involved: both ends across real hosts, the one machine on a rig."""
+    ends = [path.client, path.server] if path.separate_machines else [path.client]
+    return [end.busy_seconds() for end in ends]
+
+
+def _per_end_cpu(path: Endpoints, cpu: list[float], moved_gb: float) -> dict[str, float]:
+    if not path.separate_machines or not moved_gb:
+        return {}
+    return {"client_cpu_s_per_gb": cpu[0] / moved_gb, "server_cpu_s_per_gb": cpu[1] / moved_gb}
+
+
+def _engine_counters(path: Endpoints) -> tuple[int, int, int, int] | None:
     """(client TX syscalls, client TX packets, server RX syscalls, server RX packets) so far."""
-    if tunnels is None:
+    tx, rx = path.client.engine_stats(), path.server.engine_stats()
+    if tx is None or rx is None:
         return None
-    tx, rx = (t.stats() for t in tunnels)
     return (tx["tun_reads"] + tx["tx_send_calls"], tx["tx_packets"],
             rx["rx_recv_calls"] + rx["tun_writes"], rx["rx_packets"])
 
@@ -84,17 +95,9 @@ def _syscall_figures(before: tuple[int, int, int, int] | None, after: tuple[int,
             "rx_packets_per_syscall": rx_packets / max(rx_calls, 1)}
 
 
-def _wait_for_server(path: Endpoints, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while f"{path.server_addr}:{PORT}" not in path.server.run("ss", "-ltn").stdout:
-        if time.monotonic() > deadline:
-            raise MeasurementError("iperf3 server did not start")
-        time.sleep(0.05)
-
-
-def _iperf(path: Endpoints, proto: str, streams: int, seconds: int) -> dict:  # type: ignore[type-arg]
-    r = path.client.run(sys.executable, "-m", "pyflannel.bench.iperf_client", path.server_addr, str(PORT), proto,
-                        str(streams), str(seconds), path.client_addr, check=False, timeout=seconds + 60)
+def _iperf(path: Endpoints, proto: str, streams: int, seconds: int) -> dict[str, Any]:
+    r = path.client.host.run(sys.executable, "-m", "pyflannel.bench.iperf_client", path.server_addr, str(PORT), proto,
+                             str(streams), str(seconds), path.client_addr, check=False, timeout=seconds + 60)
     try:
         result = json.loads(r.stdout)
     except json.JSONDecodeError:
@@ -105,17 +108,9 @@ def _iperf(path: Endpoints, proto: str, streams: int, seconds: int) -> dict:  # 
 
 
 def _ping(path: Endpoints, count: int) -> list[float]:
-    out = path.client.run("ping", "-c", str(count), "-i", "0.01", "-I", path.client_addr, path.server_addr,
+    out = path.client.host.run("ping", "-c", str(count), "-i", "0.01", "-I", path.client_addr, path.server_addr,
                           check=False, timeout=count + 30).stdout
     rtts = [float(m) for m in re.findall(r"time=([\d.]+) ms", out)]
     if len(rtts) < count // 2:
         raise MeasurementError(f"ping: {len(rtts)} of {count} replies")
     return rtts
-
-
-def _busy_seconds() -> float:
-    """CPU time spent not idle, all CPUs, whole machine (the namespaces share the kernel and the cores)."""
-    with open("/proc/stat") as f:
-        fields = [int(v) for v in f.readline().split()[1:]]
-    idle = fields[3] + fields[4]
-    return (sum(fields[:8]) - idle) / CLK_TCK

@@ -1,7 +1,8 @@
-"""The ways two rig hosts can be joined, one per flannel backend, each set up the way that backend does it.
+"""The ways two hosts can be joined, one per flannel backend, each host's half done the way that backend does it.
 
-A mode takes a freshly built rig and returns where the measurement traffic goes: from the client host's
-address to the server host's. Everything a mode creates lives in the rig's namespaces and goes with them.
+A host's half comes in two steps, as in flanneld: prepare (what the host sets up before it knows any peer, and
+the lease it publishes) and connect (what it does when the peer's lease appears). Everything a half creates is
+registered on an ExitStack that removes it again; on a rig, deleting the namespaces removes it as well.
 """
 
 from __future__ import annotations
@@ -13,15 +14,18 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any
 
-from pyflannel.bench.rig import NETWORK, Host, Rig
+from pyflannel.bench.rig import NETWORK, Host, terminate
 from pyflannel.daemon.backend import routes, vxlan_device
 
 MODES = ("none", "host-gw", "vxlan", "udp", "udp-batch", "udp-basic")
 TUNNEL = str(Path(sys.executable).with_name("flannel-tunnel"))
+VTEP = f"flannel.{vxlan_device.DEFAULT_VNI}"
 
 
 class ModeUnavailable(Exception):
@@ -29,14 +33,17 @@ class ModeUnavailable(Exception):
 
 
 @dataclass(frozen=True)
-class Endpoints:
-    """Where measurement traffic flows: client host and address, server host and address."""
+class Lease:
+    """What a host publishes for its peer, as a flanneld lease does; plain strings, so that it travels as JSON."""
 
-    client: Host
-    client_addr: str
-    server: Host
-    server_addr: str
-    tunnels: tuple[Tunnel, Tunnel] | None = None   # the udp modes' engines: client's, server's
+    public_ip: str
+    subnet: str
+    vtep_mac: str = ""
+
+    @property
+    def overlay_ip(self) -> str:
+        """The pod-side endpoint behind the subnet (what Host.add_overlay_endpoint puts on lo)."""
+        return str(IPv4Network(self.subnet).network_address + 1)
 
 
 @dataclass(frozen=True)
@@ -65,77 +72,105 @@ def _inode(path: Path) -> int:
         return 0
 
 
-def setup(mode: str, rig: Rig) -> Endpoints:
-    """Join the rig's two hosts as `mode` does; ModeUnavailable if this kernel cannot."""
-    a, b = rig.hosts
-    if mode == "none":
-        return Endpoints(a, str(a.underlay), b, str(b.underlay))
-    for host in rig.hosts:
+def prepare(mode: str, host: Host, undo: ExitStack) -> Lease:
+    """The host's half before it knows its peer: the pod-side endpoint and, for vxlan, flannel.1."""
+    mac = ""
+    if mode != "none":
         host.add_overlay_endpoint()
-    tunnels = SETUPS[mode](rig)
-    return Endpoints(a, str(a.overlay_ip), b, str(b.overlay_ip), tunnels)
+        undo.callback(host.remove_overlay_endpoint)
+    if mode == "vxlan":
+        mac = _vtep(host, undo)
+    return Lease(str(host.underlay), str(host.subnet), mac)
 
 
-def _host_gw(rig: Rig) -> None:
-    for host, peer in _pairs(rig):
-        with host.ipr() as ipr:
-            routes.add_route(ipr, subnet=peer.subnet, gateway=peer.underlay, ifindex=ipr.link_lookup(ifname="eth0")[0])
+def connect(mode: str, host: Host, peer: Lease, undo: ExitStack, files: Path) -> Tunnel | None:
+    """What the mode's backend does on the host when the peer's lease appears; the udp modes' engine, if any."""
+    return CONNECT[mode](host, peer, undo, files)
 
 
-def _vxlan(rig: Rig) -> None:
-    vteps = {}
-    for host in rig.hosts:
-        with host.ipr() as ipr:
-            try:
-                vteps[host.ns] = vxlan_device.ensure_vtep(
-                    ipr, vni=vxlan_device.DEFAULT_VNI, local=host.underlay, ext_index=ipr.link_lookup(ifname="eth0")[0],
-                    port=0, mtu=rig.mtu - vxlan_device.OVERHEAD)
-                vxlan_device.set_address(ipr, vteps[host.ns], host.subnet)
-            except Exception as exc:
-                raise ModeUnavailable(f"cannot create a VXLAN device: {exc}") from None
-    for host, peer in _pairs(rig):
-        with host.ipr() as ipr:
-            vxlan_device.add_peer(ipr, vteps[host.ns], subnet=peer.subnet, public_ip=peer.underlay,
-                                  mac=vteps[peer.ns].mac)
+def _none(host: Host, peer: Lease, undo: ExitStack, files: Path) -> None:
+    return None
 
 
-def _udp(rig: Rig, *extra: str) -> tuple[Tunnel, Tunnel]:
-    """flannel-tunnel on both hosts: the same engine the udp backend drives."""
-    tunnels = []
-    for host, peer in _pairs(rig):
-        stats = rig.files / f"{host.ns}-stats.json"
+def _host_gw(host: Host, peer: Lease, undo: ExitStack, files: Path) -> None:
+    subnet = IPv4Network(peer.subnet)
+    with host.ipr() as ipr:
+        try:
+            routes.add_route(ipr, subnet=subnet, gateway=IPv4Address(peer.public_ip),
+                             ifindex=ipr.link_lookup(ifname=host.iface)[0])
+        except Exception as exc:
+            raise ModeUnavailable(f"cannot route {subnet} via {peer.public_ip} (host-gw needs the hosts on one "
+                                  f"L2 segment): {exc}") from None
+    undo.callback(_del_route, host, subnet)
+
+
+def _del_route(host: Host, subnet: IPv4Network) -> None:
+    with host.ipr() as ipr:
+        routes.del_route(ipr, subnet=subnet)
+
+
+def _vtep(host: Host, undo: ExitStack) -> str:
+    """flannel.1 on the underlay interface, with the subnet's address; its MAC goes into the lease."""
+    with host.ipr() as ipr:
+        try:
+            ext = ipr.link_lookup(ifname=host.iface)[0]
+            mtu = ipr.get_links(ext)[0].get("IFLA_MTU")
+            vtep = vxlan_device.ensure_vtep(ipr, vni=vxlan_device.DEFAULT_VNI, local=host.underlay, ext_index=ext,
+                                            port=0, mtu=mtu - vxlan_device.OVERHEAD)
+            undo.callback(_del_vtep, host)
+            vxlan_device.set_address(ipr, vtep, host.subnet)
+        except Exception as exc:
+            raise ModeUnavailable(f"cannot create a VXLAN device: {exc}") from None
+    return vtep.mac
+
+
+def _del_vtep(host: Host) -> None:
+    """Deleting the device takes its address, neighbour, FDB and route entries with it."""
+    with host.ipr() as ipr:
+        for index in ipr.link_lookup(ifname=VTEP):
+            ipr.link("del", index=index)
+
+
+def _vxlan(host: Host, peer: Lease, undo: ExitStack, files: Path) -> None:
+    with host.ipr() as ipr:
+        vtep = vxlan_device.Vtep(index=ipr.link_lookup(ifname=VTEP)[0], name=VTEP, vni=vxlan_device.DEFAULT_VNI,
+                                 mac="")
+        vxlan_device.add_peer(ipr, vtep, subnet=IPv4Network(peer.subnet), public_ip=IPv4Address(peer.public_ip),
+                              mac=peer.vtep_mac)
+
+
+def _udp(host: Host, peer: Lease, undo: ExitStack, files: Path, *extra: str) -> Tunnel:
+    """flannel-tunnel on the host: the same engine the udp backend drives."""
+    stats, log = files / f"{host.subnet.network_address}-stats.json", files / f"{host.subnet.network_address}.log"
+    with log.open("w") as err:
         proc = host.popen(TUNNEL, "--iface-ip", str(host.underlay), "--subnet", str(host.subnet), "--network",
-                          str(NETWORK), "--peer", f"{peer.subnet}={peer.underlay}", "--stats-file", str(stats),
-                          *extra, stderr=subprocess.DEVNULL)
-        tunnels.append(Tunnel(proc, stats))
-    for host in rig.hosts:
-        _wait_for_route(host, f"{NETWORK} dev flannel0")
-    return tunnels[0], tunnels[1]
+                          str(NETWORK), "--peer", f"{peer.subnet}={peer.public_ip}", "--stats-file", str(stats),
+                          *extra, stdout=subprocess.DEVNULL, stderr=err)
+    undo.callback(terminate, proc)
+    _wait_for_flannel0(host, proc, log)
+    return Tunnel(proc, stats)
 
 
-def _udp_batch(rig: Rig) -> tuple[Tunnel, Tunnel]:
+def _udp_batch(host: Host, peer: Lease, undo: ExitStack, files: Path) -> Tunnel:
     """Batching alone: recvmmsg/sendmmsg at the default batch, no offloads."""
-    return _udp(rig, "--offload", "off")
+    return _udp(host, peer, undo, files, "--offload", "off")
 
 
-def _udp_basic(rig: Rig) -> tuple[Tunnel, Tunnel]:
+def _udp_basic(host: Host, peer: Lease, undo: ExitStack, files: Path) -> Tunnel:
     """The design of flannel's C proxy: no offloads, one packet per syscall."""
-    return _udp(rig, "--offload", "off", "--batch", "1")
+    return _udp(host, peer, undo, files, "--offload", "off", "--batch", "1")
 
 
-def _wait_for_route(host: Host, route: str, timeout: float = 15) -> None:
+def _wait_for_flannel0(host: Host, proc: subprocess.Popen[Any], log: Path, timeout: float = 15) -> None:
     deadline = time.monotonic() + timeout
-    while route not in host.run("ip", "route").stdout:
-        if time.monotonic() > deadline:
-            raise ModeUnavailable(f"flannel-tunnel did not bring up flannel0 on {host.ns}")
+    while f"{NETWORK} dev flannel0" not in host.run("ip", "route").stdout:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            said = log.read_text().strip().splitlines()
+            raise ModeUnavailable(f"flannel-tunnel did not bring up flannel0{': ' + said[-1] if said else ''}")
         time.sleep(0.05)
 
 
-def _pairs(rig: Rig) -> list[tuple[Host, Host]]:
-    a, b = rig.hosts
-    return [(a, b), (b, a)]
-
-
-SETUPS: dict[str, Callable[[Rig], tuple[Tunnel, Tunnel] | None]] = {
-    "host-gw": _host_gw, "vxlan": _vxlan, "udp": _udp, "udp-batch": _udp_batch, "udp-basic": _udp_basic,
+CONNECT: dict[str, Callable[[Host, Lease, ExitStack, Path], Tunnel | None]] = {
+    "none": _none, "host-gw": _host_gw, "vxlan": _vxlan, "udp": _udp, "udp-batch": _udp_batch,
+    "udp-basic": _udp_basic,
 }

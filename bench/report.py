@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import platform
 import statistics
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+from pyflannel.bench import nic
 from pyflannel.bench.measure import Result
 
 FIELDS = [f.name for f in fields(Result)]
@@ -30,42 +29,45 @@ def penalties(modes: dict[str, dict[str, float]]) -> dict[str, float]:
     return {mode: round(100 * (base - m["tcp_gbps"]) / base, 1) for mode, m in modes.items() if mode != "none"}
 
 
-def machine() -> dict[str, Any]:
-    model = ""
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    return {"kernel": platform.release(), "cpus": os.cpu_count(), "cpu_model": model,
-            "python": platform.python_version()}
-
-
-def build(runs: dict[str, list[Result]], config: dict[str, Any], skipped: dict[str, str]) -> dict[str, Any]:
+def build(runs: dict[str, list[Result]], config: dict[str, Any], skipped: dict[str, str],
+          machine: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The report; machine is this machine's by default, {"local": ..., "remote": ...} across real hosts."""
     modes = {mode: {k: round(v, 3) for k, v in medians(rs).items()} for mode, rs in runs.items() if rs}
     for m in modes.values():
         m["retransmits"] = int(m["retransmits"])
-    report: dict[str, Any] = {"machine": machine(), "config": config, "modes": modes, "penalty_pct": penalties(modes)}
+    report: dict[str, Any] = {"machine": machine or nic.machine(), "config": config, "modes": modes,
+                              "penalty_pct": penalties(modes)}
     if skipped:
         report["skipped"] = skipped
     return report
 
 
 def table(report: dict[str, Any]) -> str:
+    """The modes as rows; across real hosts CPU is given per end too, and each end's NIC follows the rows."""
+    two_hosts = "remote" in report["machine"]
     header = ["mode", "TCP Gbit/s", "penalty", f"TCP x{report['config']['parallel']}", "UDP64 kpps",
-              "RTT p50/p99 ms", "CPU s/GB", "retrans", "syscalls/GB tx/rx", "pkts/syscall tx/rx"]
+              "RTT p50/p99 ms", "CPU s/GB local+remote" if two_hosts else "CPU s/GB", "retrans",
+              "syscalls/GB tx/rx", "pkts/syscall tx/rx"]
     rows = [header]
     for mode, m in report["modes"].items():
         pen = report["penalty_pct"].get(mode)
         rows.append([mode, f"{m['tcp_gbps']:.2f}", "-" if pen is None else f"{pen:.1f}%",
                      f"{m['tcp_parallel_gbps']:.2f}", f"{m['udp64_kpps']:.0f}",
-                     f"{m['rtt_ms_p50']:.3f}/{m['rtt_ms_p99']:.3f}", f"{m['cpu_s_per_gb']:.2f}",
-                     str(m["retransmits"]), *_syscall_cells(m)])
+                     f"{m['rtt_ms_p50']:.3f}/{m['rtt_ms_p99']:.3f}", _cpu_cell(m), str(m["retransmits"]),
+                     *_syscall_cells(m)])
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
              for r in rows]
     lines += [f"{mode:<{widths[0]}}  skipped: {reason}" for mode, reason in report.get("skipped", {}).items()]
+    if two_hosts:
+        lines += [nic.summary(end, report["machine"][end]) for end in ("local", "remote")]
     return "\n".join(lines)
+
+
+def _cpu_cell(m: dict[str, float]) -> str:
+    if "client_cpu_s_per_gb" not in m:
+        return f"{m['cpu_s_per_gb']:.2f}"
+    return f"{m['client_cpu_s_per_gb']:.2f}+{m['server_cpu_s_per_gb']:.2f}"
 
 
 def _syscall_cells(m: dict[str, float]) -> list[str]:
@@ -82,11 +84,7 @@ def write_json(report: dict[str, Any], path: Path) -> None:
 
 def write_plot(report: dict[str, Any], path: Path) -> None:
     """Throughput per mode (single and parallel streams) and the single-stream penalty against `none`."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     modes = list(report["modes"])
     single = [report["modes"][m]["tcp_gbps"] for m in modes]
     multi = [report["modes"][m]["tcp_parallel_gbps"] for m in modes]
@@ -105,8 +103,29 @@ def write_plot(report: dict[str, Any], path: Path) -> None:
     right.set_title("Penalty against the plain underlay")
     for x, p in enumerate(pens):
         right.annotate(f"{p:.0f}%", (x, p), ha="center", va="bottom" if p >= 0 else "top")
-    fig.suptitle(f"flannel-bench on {report['machine']['kernel']}, {report['machine']['cpus']} CPUs")
-    fig.tight_layout()
+    fig.suptitle(f"flannel-bench: {where(report)}")
+    save(fig, path)
+
+
+def where(report: dict[str, Any]) -> str:
+    """Where a report was measured, in a few words: one machine's kernel and CPUs, or both ends'."""
+    machine = report["machine"]
+    ends = [machine[end] for end in ("local", "remote")] if "remote" in machine else [machine]
+    return " to ".join(f"{m['kernel']}, {m['cpus']} CPUs" for m in ends)
+
+
+def pyplot() -> Any:
+    """matplotlib's pyplot on the file-only backend, imported late: only a run that plots needs the [bench] extra."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save(fig: Any, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
+    pyplot().close(fig)

@@ -31,12 +31,17 @@ UNDERLAY = ipaddress.IPv4Network("198.18.0.0/24")  # room for the 200 hosts a ri
 
 @dataclass
 class Host:
-    """One test host: a namespace, its underlay address and its overlay subnet."""
+    """One test host: a namespace, its underlay address and its overlay subnet.
+
+    An empty `ns` is the namespace this process runs in: the real host under `flannel-bench --remote`, where
+    iface names the interface holding the underlay address.
+    """
 
     ns: str
     underlay: ipaddress.IPv4Address
     subnet: ipaddress.IPv4Network
     procs: list[subprocess.Popen[Any]] = field(default_factory=list)
+    iface: str = "eth0"
 
     @property
     def overlay_ip(self) -> ipaddress.IPv4Address:
@@ -44,7 +49,7 @@ class Host:
         return self.subnet.network_address + 1
 
     def argv(self, cmd: Sequence[str]) -> list[str]:
-        return ["ip", "netns", "exec", self.ns, *cmd]
+        return ["ip", "netns", "exec", self.ns, *cmd] if self.ns else list(cmd)
 
     def run(self, *cmd: str, check: bool = True, timeout: float = 60, **kw: Any) -> subprocess.CompletedProcess[str]:
         """Run a command inside the host and wait for it."""
@@ -57,7 +62,7 @@ class Host:
         return proc
 
     def ipr(self) -> IPRoute:
-        return IPRoute(netns=self.ns)
+        return IPRoute(netns=self.ns) if self.ns else IPRoute()
 
     def add_overlay_endpoint(self) -> None:
         """Put overlay_ip on lo, standing in for the pods behind this host's subnet.
@@ -66,6 +71,10 @@ class Host:
         """
         with self.ipr() as ipr:
             ipr.addr("add", index=ipr.link_lookup(ifname="lo")[0], address=str(self.overlay_ip), prefixlen=32)
+
+    def remove_overlay_endpoint(self) -> None:
+        with self.ipr() as ipr:
+            ipr.addr("del", index=ipr.link_lookup(ifname="lo")[0], address=str(self.overlay_ip), prefixlen=32)
 
 
 class Rig:
@@ -140,7 +149,7 @@ class Rig:
         """Kill what the rig started and delete its namespaces; safe to call twice."""
         for host in self.hosts:
             for proc in host.procs:
-                _terminate(proc)
+                terminate(proc)
             host.procs.clear()
         for ns in [host.ns for host in self.hosts] + [self.switch, *self.extra]:
             if ns in netns.listnetns():
@@ -148,7 +157,8 @@ class Rig:
         shutil.rmtree(self.files, ignore_errors=True)
 
 
-def _terminate(proc: subprocess.Popen[Any], grace: float = 5.0) -> None:
+def terminate(proc: subprocess.Popen[Any], grace: float = 5.0) -> None:
+    """SIGTERM, so that it can remove what it created; SIGKILL if it has not gone after grace seconds."""
     if proc.poll() is not None:
         return
     proc.send_signal(signal.SIGTERM)

@@ -70,10 +70,10 @@ def test_quick_run_writes_json_and_png(tmp_path: Path) -> None:
 
 
 def test_a_failing_mode_is_reported_and_the_rest_still_run(monkeypatch: pytest.MonkeyPatch) -> None:
-    def no_vxlan(rig: Rig) -> None:
+    def no_vxlan(*args: object) -> None:
         raise modes.ModeUnavailable("cannot create a VXLAN device: not supported")
 
-    monkeypatch.setitem(modes.SETUPS, "vxlan", no_vxlan)
+    monkeypatch.setitem(modes.CONNECT, "vxlan", no_vxlan)
     built = cli.run(cli.parse(["--modes", "vxlan,none", "--seconds", "1", "--repeats", "2", "--pings", "10"]))
     assert built["skipped"] == {"vxlan": "cannot create a VXLAN device: not supported"}
     assert list(built["modes"]) == ["none"]  # type: ignore[call-overload]
