@@ -126,7 +126,16 @@ def measure_modes(args: argparse.Namespace, path: Callable[[str], AbstractContex
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    try:
+        return _main(sys.argv[1:] if argv is None else argv)
+    except BrokenPipeError:
+        # The reader went away (`flannel-bench compare ... | head`): stop quietly, as shell tools do. stdout is
+        # pointed at /dev/null so that the interpreter's final flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+
+
+def _main(argv: list[str]) -> int:
     if argv and argv[0] in SUBCOMMANDS:
         return SUBCOMMANDS[argv[0]](argv[1:])
     args = parse(argv)
@@ -148,10 +157,10 @@ def main(argv: list[str] | None = None) -> int:
     except (remote.SessionError, HostUnfit) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 1
-    print(report.table(result))
     report.write_json(result, args.json)
     if result["modes"]:
         report.write_plot(result, args.plot)
+    print(report.table(result))
     print(f"wrote {args.json} and {args.plot}", file=sys.stderr)
     return 0
 

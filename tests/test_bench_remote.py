@@ -267,3 +267,15 @@ def test_compare_refuses_what_is_not_a_report(tmp_path: Path) -> None:
                        timeout=60)
     assert (r.returncode, r.stderr) == (1, f"flannel-bench compare: error: {other}: not a flannel-bench report "
                                            "(no machine, config, modes and penalty_pct)\n")
+
+
+def test_compare_into_a_reader_that_went_away_ends_quietly(tmp_path: Path) -> None:
+    """As with `| head`: the pipe's reading end is closed before flannel-bench writes, so every write fails."""
+    before, after = tmp_path / "before.json", tmp_path / "after.json"
+    _report(before, 10.0)
+    _report(after, 12.5)
+    proc = subprocess.Popen([BENCH, "compare", str(before), str(after)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()
+    assert (proc.wait(timeout=60), proc.stderr.read()) == (141, "")
