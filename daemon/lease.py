@@ -108,12 +108,12 @@ def _public_ip(value: Any) -> ipaddress.IPv4Address:
 
 def check_public_ipv6(value: Any) -> ipaddress.IPv6Address:
     """Only global (2000::/3) and unique-local (fc00::/7) unicast: never ::, loopback, multicast, link-local (no
-    zone to reach it by), or an IPv4-mapped or -compatible address."""
+    zone to reach it by), an IPv4-mapped or -compatible address, or one with a zone (%eth0)."""
     try:
         ip = ipaddress.IPv6Address(value) if isinstance(value, str) else None
     except ValueError:
         ip = None
-    if ip is None or not any(ip in net for net in _UNICAST6):
+    if ip is None or ip.scope_id is not None or not any(ip in net for net in _UNICAST6):
         raise BadRecord("bad_public_ipv6", f"PublicIPv6 {str(value)[:50]!r} is not a global or unique-local "
                         "unicast IPv6 address")
     return ip
