@@ -185,10 +185,18 @@ def test_dual_stack_on_the_embedded_registry_host_gw_then_vxlan(tmp_path: Path) 
     with Rig(3, tag="pfs") as rig:
         nodes = rig.hosts
         add_ipv6_underlay(nodes)
-        started = start_nodes(rig, nodes, registry, tmp_path)
+        # The kubelet's marker in ip6tables-legacy alone says where this host's rules are, as iptables-wrapper reads it.
+        nodes[0].run("ip6tables-legacy", "-t", "mangle", "-N", "KUBE-IPTABLES-HINT")
+        started = start_nodes(rig, nodes, registry, tmp_path, "--ip-masq", "--iptables-resync", "1")
         envs = [env for _, env in started]
         for node in nodes:
             _assert_env(tmp_path / f"{node.ns}.env", "host-gw")
+        rules = nodes[0].run("ip6tables-legacy", "-t", "nat", "-S", "FLANNEL-POSTRTG").stdout
+        assert f"-A FLANNEL-POSTRTG -s {_v6(envs[0])} -d fd00:10:244::/48" in rules, rules
+        assert "FLANNEL" not in nodes[0].run("ip6tables-nft-save").stdout + nodes[0].run("iptables-nft-save").stdout
+        nodes[0].run("ip6tables-legacy", "-t", "nat", "-F", "FLANNEL-POSTRTG")
+        wait_for(lambda: nodes[0].run("ip6tables-legacy", "-t", "nat", "-S", "FLANNEL-POSTRTG").stdout == rules, 10,
+                 "the ip6tables masquerade rules restored")
         keys = {key for (key,) in sqlite3.connect(tmp_path / "leases.db").execute("SELECT key FROM leases")}
         assert keys == {_key(env) for env in envs}
         _both_families_carry_traffic(nodes, envs)
@@ -228,13 +236,15 @@ def test_ipv6_only_network(tmp_path: Path) -> None:
                         for node, env in zip(nodes, envs, strict=True)}
         assert all(key.startswith("0.0.0.0-0&fd00:10:244:") for key in rows), "flannel's MakeSubnetKey"
         _both_families_carry_traffic(nodes, envs, ipv4=False)
-        # A restart finds its lease by PublicIPv6 (flannel compares PublicIP, 0.0.0.0 for every node here).
+        # A restart (the interface named by its IPv6 address) finds its lease by PublicIPv6 (flannel compares
+        # PublicIP, 0.0.0.0 for every node here).
         proc, _ = started[2]
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0
         env_file = tmp_path / f"{nodes[2].ns}.env"
         env_file.unlink()
-        again = wait_for_env(env_file, start_flanneld(nodes[2], registry, env_file))
+        again = wait_for_env(env_file, start_flanneld(nodes[2], registry, env_file, iface=("--iface",
+                                                                                         underlay6(nodes[2]))))
         assert again["FLANNEL_IPV6_SUBNET"] == envs[2]["FLANNEL_IPV6_SUBNET"]
         assert len(sqlite3.connect(db).execute("SELECT key FROM leases").fetchall()) == 3
         bad = nodes[0].run(FLANNELD, *registry, "--iface", "eth0",
