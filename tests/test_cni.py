@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from daemons import add_ipv6_underlay, start_flanneld, wait_for, wait_for_env
+from daemons import add_ipv6_underlay, pings, start_flanneld, wait_for, wait_for_env
 from traffic import start_transfer
 
 from bench.rig import Host, Rig
@@ -168,14 +168,10 @@ def test_dual_stack_pods_across_nodes(tmp_path: Path) -> None:
             pods.append((pod, {ip.version: str(ip.ip) for ip in ips}))
         (a, a_ips), (b, b_ips) = pods
         for version in (4, 6):
-            wait_for(partial(_pings, a, b_ips[version]), 20, f"pod to pod, IPv{version}")
+            wait_for(partial(pings, a, a_ips[version], b_ips[version]), 20, f"pod to pod, IPv{version}")
         transfer = start_transfer(a, b, 8 << 20, addrs=(a_ips[6], b_ips[6]))
         transfer.join()
         assert transfer.received == transfer.sent and transfer.received_bytes == 8 << 20
-
-
-def _pings(pod: Host, dst: str) -> bool:
-    return "1 received" in pod.run("ping", "-c", "1", "-W", "1", dst, check=False).stdout
 
 
 def _as_endpoint(pod: Host) -> Host:
