@@ -130,6 +130,12 @@ class Etcd:
         return dict(json.loads(self.tool("dump", prefix).stdout))
 
 
+def embedded_registry(tmp_path: Path, net_conf: str) -> list[str]:
+    """flanneld's flags for an embedded registry in tmp_path (leases.db) with this network config."""
+    (tmp_path / "net-conf.json").write_text(net_conf)
+    return ["--local-registry", str(tmp_path / "leases.db"), "--net-config-path", str(tmp_path / "net-conf.json")]
+
+
 def start_flanneld(host: Host, registry: list[str], subnet_file: Path, *extra: str,
                    iface: tuple[str, ...] = ("--iface", "eth0")) -> subprocess.Popen[str]:
     """flanneld on host; the test hosts have no default route, so the interface is named unless `iface` says how

@@ -20,6 +20,7 @@ from daemons import (
     Etcd,
     add_ipv6_underlay,
     assert_all_pairs_reach,
+    embedded_registry,
     scrape,
     start_flanneld,
     start_nodes,
@@ -179,9 +180,7 @@ def test_dual_stack_on_etcd_vxlan_then_host_gw(rig4: Rig, tmp_path: Path) -> Non
 
 
 def test_dual_stack_on_the_embedded_registry_host_gw_then_vxlan(tmp_path: Path) -> None:
-    conf = tmp_path / "net-conf.json"
-    conf.write_text(DUAL % "host-gw")
-    registry = ["--local-registry", str(tmp_path / "leases.db"), "--net-config-path", str(conf)]
+    registry = embedded_registry(tmp_path, DUAL % "host-gw")
     with Rig(3, tag="pfs") as rig:
         nodes = rig.hosts
         add_ipv6_underlay(nodes)
@@ -201,7 +200,7 @@ def test_dual_stack_on_the_embedded_registry_host_gw_then_vxlan(tmp_path: Path) 
         assert keys == {_key(env) for env in envs}
         _both_families_carry_traffic(nodes, envs)
 
-        conf.write_text(DUAL % "vxlan")
+        embedded_registry(tmp_path, DUAL % "vxlan")
         envs = _restart(rig, started, registry, tmp_path)
         for node in nodes:
             _assert_env(tmp_path / f"{node.ns}.env", "vxlan")
@@ -219,10 +218,8 @@ def test_dual_stack_on_the_embedded_registry_host_gw_then_vxlan(tmp_path: Path) 
 
 
 def test_ipv6_only_network(tmp_path: Path) -> None:
-    conf = tmp_path / "net-conf.json"
-    conf.write_text(V6_ONLY % "vxlan")
+    registry = embedded_registry(tmp_path, V6_ONLY % "vxlan")
     db = tmp_path / "leases.db"
-    registry = ["--local-registry", str(db), "--net-config-path", str(conf)]
     with Rig(3, tag="pfs") as rig:
         nodes = rig.hosts
         add_ipv6_underlay(nodes)
