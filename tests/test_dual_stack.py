@@ -223,11 +223,12 @@ def test_ipv6_only_network(tmp_path: Path) -> None:
     with Rig(3, tag="pfs") as rig:
         nodes = rig.hosts
         add_ipv6_underlay(nodes)
-        started = start_nodes(rig, nodes, registry, tmp_path)
+        started = start_nodes(rig, nodes, registry, tmp_path, "--ip-blackhole-route")
         envs = [env for _, env in started]
-        for node in nodes:
+        for node, env in zip(nodes, envs, strict=True):
             _assert_env(tmp_path / f"{node.ns}.env", "vxlan", ipv4=False)
             assert "flannel.1" not in node.run("ip", "link").stdout, "no IPv4 device"
+            assert f"blackhole {_v6(env)}" in node.run("ip", "-6", "route").stdout
         rows = dict(sqlite3.connect(db).execute("SELECT key, CAST(value AS TEXT) FROM leases").fetchall())
         assert rows == {_key(env): _expected_value(node, "vxlan", ipv4=False)
                         for node, env in zip(nodes, envs, strict=True)}
