@@ -72,7 +72,7 @@ class LeaseAttrs:
     @classmethod
     def from_json(cls, value: str | bytes, *, ipv4: bool = True, ipv6: bool = False) -> LeaseAttrs:
         """BadRecord unless the value is a bounded JSON object with sound public addresses for the families
-        asked for; the other family's fields are left out."""
+        asked for (see checked)."""
         try:
             raw = safejson.loads(value, max_bytes=MAX_VALUE, max_depth=MAX_DEPTH)
         except ValueError as exc:
@@ -80,20 +80,21 @@ class LeaseAttrs:
             raise BadRecord(reason, f"value is {exc}") from None
         if not isinstance(raw, dict):
             raise BadRecord("bad_value", "value is not a JSON object")
-        return cls.checked(raw.get("PublicIP") if ipv4 else None, raw.get("BackendType"),
-                           raw.get("BackendData") if ipv4 else None, raw.get("PublicIPv6") if ipv6 else None,
-                           raw.get("BackendV6Data") if ipv6 else None, ipv4=ipv4, ipv6=ipv6)
+        return cls.checked(raw.get("PublicIP"), raw.get("BackendType"), raw.get("BackendData"),
+                           raw.get("PublicIPv6"), raw.get("BackendV6Data"), ipv4=ipv4, ipv6=ipv6)
 
     @classmethod
     def checked(cls, public_ip: Any, backend_type: Any, backend_data: Any, public_ipv6: Any = None,
                 backend_v6_data: Any = None, *, ipv4: bool = True, ipv6: bool = False) -> LeaseAttrs:
         """BadRecord unless public_ip (if ipv4) is a unicast IPv4 address, public_ipv6 (if ipv6) a global or
-        unique-local unicast IPv6 address, and backend_type a string (or absent)."""
+        unique-local unicast IPv6 address, and backend_type a string (or absent). A family not asked for is left
+        out, whatever its fields hold."""
         if not isinstance(backend_type or "", str):
             raise BadRecord("bad_value", "BackendType is not a string")
         return cls(public_ip=_public_ip(public_ip) if ipv4 else None, backend_type=backend_type or "",
-                   backend_data=backend_data, public_ipv6=check_public_ipv6(public_ipv6) if ipv6 else None,
-                   backend_v6_data=backend_v6_data)
+                   backend_data=backend_data if ipv4 else None,
+                   public_ipv6=check_public_ipv6(public_ipv6) if ipv6 else None,
+                   backend_v6_data=backend_v6_data if ipv6 else None)
 
 
 def _public_ip(value: Any) -> ipaddress.IPv4Address:
