@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 from pyroute2 import IPRoute
 
-from daemon.config import Address
-from daemon.errors import FlannelError
-from daemon.lease import BadRecord, check_public_ipv6
+from pyflannel.daemon.config import Address
+from pyflannel.daemon.errors import FlannelError
+from pyflannel.daemon.lease import BadRecord, check_public_ipv6
 
 IFA_F_DEPRECATED = 0x20
 Link = tuple[int, str, int, list[Address]]  # index, name, MTU, global addresses (the preferred ones first)

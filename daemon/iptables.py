@@ -19,8 +19,8 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 
-from daemon.config import Network
-from daemon.errors import FlannelError
+from pyflannel.daemon.config import Network
+from pyflannel.daemon.errors import FlannelError
 
 TIMEOUT = 30  # seconds for one iptables call
 MASQ = "flanneld masq"

@@ -22,11 +22,11 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING, Any
 
-from daemon import safejson
-from daemon.config import Address, Network
+from pyflannel.daemon import safejson
+from pyflannel.daemon.config import Address, Network
 
 if TYPE_CHECKING:
-    from daemon.config import NetworkConfig
+    from pyflannel.daemon.config import NetworkConfig
 
 SUBNET_TTL = 24 * 3600  # seconds; flannel's subnetTTL
 MAX_VALUE = 16 * 1024  # bytes; flannel's own lease values are under 300

@@ -19,10 +19,10 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from daemon.config import Network
-from daemon.lease import BadRecord, Event, EventType, Lease
-from daemon.outage import Outage
-from daemon.registry import Compacted, Unavailable
+from pyflannel.daemon.config import Network
+from pyflannel.daemon.lease import BadRecord, Event, EventType, Lease
+from pyflannel.daemon.outage import Outage
+from pyflannel.daemon.registry import Compacted, Unavailable
 
 log = logging.getLogger(__name__)
 BACKOFF_MIN, BACKOFF_MAX = 0.1, 5.0

@@ -13,9 +13,9 @@ import os
 import tempfile
 from pathlib import Path
 
-from daemon.config import Network, NetworkConfig
-from daemon.errors import FlannelError
-from daemon.lease import Lease
+from pyflannel.daemon.config import Network, NetworkConfig
+from pyflannel.daemon.errors import FlannelError
+from pyflannel.daemon.lease import Lease
 
 MAX_BYTES = 64 * 1024
 KEYS = {4: ("FLANNEL_NETWORK", "FLANNEL_SUBNET"), 6: ("FLANNEL_IPV6_NETWORK", "FLANNEL_IPV6_SUBNET")}

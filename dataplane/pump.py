@@ -17,10 +17,10 @@ from typing import Any
 
 from pyroute2 import IPRoute
 
-from dataplane._engine import Engine, PrefixTable
-from dataplane.offload import Offloads
-from dataplane.tun import TunDevice, configure_tun, ensure_configured, open_tun
-from dataplane.udp import enable_offloads, open_udp_socket
+from pyflannel.dataplane._engine import Engine, PrefixTable
+from pyflannel.dataplane.offload import Offloads
+from pyflannel.dataplane.tun import TunDevice, configure_tun, ensure_configured, open_tun
+from pyflannel.dataplane.udp import enable_offloads, open_udp_socket
 
 DEFAULT_PORT = 8285
 DEFAULT_BATCH = 64

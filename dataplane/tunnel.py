@@ -40,11 +40,11 @@ import time
 from dataclasses import dataclass
 from typing import NoReturn
 
-from dataplane import klog, metrics, offload
-from dataplane.errors import DataplaneError
-from dataplane.keeper import Keeper, PumpSpec
-from dataplane.pump import DEFAULT_BATCH, DEFAULT_PORT
-from dataplane.tun import ENCAP_OVERHEAD, underlay_mtu
+from pyflannel.dataplane import klog, metrics, offload
+from pyflannel.dataplane.errors import DataplaneError
+from pyflannel.dataplane.keeper import Keeper, PumpSpec
+from pyflannel.dataplane.pump import DEFAULT_BATCH, DEFAULT_PORT
+from pyflannel.dataplane.tun import ENCAP_OVERHEAD, underlay_mtu
 
 log = logging.getLogger("flannel-tunnel")
 

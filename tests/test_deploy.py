@@ -14,9 +14,9 @@ from typing import Any
 import kubernetes_validate
 import yaml
 
-from daemon import cni, config, flags, subnet_env
-from daemon.lease import Lease, LeaseAttrs
-from dataplane import tunnel
+from pyflannel.daemon import cni, config, flags, subnet_env
+from pyflannel.daemon.lease import Lease, LeaseAttrs
+from pyflannel.dataplane import tunnel
 
 DEPLOY = Path(__file__).parent.parent / "daemon" / "deploy"
 

@@ -30,7 +30,7 @@ from daemons import (
 )
 from traffic import start_transfer
 
-from bench.rig import Host, Rig
+from pyflannel.bench.rig import Host, Rig
 
 DUAL = ('{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/48",'
         '"Backend":{"Type":"%s"}}')

@@ -13,12 +13,12 @@ from typing import Any
 import pytest
 from kubernetes_asyncio.client import V1Node, V1NodeSpec, V1ObjectMeta
 
-from daemon import cni, config, iptables, subnet_env, subnets
-from daemon.errors import ConfigError, FlannelError
-from daemon.kube import KubeManager
-from daemon.lease import BadRecord, Lease, LeaseAttrs, check_public_ipv6, decode, parse_subnet_key, subnet_key
-from daemon.peers import Entry, PeerTable
-from daemon.registry.local import LocalRegistry
+from pyflannel.daemon import cni, config, iptables, subnet_env, subnets
+from pyflannel.daemon.errors import ConfigError, FlannelError
+from pyflannel.daemon.kube import KubeManager
+from pyflannel.daemon.lease import BadRecord, Lease, LeaseAttrs, check_public_ipv6, decode, parse_subnet_key, subnet_key
+from pyflannel.daemon.peers import Entry, PeerTable
+from pyflannel.daemon.registry.local import LocalRegistry
 
 Net4, Net6 = ipaddress.IPv4Network, ipaddress.IPv6Network
 IP4, IP6 = ipaddress.IPv4Address, ipaddress.IPv6Address

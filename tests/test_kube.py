@@ -27,7 +27,7 @@ from daemons import (
 )
 from fake_kube import FakeKube
 
-from bench.rig import Host, Rig
+from pyflannel.bench.rig import Host, Rig
 
 P = "flannel.alpha.coreos.com/"
 

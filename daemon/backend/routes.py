@@ -12,7 +12,7 @@ import errno
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from daemon.config import Address, Network
+from pyflannel.daemon.config import Address, Network
 
 
 def add_route(ipr: IPRoute, *, subnet: Network, gateway: Address, ifindex: int) -> None:

@@ -23,7 +23,7 @@ from pathlib import Path
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from daemon.config import Address, Network
+from pyflannel.daemon.config import Address, Network
 
 DEFAULT_VNI = 1
 DEFAULT_PORT = 8472  # the kernel's default for a dstport of 0
