@@ -10,7 +10,8 @@ Behaviour follows flannel's cni-plugin (flannel.go, flannel_linux.go):
   ipam, runtimeConfig, cniVersion.
 - the delegate gets, only where absent: type "bridge", ipMasq = not FLANNEL_IPMASQ, mtu = FLANNEL_MTU,
   isGateway true (bridge only); always the netconf's name; ipam from the netconf's ipam with type host-local by
-  default, ranges replaced by the node's subnet, routes = the netconf's routes plus one per FLANNEL_NETWORK.
+  default, ranges replaced by one range set per family (FLANNEL_SUBNET, then FLANNEL_IPV6_SUBNET), routes = the
+  netconf's routes plus one per FLANNEL_NETWORK and FLANNEL_IPV6_NETWORK entry.
 - ADD saves the delegate config under dataDir/<container id> (dir 0700, file 0600, fsync) and runs the delegate's
   ADD; DEL runs the delegate's DEL with exactly the saved bytes and removes the file only if that worked (no file,
   or a file that does not parse: success). CHECK does nothing. Errors are CNI error JSON on stdout, exit 1.
@@ -41,9 +42,14 @@ class CniError(Exception):
         self.code, self.msg, self.details = code, msg, details
 
 
+FAMILIES = (("FLANNEL_NETWORK", "FLANNEL_SUBNET", ipaddress.IPv4Interface),
+            ("FLANNEL_IPV6_NETWORK", "FLANNEL_IPV6_SUBNET", ipaddress.IPv6Interface))
+
+
 def load_subnet_env(path: str) -> dict[str, Any]:
-    """flannel's loadFlannelSubnetEnv: split each line at the first '=', no quoting; networks deduplicated,
-    the subnet masked to its network, MTU an unsigned integer, IPMASQ true only for exactly "true"."""
+    """flannel's loadFlannelSubnetEnv: split each line at the first '=', no quoting; networks of both families
+    deduplicated, each subnet masked to its network, MTU an unsigned integer, IPMASQ true only for exactly "true";
+    at least one network and one subnet of either family."""
     try:
         lines = Path(path).read_text().splitlines()
     except OSError as exc:
@@ -53,20 +59,22 @@ def load_subnet_env(path: str) -> dict[str, Any]:
         key, sep, value = line.partition("=")
         if sep:
             raw[key] = value
-    env: dict[str, Any] = {}
-    if raw.get("FLANNEL_NETWORK"):
-        env["networks"] = list(dict.fromkeys(n for n in raw["FLANNEL_NETWORK"].split(",") if n))
-    if raw.get("FLANNEL_SUBNET"):
-        try:
-            env["subnet"] = str(ipaddress.IPv4Interface(raw["FLANNEL_SUBNET"]).network)
-        except ValueError:
-            raise CniError(4, f"{path}: invalid FLANNEL_SUBNET {raw['FLANNEL_SUBNET']!r}") from None
+    env: dict[str, Any] = {"networks": [], "subnets": []}
+    for network_key, subnet_key, interface in FAMILIES:
+        env["networks"] += list(dict.fromkeys(n for n in raw.get(network_key, "").split(",") if n))
+        if raw.get(subnet_key):
+            try:
+                env["subnets"].append(str(interface(raw[subnet_key]).network))
+            except ValueError:
+                raise CniError(4, f"{path}: invalid {subnet_key} {raw[subnet_key]!r}") from None
     if raw.get("FLANNEL_MTU", "").isdigit():
         env["mtu"] = int(raw["FLANNEL_MTU"])
     if "FLANNEL_IPMASQ" in raw:
         env["ipmasq"] = raw["FLANNEL_IPMASQ"] == "true"
-    missing = [name for key, name in (("networks", "FLANNEL_NETWORK"), ("subnet", "FLANNEL_SUBNET"),
-                                      ("mtu", "FLANNEL_MTU"), ("ipmasq", "FLANNEL_IPMASQ")) if key not in env]
+    missing = [name for key, name in (("networks", "FLANNEL_NETWORK, FLANNEL_IPV6_NETWORK"),
+                                      ("subnets", "FLANNEL_SUBNET, FLANNEL_IPV6_SUBNET"),
+                                      ("mtu", "FLANNEL_MTU"), ("ipmasq", "FLANNEL_IPMASQ"))
+               if env.get(key) in (None, [])]
     if missing:
         raise CniError(4, f"{path} is missing {', '.join(missing)}")
     return env
@@ -92,7 +100,7 @@ def delegate_config(netconf: dict[str, Any], env: dict[str, Any]) -> dict[str, A
         delegate["runtimeConfig"] = netconf["runtimeConfig"]
     ipam = dict(netconf.get("ipam") or {})
     ipam.setdefault("type", "host-local")
-    ipam["ranges"] = [[{"subnet": env["subnet"]}]]
+    ipam["ranges"] = [[{"subnet": subnet}] for subnet in env["subnets"]]
     ipam["routes"] = list(ipam.get("routes") or []) + [{"dst": net} for net in env["networks"]]
     delegate["ipam"] = ipam
     return delegate

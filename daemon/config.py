@@ -1,13 +1,16 @@
 """The network config (etcd `<prefix>/config`, or a net-conf.json file), parsed and checked as flannel does.
 
 flannel decodes it with Go's encoding/json, so keys match case-insensitively and unknown keys are ignored;
-EnableIPv4 defaults to true; a missing Backend means udp (the documentation says vxlan; the code says udp).
-IPv4 only here: IPv6 settings are accepted and rejected with a clear message if enabled.
+EnableIPv4 defaults to true and EnableIPv6 to false; a missing Backend means udp (the documentation says vxlan;
+the code says udp). Each enabled family gets a Pool, checked by flannel's CheckNetworkConfig rules, which are the
+same for both families with IPv6's numbers (SubnetLen at most /126, a /64 by default, a network no smaller than
+/124); IPv6SubnetMin and IPv6SubnetMax are addresses, as SubnetMin and SubnetMax are.
 """
 
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,25 +19,69 @@ from pyflannel.daemon.errors import ConfigError
 
 BACKENDS = ("udp", "vxlan", "host-gw")
 MAX_BYTES, MAX_DEPTH = 1 << 20, 32
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def address(version: int, value: int | str) -> Address:
+    """The address of that family (ipaddress.ip_address would make a small integer an IPv4 address)."""
+    return ipaddress.IPv4Address(value) if version == 4 else ipaddress.IPv6Address(value)
+
+
+@dataclass(frozen=True)
+class Pool:
+    """One family's network and the subnets handed out from it."""
+
+    network: Network
+    subnet_len: int
+    subnet_min: Address
+    subnet_max: Address
+
+    def subnets(self) -> Iterator[Network]:
+        """Every allocatable subnet from SubnetMin to SubnetMax, in order, made as they are asked for (an IPv6
+        network can hold more /64s than any list could)."""
+        step = 1 << (self.network.max_prefixlen - self.subnet_len)
+        for a in range(int(self.subnet_min), int(self.subnet_max) + 1, step):
+            yield ipaddress.ip_network((address(self.network.version, a), self.subnet_len))
+
+    def fits(self, subnet: Network | None) -> bool:
+        """flannel's isSubnetConfigCompat: the configured length, between SubnetMin and SubnetMax."""
+        return (subnet is not None and subnet.version == self.network.version
+                and subnet.prefixlen == self.subnet_len
+                and int(self.subnet_min) <= int(subnet.network_address) <= int(self.subnet_max))
 
 
 @dataclass(frozen=True)
 class NetworkConfig:
-    network: ipaddress.IPv4Network
-    subnet_len: int
-    subnet_min: ipaddress.IPv4Address
-    subnet_max: ipaddress.IPv4Address
+    ipv4: Pool | None  # None when EnableIPv4 is false
+    ipv6: Pool | None  # None unless EnableIPv6
     backend_type: str
     backend: dict[str, Any] = field(default_factory=dict)  # the Backend object, keys lower-cased
 
-    def subnets(self) -> list[ipaddress.IPv4Network]:
-        """Every allocatable subnet from SubnetMin to SubnetMax, in order."""
-        step = 1 << (32 - self.subnet_len)
-        first, last = int(self.subnet_min), int(self.subnet_max)
-        return [ipaddress.IPv4Network((a, self.subnet_len)) for a in range(first, last + 1, step)]
+    def pools(self) -> list[Pool]:
+        return [p for p in (self.ipv4, self.ipv6) if p is not None]
 
     def backend_option(self, name: str, default: Any) -> Any:
         return self.backend.get(name.lower(), default)
+
+
+@dataclass(frozen=True)
+class _Family:
+    """What differs between the families' settings: key names, sizes, and flannel's wording."""
+
+    prefix: str  # of the SubnetLen/SubnetMin/SubnetMax keys
+    network_key: str
+    version: int
+    default_len: int  # each host's subnet when SubnetLen is not given and the network is large enough
+    too_small: str  # the name flannel's "too small" message starts with
+
+    @property
+    def bits(self) -> int:
+        return 32 if self.version == 4 else 128
+
+
+_IPV4 = _Family("", "Network", 4, 24, "network")
+_IPV6 = _Family("IPv6", "IPv6Network", 6, 64, "IPv6Network")
 
 
 def read(path: str) -> str:
@@ -63,57 +110,72 @@ def parse(text: str) -> NetworkConfig:
     if not isinstance(raw, dict):
         raise ConfigError("invalid network config: expected a JSON object")
     cfg = _folded(raw)
-    if cfg.get("enableipv6"):
-        raise ConfigError("EnableIPv6 is not supported by pyflannel yet")
-    if cfg.get("enablenftables"):
+    if _flag(cfg, "EnableNFTables", False):
         raise ConfigError("EnableNFTables is not supported by pyflannel yet: use iptables mode")
-    if cfg.get("enableipv4", True) is False:
+    enable4, enable6 = _flag(cfg, "EnableIPv4", True), _flag(cfg, "EnableIPv6", False)
+    if not (enable4 or enable6):
         raise ConfigError("none defined stack: EnableIPv4 and EnableIPv6 are both false")
-    network = _network(cfg.get("network"))
-    subnet_len = _subnet_len(cfg.get("subnetlen", 0), network)
-    size = 1 << (32 - subnet_len)
-    subnet_min = _bound(cfg, "SubnetMin", network, subnet_len, network.network_address + size)
-    subnet_max = _bound(cfg, "SubnetMax", network, subnet_len, network.broadcast_address + 1 - size)
     backend, backend_type = _backend(cfg.get("backend"))
-    return NetworkConfig(network=network, subnet_len=subnet_len, subnet_min=subnet_min, subnet_max=subnet_max,
+    return NetworkConfig(ipv4=_pool(cfg, _IPV4) if enable4 else None, ipv6=_pool(cfg, _IPV6) if enable6 else None,
                          backend_type=backend_type, backend=backend)
 
 
-def _network(value: Any) -> ipaddress.IPv4Network:
+def _flag(cfg: dict[str, Any], name: str, default: bool) -> bool:
+    value = cfg.get(name.lower(), default)
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name} must be true or false, not {value!r}")
+    return value
+
+
+def _pool(cfg: dict[str, Any], fam: _Family) -> Pool:
+    network = _network(cfg.get(fam.network_key.lower()), fam)
+    subnet_len = _subnet_len(cfg.get(f"{fam.prefix}subnetlen".lower(), 0), network, fam)
+    size = 1 << (fam.bits - subnet_len)
+    first, last = int(network.network_address) + size, int(network.broadcast_address) + 1 - size
+    return Pool(network=network, subnet_len=subnet_len,
+                subnet_min=_bound(cfg, "SubnetMin", fam, network, subnet_len, first),
+                subnet_max=_bound(cfg, "SubnetMax", fam, network, subnet_len, last))
+
+
+def _network(value: Any, fam: _Family) -> Network:
     if not value:
-        raise ConfigError("please define a correct Network parameter in the flannel config")
+        raise ConfigError(f"please define a correct {fam.network_key} parameter in the flannel config")
     try:
-        return ipaddress.IPv4Network(str(value), strict=False)  # Go's ParseCIDR masks host bits
+        network = ipaddress.ip_network(str(value), strict=False)  # Go's ParseCIDR masks host bits
     except ValueError:
-        raise ConfigError(f"invalid IPv4 CIDR format: {value!r}") from None
+        network = None
+    if network is None or network.version != fam.version:
+        raise ConfigError(f"invalid IPv{fam.version} CIDR format: {value!r}")
+    return network
 
 
-def _subnet_len(value: Any, network: ipaddress.IPv4Network) -> int:
+def _subnet_len(value: Any, network: Network, fam: _Family) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise ConfigError(f"SubnetLen must be a non-negative integer, not {value!r}")
+        raise ConfigError(f"{fam.prefix}SubnetLen must be a non-negative integer, not {value!r}")
     if value > 0:
-        if value > 30:
-            raise ConfigError("SubnetLen must be less than /31")
+        if value > fam.bits - 2:
+            raise ConfigError(f"SubnetLen must be less than /{fam.bits - 1}")
         if value < network.prefixlen + 2:
             raise ConfigError("network must be able to accommodate at least four subnets")
         return value
-    if network.prefixlen > 28:
-        raise ConfigError("network is too small. Minimum useful network prefix is /28")
-    return 24 if network.prefixlen <= 22 else network.prefixlen + 2
+    if network.prefixlen > fam.bits - 4:
+        raise ConfigError(f"{fam.too_small} is too small. Minimum useful network prefix is /{fam.bits - 4}")
+    return fam.default_len if network.prefixlen <= fam.default_len - 2 else network.prefixlen + 2
 
 
-def _bound(cfg: dict[str, Any], name: str, network: ipaddress.IPv4Network, subnet_len: int,
-           default: ipaddress.IPv4Address) -> ipaddress.IPv4Address:
+def _bound(cfg: dict[str, Any], which: str, fam: _Family, network: Network, subnet_len: int,
+           default: int) -> Address:
+    name = fam.prefix + which
     value = cfg.get(name.lower())
-    if value in (None, ""):
-        return default
     try:
-        addr = ipaddress.IPv4Address(str(value))
+        addr = address(fam.version, str(value)) if value not in (None, "") else None
     except ValueError:
-        raise ConfigError(f"{name} {value!r} is not an IPv4 address") from None
+        raise ConfigError(f"{name} {value!r} is not an IPv{fam.version} address") from None
+    if addr is None or int(addr) == 0:  # flannel: unset (or the zero address) means the default
+        return address(fam.version, default)
     if addr not in network:
-        raise ConfigError(f"{name} is not in the range of the Network")
-    if int(addr) % (1 << (32 - subnet_len)):
+        raise ConfigError(f"{name} is not in the range of the {fam.network_key}")
+    if int(addr) % (1 << (fam.bits - subnet_len)):
         raise ConfigError(f"{name} is not on a SubnetLen boundary: {addr}")
     return addr
 

@@ -104,12 +104,15 @@ class Daemon:
 
     async def _run(self) -> int:
         subnet_env.check_target(self.opts.subnet_file)
-        previous = subnet_env.previous_subnet(self.opts.subnet_file)
+        previous = subnet_env.previous_subnets(self.opts.subnet_file)
         cfg = config.parse(await self._retry(self.manager.get_config, "reading the network config", self.registry))
         ext = await asyncio.to_thread(select, iface=self.opts.iface, iface_regex=self.opts.iface_regex,
-                                      can_reach=self.opts.iface_can_reach, public_ip=self.opts.public_ip)
-        log.info("using interface %s (%s), public IP %s, backend %s", ext.name, ext.addr, ext.public_ip,
-                 cfg.backend_type)
+                                      can_reach=self.opts.iface_can_reach, public_ip=self.opts.public_ip,
+                                      public_ipv6=self.opts.public_ipv6, ipv4=cfg.ipv4 is not None,
+                                      ipv6=cfg.ipv6 is not None)
+        log.info("using interface %s (%s), public addresses %s, backend %s", ext.name,
+                 ", ".join(str(a) for a in (ext.addr, ext.addr6) if a),
+                 ", ".join(str(a) for a in (ext.public_ip, ext.public_ipv6) if a), cfg.backend_type)
 
         async def acquire(attrs: LeaseAttrs) -> Lease:
             return await self._retry(lambda: self.manager.acquire(cfg, attrs, previous), "acquiring a lease",
@@ -120,14 +123,15 @@ class Daemon:
         rules = await self._rules(cfg, network.lease)
         for rs in rules:
             await self._retry(partial(asyncio.to_thread, iptables.apply, self.tables, rs),
-                              f"installing the {rs.chain} rules",
+                              f"installing the {rs.chain} rules (IPv{rs.version})",
                               self.rules_state, attempts=IPTABLES_ATTEMPTS)
         if self.opts.ip_blackhole_route:
-            await asyncio.to_thread(routes.add_blackhole, network.lease.subnet)
-        subnet_env.write(self.opts.subnet_file, subnet_env.render(network=cfg.network, subnet=network.lease.subnet,
-                                                                  mtu=network.mtu, ip_masq=self.opts.ip_masq))
+            for subnet in network.lease.subnets():
+                await asyncio.to_thread(routes.add_blackhole, subnet)
+        subnet_env.write(self.opts.subnet_file, subnet_env.render(cfg, network.lease, mtu=network.mtu,
+                                                                  ip_masq=self.opts.ip_masq))
         self.ready = True
-        log.info("lease %s ready; subnet.env written to %s", network.lease.subnet, self.opts.subnet_file)
+        log.info("lease %s ready; subnet.env written to %s", network.lease, self.opts.subnet_file)
         return await self._supervise(cfg, network, self.peers, rules)
 
     async def _supervise(self, cfg: config.NetworkConfig, network: Network, peers: PeerTable,
@@ -150,7 +154,7 @@ class Daemon:
         for task in done:
             if (exc := task.exception()) is not None:
                 raise exc
-        log.info("stopping; lease %s, routes and rules stay for the restart", network.lease.subnet)
+        log.info("stopping; lease %s, routes and rules stay for the restart", network.lease)
         return 0
 
     async def _keep(self, name: str, fn: Callable[[], Awaitable[None]]) -> None:
@@ -176,7 +180,7 @@ class Daemon:
             for rs in rules:
                 try:
                     if await asyncio.to_thread(iptables.ensure, self.tables, rs):
-                        log.warning("%s rules were missing and have been restored", rs.chain)
+                        log.warning("%s rules (IPv%d) were missing and have been restored", rs.chain, rs.version)
                     self.rules_state.ok()
                 except iptables.IptablesError as exc:
                     self.rules_state.failed(str(exc))
@@ -187,11 +191,15 @@ class Daemon:
             return rules
         self.tables = await asyncio.to_thread(iptables.detect)
         log.info("iptables: %s", self.tables.tool())
-        if self.opts.ip_masq:
-            fully_random = not self.opts.ip_masq_fully_random_disable and iptables.supports_random_fully(self.tables)
-            rules.append(iptables.masq_rules(cfg.network, lease.subnet, fully_random))
-        if self.opts.iptables_forward_rules:
-            rules.append(iptables.forward_rules(cfg.network))
+        for pool, subnet in ((cfg.ipv4, lease.subnet), (cfg.ipv6, lease.ipv6_subnet)):
+            if pool is None or subnet is None:
+                continue
+            if self.opts.ip_masq:
+                fully_random = (not self.opts.ip_masq_fully_random_disable
+                                and iptables.supports_random_fully(self.tables, subnet.version))
+                rules.append(iptables.masq_rules(pool.network, subnet, fully_random))
+            if self.opts.iptables_forward_rules:
+                rules.append(iptables.forward_rules(pool.network))
         return rules
 
     async def _retry(self, fn: Callable[[], Awaitable[T]], what: str, outage: Outage, attempts: int = 0) -> T:
@@ -230,7 +238,7 @@ class Daemon:
         return Status(ready=self.ready, registry_up=self.registry.since is None, registry_errors=self.registry.errors,
                       iptables_errors=self.rules_state.errors, peers=len(peers.routed) if peers else 0,
                       rejected=dict(peers.rejected) if peers else {},
-                      subnet=str(network.lease.subnet) if network else None,
+                      subnet=str(network.lease) if network else None,
                       expiration=self.manager.expiration() if network else None)
 
     def _engine_stats(self) -> dict[str, Any] | None:
@@ -249,8 +257,6 @@ def _where(exc: BaseException) -> str:
 
 
 def _manager(opts: flags.Options, outage: Outage) -> subnets.Manager:
-    if opts.public_ipv6:
-        raise FlannelError("--public-ipv6: IPv6 is not supported by pyflannel yet")
     if opts.kube_subnet_mgr:
         return KubeManager(net_config_path=opts.net_config_path, kubeconfig=opts.kubeconfig_file,
                            api_url=opts.kube_api_url, annotation_prefix=opts.kube_annotation_prefix,

@@ -1,9 +1,12 @@
-"""Choosing the external interface and public IP, as flanneld does (main.go, pkg/ipmatch).
+"""Choosing the external interface and public addresses, as flanneld does (main.go, pkg/ipmatch).
 
---iface (names or addresses, in order), then --iface-regex (matched against addresses first, then names), then
---iface-can-reach (the route to that address), then the interface holding --public-ip, then the interface of the
-default route. The public IP is --public-ip if
-given, else the chosen interface's first global IPv4 address.
+--iface (names or addresses of either family, in order), then --iface-regex (matched against the addresses of
+the families in use first, then names), then --iface-can-reach (the route to that address), then the interface
+holding --public-ip (or --public-ipv6 on an IPv6-only network), then the interface of the default route (the
+IPv6 one on an IPv6-only network). The interface's address of each family in use is the one named by --iface or
+matched by --iface-regex, else its first global one (deprecated addresses skipped); the public addresses are
+--public-ip and --public-ipv6 if given, else those. An IPv6 address must be global or unique-local: a
+link-local one cannot be reached without knowing the link, so flannel's fallback to it is not kept.
 """
 
 from __future__ import annotations
@@ -14,56 +17,86 @@ from dataclasses import dataclass
 
 from pyroute2 import IPRoute
 
+from pyflannel.daemon.config import Address
 from pyflannel.daemon.errors import FlannelError
+from pyflannel.daemon.lease import BadRecord, check_public_ipv6
+
+IFA_F_DEPRECATED = 0x20
+Link = tuple[int, str, int, list[Address]]  # index, name, MTU, global addresses (the preferred ones first)
 
 
 @dataclass(frozen=True)
 class ExternalInterface:
     name: str
     index: int
-    addr: ipaddress.IPv4Address  # the interface's own address (what the udp socket binds to)
-    public_ip: ipaddress.IPv4Address  # what goes into the lease
+    addr: ipaddress.IPv4Address | None  # the interface's own address (what the udp socket binds to)
+    public_ip: ipaddress.IPv4Address | None  # what goes into the lease; None: no IPv4 on this network
     mtu: int
+    addr6: ipaddress.IPv6Address | None = None
+    public_ipv6: ipaddress.IPv6Address | None = None
 
 
-def _links(ipr: IPRoute) -> list[tuple[int, str, int, list[ipaddress.IPv4Address]]]:
-    """(index, name, mtu, global IPv4 addresses) for every link."""
-    addrs: dict[int, list[ipaddress.IPv4Address]] = {}
-    for a in ipr.get_addr(family=2):
-        if a["scope"] == 0:  # RT_SCOPE_UNIVERSE: no link-local, no host-scope
-            addrs.setdefault(a["index"], []).append(ipaddress.IPv4Address(a.get("IFA_ADDRESS")))
+def _links(ipr: IPRoute) -> list[Link]:
+    """(index, name, mtu, global addresses) for every link."""
+    addrs: dict[int, list[Address]] = {}
+    for a in ipr.get_addr():
+        flags = a.get("IFA_FLAGS", a["flags"])
+        if a["scope"] == 0 and not flags & IFA_F_DEPRECATED:  # RT_SCOPE_UNIVERSE: no link-local, no host-scope
+            addrs.setdefault(a["index"], []).append(ipaddress.ip_address(a.get("IFA_ADDRESS")))
     return [(link["index"], link.get("IFLA_IFNAME"), int(link.get("IFLA_MTU")), addrs.get(link["index"], []))
             for link in ipr.get_links()]
 
 
-def select(*, iface: list[str], iface_regex: list[str], can_reach: str, public_ip: str) -> ExternalInterface:
+def select(*, iface: list[str], iface_regex: list[str], can_reach: str, public_ip: str, public_ipv6: str = "",
+           ipv4: bool = True, ipv6: bool = False) -> ExternalInterface:
+    families = {4} if ipv4 else set()
+    families |= {6} if ipv6 else set()
+    public_ip = public_ip if ipv4 else ""
+    public_ipv6 = public_ipv6 if ipv6 else ""
     with IPRoute() as ipr:
         links = _links(ipr)
         chosen = _by_iface(links, iface) if iface else None
         if chosen is None and iface_regex:
-            chosen = _by_regex(links, iface_regex)
+            chosen = _by_regex(links, iface_regex, families)
         if chosen is None and can_reach:
             chosen = _by_route(ipr, links, can_reach)
         if (iface or iface_regex or can_reach) and chosen is None:
             raise FlannelError(f"no interface matches --iface {iface} / --iface-regex {iface_regex} / "
                                f"--iface-can-reach {can_reach!r}")
-        if chosen is None and public_ip:
-            chosen = next(((i, n, m, [a]) for i, n, m, addrs in links for a in addrs if str(a) == public_ip), None)
-            if chosen is None:
-                raise FlannelError(f"--public-ip {public_ip} is not an address of this host; set --iface as well")
+        for flag, wanted in (("--public-ip", public_ip), ("--public-ipv6", public_ipv6)):
+            if chosen is None and wanted:
+                chosen = next(((i, n, m, [a, *addrs]) for i, n, m, addrs in links for a in addrs
+                               if str(a) == wanted), None)
+                if chosen is None:
+                    raise FlannelError(f"{flag} {wanted} is not an address of this host; set --iface as well")
         if chosen is None:
-            chosen = _default_route(ipr, links)
+            chosen = _default_route(ipr, links, 2 if ipv4 else 10)
     index, name, mtu, addrs = chosen
-    if not addrs:
-        raise FlannelError(f"interface {name} has no IPv4 address")
+    addr = _first(addrs, 4, name) if ipv4 else None
+    addr6 = _first(addrs, 6, name) if ipv6 else None
+    return ExternalInterface(name=name, index=index, addr=addr, mtu=mtu, addr6=addr6,  # type: ignore[arg-type]
+                             public_ip=_public(public_ip, addr, 4),  # type: ignore[arg-type]
+                             public_ipv6=_public(public_ipv6, addr6, 6))  # type: ignore[arg-type]
+
+
+def _first(addrs: list[Address], version: int, name: str) -> Address:
+    found = next((a for a in addrs if a.version == version), None)
+    if found is None:
+        raise FlannelError(f"interface {name} has no {'IPv4' if version == 4 else 'global IPv6'} address")
+    return found
+
+
+def _public(flag: str, default: Address | None, version: int) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    if not flag:
+        return default
+    name = "--public-ip" if version == 4 else "--public-ipv6"
     try:
-        public = ipaddress.IPv4Address(public_ip) if public_ip else addrs[0]
-    except ValueError:
-        raise FlannelError(f"--public-ip {public_ip!r} is not an IPv4 address", status=2) from None
-    return ExternalInterface(name=name, index=index, addr=addrs[0], public_ip=public, mtu=mtu)
-
-
-Link = tuple[int, str, int, list[ipaddress.IPv4Address]]
+        if version == 6:
+            return check_public_ipv6(flag)
+        return ipaddress.IPv4Address(flag)
+    except (ValueError, BadRecord):
+        kind = "an IPv4 address" if version == 4 else "a global or unique-local IPv6 address"
+        raise FlannelError(f"{name} {flag!r} is not {kind}", status=2) from None
 
 
 def _by_iface(links: list[Link], wanted: list[str]) -> Link | None:
@@ -73,20 +106,20 @@ def _by_iface(links: list[Link], wanted: list[str]) -> Link | None:
                 return index, name, mtu, addrs
             match = [a for a in addrs if str(a) == want]
             if match:
-                return index, name, mtu, match
+                return index, name, mtu, match + addrs
     return None
 
 
-def _by_regex(links: list[Link], patterns: list[str]) -> Link | None:
+def _by_regex(links: list[Link], patterns: list[str], families: set[int]) -> Link | None:
     for pattern in patterns:
         try:
             rx = re.compile(pattern)
         except re.error as exc:
             raise FlannelError(f"invalid --iface-regex {pattern!r}: {exc}", status=2) from None
         for index, name, mtu, addrs in links:
-            match = [a for a in addrs if rx.search(str(a))]
+            match = [a for a in addrs if a.version in families and rx.search(str(a))]
             if match:
-                return index, name, mtu, match
+                return index, name, mtu, match + addrs
         for index, name, mtu, addrs in links:
             if rx.search(name):
                 return index, name, mtu, addrs
@@ -96,17 +129,17 @@ def _by_regex(links: list[Link], patterns: list[str]) -> Link | None:
 def _by_route(ipr: IPRoute, links: list[Link], target: str) -> Link | None:
     """The interface the kernel would use to reach target (ip route get)."""
     try:
-        routes = ipr.route("get", dst=str(ipaddress.IPv4Address(target)))
+        routes = ipr.route("get", dst=str(ipaddress.ip_address(target)))
     except ValueError:
-        raise FlannelError(f"--iface-can-reach {target!r} is not an IPv4 address", status=2) from None
+        raise FlannelError(f"--iface-can-reach {target!r} is not an IP address", status=2) from None
     except Exception:
         return None
     oif = routes[0].get("RTA_OIF") if routes else None
     return next((link for link in links if link[0] == oif), None)
 
 
-def _default_route(ipr: IPRoute, links: list[Link]) -> Link:
-    for route in ipr.get_routes(family=2, table=254):
+def _default_route(ipr: IPRoute, links: list[Link], family: int) -> Link:
+    for route in ipr.get_routes(family=family, table=254):
         if route["dst_len"] == 0 and route.get("RTA_OIF"):
             for link in links:
                 if link[0] == route.get("RTA_OIF"):

@@ -4,26 +4,28 @@ The rule set and order are flannel's (N = the network, P = this node's subnet, R
     nat    POSTROUTING -> FLANNEL-POSTRTG: RETURN for the kube-proxy mark 0x4000/0x4000, P->N, N->P and !N->P;
            MASQUERADE R for N->!224.0.0.0/4 and !N->N
     filter FORWARD -> FLANNEL-FWD: ACCEPT from N and to N
-Each chain is flushed and refilled, and the jump from the built-in chain is deleted and appended again, in one
-`iptables-restore --noflush --wait` payload per table. ensure() checks every rule with `iptables -C` and
+For IPv6 the same sets go through ip6tables with the IPv6 network and subnet, and ff00::/8 for the multicast
+exception. Each chain is flushed and refilled, and the jump from the built-in chain is deleted and appended
+again, in one `iptables-restore --noflush --wait` payload per table. ensure() checks every rule with `iptables -C` and
 re-applies the set if any is missing (the periodic resync). Rules stay in place on shutdown, as with flannel.
 Every call is blocking (flanneld runs them in worker threads) and bounded by TIMEOUT; IptablesError is retried.
-The rules go into the backend (legacy or nft) that the host's rules are in: see detect().
+The rules go into the backend (legacy or nft) that the host's rules of both families are in: see detect().
 """
 
 from __future__ import annotations
 
-import ipaddress
 import re
 import shutil
 import subprocess
 from dataclasses import dataclass
 
+from pyflannel.daemon.config import Network
 from pyflannel.daemon.errors import FlannelError
 
 TIMEOUT = 30  # seconds for one iptables call
 MASQ = "flanneld masq"
 FORWARD = "flanneld forward"
+MULTICAST = {4: "224.0.0.0/4", 6: "ff00::/8"}
 
 
 @dataclass(frozen=True)
@@ -33,12 +35,13 @@ class RuleSet:
     chain: str
     comment: str
     rules: tuple[tuple[str, ...], ...]
+    version: int = 4  # iptables, or ip6tables for 6
 
     def jump(self) -> tuple[str, ...]:
         return ("-m", "comment", "--comment", self.comment, "-j", self.chain)
 
 
-def masq_rules(network: ipaddress.IPv4Network, subnet: ipaddress.IPv4Network, fully_random: bool) -> RuleSet:
+def masq_rules(network: Network, subnet: Network, fully_random: bool) -> RuleSet:
     n, p = str(network), str(subnet)
     c = ("-m", "comment", "--comment", MASQ)
     r = ("--random-fully",) if fully_random else ()
@@ -47,17 +50,17 @@ def masq_rules(network: ipaddress.IPv4Network, subnet: ipaddress.IPv4Network, fu
         ("-s", p, "-d", n, *c, "-j", "RETURN"),
         ("-s", n, "-d", p, *c, "-j", "RETURN"),
         ("!", "-s", n, "-d", p, *c, "-j", "RETURN"),
-        ("-s", n, "!", "-d", "224.0.0.0/4", *c, "-j", "MASQUERADE", *r),
+        ("-s", n, "!", "-d", MULTICAST[network.version], *c, "-j", "MASQUERADE", *r),
         ("!", "-s", n, "-d", n, *c, "-j", "MASQUERADE", *r),
-    ))
+    ), network.version)
 
 
-def forward_rules(network: ipaddress.IPv4Network) -> RuleSet:
+def forward_rules(network: Network) -> RuleSet:
     c = ("-m", "comment", "--comment", FORWARD)
     return RuleSet("filter", "FORWARD", "FLANNEL-FWD", FORWARD, (
         ("-s", str(network), *c, "-j", "ACCEPT"),
         ("-d", str(network), *c, "-j", "ACCEPT"),
-    ))
+    ), network.version)
 
 
 @dataclass(frozen=True)
@@ -68,17 +71,20 @@ class Backend:
 
     name: str = ""
 
-    def tool(self, suffix: str = "") -> str:
-        return "-".join(part for part in ("iptables", self.name, suffix) if part)
+    def tool(self, suffix: str = "", version: int = 4) -> str:
+        program = "iptables" if version == 4 else "ip6tables"
+        return "-".join(part for part in (program, self.name, suffix) if part)
 
 
 def detect() -> Backend:
     """The host's backend, decided as Kubernetes' iptables-wrapper does: the kubelet's marker chains first (nft,
-    then legacy), else whichever backend holds more rules; nft when both are empty. Plain `iptables` when the two
-    variants are not both installed."""
+    then legacy), else whichever backend holds more rules, IPv4 and IPv6 together; nft when both are empty. Plain
+    `iptables` when the two variants are not both installed."""
     if not (shutil.which("iptables-legacy-save") and shutil.which("iptables-nft-save")):
         return Backend()
-    saves = {name: _run([f"iptables-{name}-save"]).stdout for name in ("nft", "legacy")}
+    saves = {name: "".join(_run([tool]).stdout for tool in (f"iptables-{name}-save", f"ip6tables-{name}-save")
+                           if shutil.which(tool))
+             for name in ("nft", "legacy")}
     for name, text in saves.items():
         if "KUBE-IPTABLES-HINT" in text or "KUBE-KUBELET-CANARY" in text:
             return Backend(name)
@@ -86,9 +92,9 @@ def detect() -> Backend:
     return Backend("legacy" if rules["legacy"] > rules["nft"] else "nft")
 
 
-def supports_random_fully(backend: Backend) -> bool:
+def supports_random_fully(backend: Backend, version: int = 4) -> bool:
     """iptables >= 1.6.2 knows --random-fully (flannel's HasRandomFully)."""
-    out = _run([backend.tool(), "--version"]).stdout
+    out = _run([backend.tool(version=version), "--version"]).stdout
     m = re.search(r"v(\d+)\.(\d+)\.(\d+)", out)
     return bool(m) and tuple(int(x) for x in m.groups()) >= (1, 6, 2)  # type: ignore[union-attr]
 
@@ -107,8 +113,8 @@ def _run(argv: list[str], stdin: str | None = None) -> subprocess.CompletedProce
                             "xtables lock?)") from None
 
 
-def _exists(backend: Backend, table: str, chain: str, rule: tuple[str, ...]) -> bool:
-    return _run([backend.tool(), "-t", table, "-C", chain, *rule]).returncode == 0
+def _exists(backend: Backend, rs: RuleSet, chain: str, rule: tuple[str, ...]) -> bool:
+    return _run([backend.tool(version=rs.version), "-t", rs.table, "-C", chain, *rule]).returncode == 0
 
 
 def _join(rule: tuple[str, ...]) -> str:
@@ -121,22 +127,23 @@ def payload(backend: Backend, rs: RuleSet) -> str:
     q = _join
     lines = [f"*{rs.table}", f":{rs.chain} - [0:0]", f"-F {rs.chain}"]
     lines += [f"-A {rs.chain} {q(rule)}" for rule in rs.rules]
-    if _exists(backend, rs.table, rs.parent, rs.jump()):
+    if _exists(backend, rs, rs.parent, rs.jump()):
         lines.append(f"-D {rs.parent} {q(rs.jump())}")
     lines += [f"-A {rs.parent} {q(rs.jump())}", "COMMIT", ""]
     return "\n".join(lines)
 
 
 def apply(backend: Backend, rs: RuleSet) -> None:
-    r = _run([backend.tool("restore"), "--noflush", "--wait"], payload(backend, rs))
+    tool = backend.tool("restore", rs.version)
+    r = _run([tool, "--noflush", "--wait"], payload(backend, rs))
     if r.returncode != 0:
-        raise IptablesError(f"iptables-restore failed for {rs.chain}: {r.stderr.strip().splitlines()[-1:]}")
+        raise IptablesError(f"{tool} failed for {rs.chain}: {r.stderr.strip().splitlines()[-1:]}")
 
 
 def ensure(backend: Backend, rs: RuleSet) -> bool:
     """Re-apply the set if any of its rules is missing; True if it had to."""
-    missing = not _exists(backend, rs.table, rs.parent, rs.jump()) or any(
-        not _exists(backend, rs.table, rs.chain, rule) for rule in rs.rules)
+    missing = not _exists(backend, rs, rs.parent, rs.jump()) or any(
+        not _exists(backend, rs, rs.chain, rule) for rule in rs.rules)
     if missing:
         apply(backend, rs)
     return missing

@@ -1,8 +1,11 @@
 """KubeManager (--kube-subnet-mgr): leases from Kubernetes Nodes, as flannel's pkg/subnet/kube does it.
 
-The lease is the Node's spec.podCIDR (it must lie inside Network); what other nodes need goes into annotations
-under --kube-annotation-prefix (backend-type, backend-data, public-ip, kube-subnet-manager), patched through the
-nodes/status subresource (the only node write flannel's RBAC grants). Peers are the other Nodes annotated
+The lease is the Node's spec.podCIDRs (or spec.podCIDR), one subnet per family the network has, each inside its
+family's network; what other nodes need goes into annotations under --kube-annotation-prefix (backend-type,
+kube-subnet-manager; backend-data and public-ip for IPv4; backend-v6-data and public-ipv6 for IPv6, with
+public-ip-overwrite and public-ipv6-overwrite taking precedence), patched through the nodes/status subresource
+(the only node write flannel's RBAC grants). On an IPv6-only network the IPv4 annotations are not written (flannel
+writes public-ip "0.0.0.0" for host-gw there). Peers are the other Nodes annotated
 kube-subnet-manager=true, listed then watched. When set up, the NetworkUnavailable condition is set to False.
 The config comes from --net-config-path (flannel reads net-conf.json once). Client: kubernetes_asyncio.
 """
@@ -25,11 +28,12 @@ from kubernetes_asyncio.client.exceptions import ApiException
 
 from pyflannel.daemon import config as netconf
 from pyflannel.daemon import safejson
-from pyflannel.daemon.config import NetworkConfig
+from pyflannel.daemon.config import Network, NetworkConfig
 from pyflannel.daemon.errors import FlannelError
 from pyflannel.daemon.lease import MAX_DEPTH, MAX_VALUE, SUBNET_TTL, BadRecord, Lease, LeaseAttrs, check_subnet
 from pyflannel.daemon.peers import Changes, Entry
 from pyflannel.daemon.registry import Compacted, Unavailable
+from pyflannel.daemon.subnets import Previous
 
 log = logging.getLogger(__name__)
 PODCIDR_WAIT = 30.0
@@ -97,31 +101,41 @@ class KubeManager:
     async def get_config(self) -> str:
         return netconf.read(self.net_config_path)
 
-    async def acquire(self, cfg: NetworkConfig, attrs: LeaseAttrs, previous: ipaddress.IPv4Network | None) -> Lease:
+    async def acquire(self, cfg: NetworkConfig, attrs: LeaseAttrs, previous: Previous) -> Lease:
         api = await self._core()
         if not self.node:
             pod = await self._call("reading this pod", api.read_namespaced_pod(os.environ["POD_NAME"],
                                                                                os.environ["POD_NAMESPACE"]))
             self.node = pod.spec.node_name
         node = await self._node_with_pod_cidr(api)
-        subnet = ipaddress.IPv4Network(node.spec.pod_cidr, strict=False)
-        if not subnet.subnet_of(cfg.network):
-            raise FlannelError(f"subnet {subnet} (the podCIDR of node {self.node}) is not inside the network "
-                               f"{cfg.network}")
+        try:
+            cidrs = pod_cidrs(node)
+        except ValueError as exc:
+            raise FlannelError(f"node {self.node}: {exc}") from None
+        subnets: dict[int, Network] = {}
+        for pool in cfg.pools():
+            subnet = cidrs.get(pool.network.version)
+            if subnet is None:
+                raise FlannelError(f"node {self.node} has no IPv{pool.network.version} podCIDR")
+            if subnet.version != pool.network.version or not subnet.subnet_of(pool.network):  # type: ignore[arg-type]
+                raise FlannelError(f"subnet {subnet} (the podCIDR of node {self.node}) is not inside the network "
+                                   f"{pool.network}")
+            subnets[subnet.version] = subnet
         annotations = node.metadata.annotations or {}
-        public_ip = annotations.get(self.prefix + "public-ip-overwrite") or str(attrs.public_ip)
-        wanted = {
-            self.prefix + "backend-data": json.dumps(attrs.backend_data, separators=(",", ":")),
-            self.prefix + "backend-type": attrs.backend_type,
-            self.prefix + "kube-subnet-manager": "true",
-            self.prefix + "public-ip": public_ip,
-        }
+        wanted = {self.prefix + "backend-type": attrs.backend_type, self.prefix + "kube-subnet-manager": "true"}
+        for version, data, public, suffix in ((4, attrs.backend_data, attrs.public_ip, ""),
+                                              (6, attrs.backend_v6_data, attrs.public_ipv6, "v6")):
+            if version in subnets:
+                overwrite = annotations.get(f"{self.prefix}public-ip{suffix}-overwrite")
+                wanted[f"{self.prefix}backend{'-v6' if suffix else ''}-data"] = json.dumps(data, separators=(",", ":"))
+                wanted[f"{self.prefix}public-ip{suffix}"] = overwrite or str(public)
         if any(annotations.get(k) != v for k, v in wanted.items()):
             await self._call("annotating the node", api.patch_node_status(
                 self.node, {"metadata": {"annotations": wanted}}))
-        log.info("lease %s from the podCIDR of node %s", subnet, self.node)
         self._expiration = time.time() + SUBNET_TTL
-        return Lease(subnet, attrs, self._expiration)
+        lease = Lease(subnets.get(4), attrs, self._expiration, subnets.get(6))  # type: ignore[arg-type]
+        log.info("lease %s from the podCIDRs of node %s", lease, self.node)
+        return lease
 
     async def _node_with_pod_cidr(self, api: client.CoreV1Api) -> Any:
         deadline = time.monotonic() + PODCIDR_WAIT
@@ -203,13 +217,31 @@ class KubeSource:
         if ann.get(prefix + "kube-subnet-manager") != "true" or not node.spec.pod_cidr:
             return None
         try:
-            subnet = ipaddress.IPv4Network(str(node.spec.pod_cidr), strict=False)
-            check_subnet(subnet, self.cfg.network, None)
-            data = safejson.loads(ann.get(prefix + "backend-data") or "null", max_bytes=MAX_VALUE,
-                                  max_depth=MAX_DEPTH)
-            attrs = LeaseAttrs.checked(ann.get(prefix + "public-ip"), ann.get(prefix + "backend-type"), data)
+            cidrs = pod_cidrs(node)
+            subnets = {pool.network.version: cidrs[pool.network.version] for pool in self.cfg.pools()
+                       if pool.network.version in cidrs}
+            if not subnets:
+                raise BadRecord("wrong_family", f"node {node.metadata.name} has no podCIDR of the network's families")
+            for pool in self.cfg.pools():
+                if pool.network.version in subnets:
+                    check_subnet(subnets[pool.network.version], pool.network, None)
+            data = [safejson.loads(ann.get(prefix + key) or "null", max_bytes=MAX_VALUE, max_depth=MAX_DEPTH)
+                    for key in ("backend-data", "backend-v6-data")]
+            attrs = LeaseAttrs.checked(ann.get(prefix + "public-ip"), ann.get(prefix + "backend-type"), data[0],
+                                       ann.get(prefix + "public-ipv6"), data[1], ipv4=4 in subnets, ipv6=6 in subnets)
         except BadRecord as exc:
             return Entry(exc)
         except ValueError as exc:
             return Entry(BadRecord("bad_value", f"node {node.metadata.name}: {exc}"))
-        return Entry(Lease(subnet, attrs))
+        return Entry(Lease(subnets.get(4), attrs, ipv6_subnet=subnets.get(6)))  # type: ignore[arg-type]
+
+
+def pod_cidrs(node: Any) -> dict[int, Network]:
+    """The Node's pod subnets by IP version: spec.podCIDRs (one per family, at most two), else spec.podCIDR;
+    ValueError for anything else (flannel: "pod cidrs should be IPv4/IPv6 only or dualstack")."""
+    texts = node.spec.pod_cidrs or [node.spec.pod_cidr]
+    subnets = [ipaddress.ip_network(str(text), strict=False) for text in texts]
+    by_version: dict[int, Network] = {subnet.version: subnet for subnet in subnets}
+    if len(texts) > 2 or len(by_version) != len(subnets):
+        raise ValueError(f"pod cidrs {texts} should be IPv4/IPv6 only or dualstack")
+    return by_version

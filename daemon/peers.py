@@ -6,20 +6,20 @@ any case, so that a watch that went quiet without failing costs at most that lon
 
 PeerTable is what is routed. Only validated leases get there: a record that fails to decode (daemon.lease
 BadRecord) is logged once per key and reason, counted by reason, and changes nothing (a garbled value for a
-routed key keeps the route it had). A lease that overlaps a subnet already routed, this node's own included, is
-refused while the first holder has it, and routed once that holder is gone.
+routed key keeps the route it had). A lease with a subnet (of either family) that overlaps one already routed,
+this node's own included, is refused while the first holder has it, and routed once that holder is gone.
 """
 
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 from collections import Counter
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from pyflannel.daemon.config import Network
 from pyflannel.daemon.lease import BadRecord, Event, EventType, Lease
 from pyflannel.daemon.outage import Outage
 from pyflannel.daemon.registry import Compacted, Unavailable
@@ -55,13 +55,13 @@ class Source(Protocol):
 
 class PeerTable:
     def __init__(self, own: Lease) -> None:
-        self.own = own.subnet
+        self.own = own.subnets()
         self.wanted: dict[str, Lease] = {}  # every valid lease by key, in arrival order
         self.routed: dict[str, Lease] = {}  # the ones installed in the backend
         self.rejected: Counter[str] = Counter()  # by BadRecord reason, and "overlap"
         self._warned: dict[str, str] = {}
-        self._by_subnet: dict[ipaddress.IPv4Network, str] = {}  # routed subnet -> key, for the overlap check
-        self._lengths: Counter[int] = Counter()  # prefix lengths among the routed subnets
+        self._by_subnet: dict[Network, str] = {}  # routed subnet -> key, for the overlap check
+        self._lengths: Counter[tuple[int, int]] = Counter()  # (IP version, prefix length) of the routed subnets
 
     def reset(self, snapshot: dict[str, Entry]) -> list[Event]:
         """Events that bring the table to exactly this snapshot."""
@@ -89,13 +89,15 @@ class PeerTable:
         return events + self._route(key, lease)
 
     def _route(self, key: str, lease: Lease) -> list[Event]:
-        holder = self._holder(lease.subnet, key)
-        if holder is not None:
-            self._reject(key, "overlap", f"{lease.subnet} overlaps {holder}, which holds it first")
-            return []
+        for subnet in lease.subnets():
+            holder = self._holder(subnet, key)
+            if holder is not None:
+                self._reject(key, "overlap", f"{subnet} overlaps {holder}, which holds it first")
+                return []
         self.routed[key] = lease
-        self._by_subnet[lease.subnet] = key
-        self._lengths[lease.subnet.prefixlen] += 1
+        for subnet in lease.subnets():
+            self._by_subnet[subnet] = key
+            self._lengths[subnet.version, subnet.prefixlen] += 1
         return [Event(EventType.ADDED, lease)]
 
     def _drop(self, key: str) -> list[Event]:
@@ -103,26 +105,30 @@ class PeerTable:
         lease = self.routed.pop(key, None)
         if lease is None:
             return []
-        del self._by_subnet[lease.subnet]
-        self._lengths[lease.subnet.prefixlen] -= 1
+        for subnet in lease.subnets():
+            del self._by_subnet[subnet]
+            self._lengths[subnet.version, subnet.prefixlen] -= 1
         events = [Event(EventType.REMOVED, lease)]
         for other, waiting in list(self.wanted.items()):  # refused for overlapping this one: their turn now
-            if other not in self.routed and waiting.subnet.overlaps(lease.subnet):
+            if other not in self.routed and any(_overlap(a, b) for a in waiting.subnets() for b in lease.subnets()):
                 events += self._route(other, waiting)
         return events
 
-    def _holder(self, subnet: ipaddress.IPv4Network, key: str) -> str | None:
-        if subnet.overlaps(self.own):
-            return f"this node's own subnet {self.own}"
-        for length in +self._lengths:
+    def _holder(self, subnet: Network, key: str) -> str | None:
+        for own in self.own:
+            if _overlap(subnet, own):
+                return f"this node's own subnet {own}"
+        for version, length in +self._lengths:
+            if version != subnet.version:
+                continue
             if length <= subnet.prefixlen:  # a routed subnet that contains this one: one lookup
                 other = self._by_subnet.get(subnet.supernet(new_prefix=length))
                 if other is not None and other != key:
-                    return f"{self.routed[other].subnet} (record {other!r})"
+                    return f"{subnet.supernet(new_prefix=length)} (record {other!r})"
             else:  # routed subnets inside this larger one (only with mixed lengths, as podCIDRs may have)
-                for other, lease in self.routed.items():
-                    if other != key and lease.subnet.prefixlen == length and lease.subnet.subnet_of(subnet):
-                        return f"{lease.subnet} (record {other!r})"
+                for routed, other in self._by_subnet.items():
+                    if other != key and routed.prefixlen == length and _overlap(routed, subnet):
+                        return f"{routed} (record {other!r})"
         return None
 
     def _reject(self, key: str, reason: str, why: str) -> None:
@@ -130,6 +136,10 @@ class PeerTable:
             self._warned[key] = why
             self.rejected[reason] += 1
             log.warning("ignoring lease record %r: %s", key[:100], why)
+
+
+def _overlap(a: Network, b: Network) -> bool:
+    return a.version == b.version and a.overlaps(b)
 
 
 async def follow(source: Source, table: PeerTable, outage: Outage) -> AsyncGenerator[list[Event], None]:

@@ -1,7 +1,8 @@
 """subnet.env: what the CNI plugin and mk-docker-opts read, written as flannel writes it.
 
-Order and format (pkg/subnet/subnet.go WriteSubnetFile): FLANNEL_NETWORK, FLANNEL_SUBNET (the lease's first
-address with its prefix length), FLANNEL_MTU, FLANNEL_IPMASQ; no quoting. Written to a temporary file in the same
+Order and format (pkg/subnet/subnet.go WriteSubnetFile): FLANNEL_NETWORK and FLANNEL_SUBNET (the lease's first
+address with its prefix length) if the network has IPv4, FLANNEL_IPV6_NETWORK and FLANNEL_IPV6_SUBNET if it has
+IPv6, then FLANNEL_MTU and FLANNEL_IPMASQ; no quoting. Written to a temporary file in the same
 directory and renamed over the old one (mode 0644), so a reader never sees half a file.
 """
 
@@ -12,16 +13,22 @@ import os
 import tempfile
 from pathlib import Path
 
+from pyflannel.daemon.config import Network, NetworkConfig
 from pyflannel.daemon.errors import FlannelError
+from pyflannel.daemon.lease import Lease
 
 MAX_BYTES = 64 * 1024
+KEYS = {4: ("FLANNEL_NETWORK", "FLANNEL_SUBNET"), 6: ("FLANNEL_IPV6_NETWORK", "FLANNEL_IPV6_SUBNET")}
 
 
-def render(*, network: ipaddress.IPv4Network, subnet: ipaddress.IPv4Network, mtu: int, ip_masq: bool) -> str:
-    return (f"FLANNEL_NETWORK={network}\n"
-            f"FLANNEL_SUBNET={subnet.network_address + 1}/{subnet.prefixlen}\n"
-            f"FLANNEL_MTU={mtu}\n"
-            f"FLANNEL_IPMASQ={'true' if ip_masq else 'false'}\n")
+def render(cfg: NetworkConfig, lease: Lease, *, mtu: int, ip_masq: bool) -> str:
+    text = ""
+    for pool, subnet in ((cfg.ipv4, lease.subnet), (cfg.ipv6, lease.ipv6_subnet)):
+        if pool is not None and subnet is not None:
+            network_key, subnet_key = KEYS[subnet.version]
+            text += (f"{network_key}={pool.network}\n"
+                     f"{subnet_key}={subnet.network_address + 1}/{subnet.prefixlen}\n")
+    return text + f"FLANNEL_MTU={mtu}\nFLANNEL_IPMASQ={'true' if ip_masq else 'false'}\n"
 
 
 def write(path: str, content: str) -> None:
@@ -54,14 +61,15 @@ def check_target(path: str) -> None:
         raise FlannelError(f"cannot write --subnet-file {path}: {exc.strerror}") from None
 
 
-def previous_subnet(path: str) -> ipaddress.IPv4Network | None:
-    """FLANNEL_SUBNET from an earlier run, masked to its network (10.5.72.1/24 -> 10.5.72.0/24); None if absent
-    or a list (flannel treats more than one value as no previous value); FlannelError if it is not text."""
+def previous_subnets(path: str) -> tuple[ipaddress.IPv4Network | None, ipaddress.IPv6Network | None]:
+    """FLANNEL_SUBNET and FLANNEL_IPV6_SUBNET from an earlier run, masked to their networks (10.5.72.1/24 ->
+    10.5.72.0/24); None where absent, not of that family, or a list (flannel treats more than one value as no
+    previous value); FlannelError if the file is not text."""
     try:
         with open(path, "rb") as f:
             data = f.read(MAX_BYTES + 1)
     except FileNotFoundError:
-        return None
+        return None, None
     except OSError as exc:
         raise FlannelError(f"cannot read --subnet-file {path}: {exc.strerror}") from None
     try:
@@ -70,15 +78,18 @@ def previous_subnet(path: str) -> ipaddress.IPv4Network | None:
         text = None
     if text is None:
         raise FlannelError(f"--subnet-file {path} is not a subnet.env (binary data): remove it")
-    lines = text.splitlines()
-    for line in lines:
+    values = {}
+    for line in text.splitlines():
         key, sep, value = line.removeprefix("export ").partition("=")
-        if sep and key.strip() == "FLANNEL_SUBNET":
-            value = value.strip().strip("\"'")
-            if "," in value:
-                return None
-            try:
-                return ipaddress.IPv4Network(value, strict=False)
-            except ValueError:
-                return None
-    return None
+        if sep:
+            values[key.strip()] = value.strip().strip("\"'")
+    v4, v6 = (_network(values.get(KEYS[version][1], ""), version) for version in (4, 6))
+    return v4, v6  # type: ignore[return-value]
+
+
+def _network(value: str, version: int) -> Network | None:
+    try:
+        network = ipaddress.ip_network(value, strict=False) if value and "," not in value else None
+    except ValueError:
+        return None
+    return network if network is not None and network.version == version else None

@@ -2,8 +2,11 @@
 
 Acquisition (flannel's tryAcquireLease): a lease already held by this node's public IP is reused (refreshed, or
 deleted if the config no longer admits it); else the subnet from the previous subnet.env if free; else one picked
-at random among the first 100 free subnets. It is created with "only if absent", and a lost race simply tries
-again (flannel exits there, because it compares the wrong error; we do not copy that).
+at random among the first 100 free subnets. Each family the network has is chosen this way on its own, so
+turning IPv6 on keeps a node's IPv4 subnet (flannel renumbers both), and a previous IPv6 subnet another node holds
+is never taken (flannel checks only the IPv4 one). On an IPv6-only network a node is known by its PublicIPv6
+(flannel compares PublicIP, which is 0.0.0.0 for every node there). It is created with "only if absent", and a
+lost race simply tries again (flannel exits there, because it compares the wrong error; we do not copy that).
 
 Ownership, where we differ from flannel on purpose: every write to our own record is conditional on the revision
 we last wrote, so a node never overwrites another node's lease. When our record vanishes (etcd lost its data, an
@@ -24,9 +27,9 @@ from collections.abc import AsyncGenerator
 from typing import Any, Protocol
 
 from pyflannel.daemon import config
-from pyflannel.daemon.config import NetworkConfig
+from pyflannel.daemon.config import Network, NetworkConfig, Pool
 from pyflannel.daemon.errors import FlannelError
-from pyflannel.daemon.lease import MAX_VALUE, SUBNET_TTL, BadRecord, Lease, LeaseAttrs, parse_subnet_key, subnet_key
+from pyflannel.daemon.lease import MAX_VALUE, SUBNET_TTL, BadRecord, Lease, LeaseAttrs, parse_subnet_key
 from pyflannel.daemon.lease import decode as decode_lease
 from pyflannel.daemon.outage import Outage
 from pyflannel.daemon.peers import Changes, Entry, Source
@@ -48,8 +51,12 @@ class LeaseTaken(FlannelError):
     """Another node holds our subnet now: we must not take it back."""
 
 
-def _fits(cfg: NetworkConfig, subnet: ipaddress.IPv4Network) -> bool:
-    return (subnet.prefixlen == cfg.subnet_len and cfg.subnet_min <= subnet.network_address <= cfg.subnet_max)
+Previous = tuple[ipaddress.IPv4Network | None, ipaddress.IPv6Network | None]  # from subnet.env
+
+
+def _fits(pool: Pool | None, subnet: Network | None) -> bool:
+    """A subnet the config admits for its family: none where the family is off."""
+    return pool.fits(subnet) if pool is not None else subnet is None
 
 
 def decode(record: Record, cfg: NetworkConfig) -> Lease | BadRecord:
@@ -57,7 +64,7 @@ def decode(record: Record, cfg: NetworkConfig) -> Lease | BadRecord:
     if record.oversize:
         return BadRecord("oversize", f"value of {record.oversize} bytes, more than the {MAX_VALUE} allowed")
     try:
-        return decode_lease(record.key, record.value or b"", cfg.network, cfg.subnet_len)
+        return decode_lease(record.key, record.value or b"", cfg)
     except BadRecord as exc:
         return exc
 
@@ -67,7 +74,7 @@ class Manager(Protocol):
 
     async def get_config(self) -> str: ...
 
-    async def acquire(self, cfg: NetworkConfig, attrs: LeaseAttrs, previous: ipaddress.IPv4Network | None) -> Lease:
+    async def acquire(self, cfg: NetworkConfig, attrs: LeaseAttrs, previous: Previous) -> Lease:
         ...
 
     async def complete(self, lease: Lease) -> None:
@@ -99,8 +106,8 @@ class OwnLease:
         self._lock = asyncio.Lock()
 
     def _taken(self, found: Lease | BadRecord) -> LeaseTaken:
-        holder = found.attrs.public_ip if isinstance(found, Lease) else "an unreadable value"
-        return LeaseTaken(f"subnet {self.lease.subnet} is now held by {holder}: another node wrote it while this "
+        holder = found.attrs.public() if isinstance(found, Lease) else "an unreadable value"
+        return LeaseTaken(f"subnet {self.lease} is now held by {holder}: another node wrote it while this "
                           "node's lease was gone; exiting without touching it (a restart acquires another subnet)")
 
     async def renew(self) -> None:
@@ -118,7 +125,7 @@ class OwnLease:
                     self.revision = exc.current.revision  # our value, written by a call whose answer was lost
                     continue
                 self.revision, self.expires = written.revision, written.expires
-                log.info("renewed lease %s until %s", self.lease.subnet, time.ctime(self.expires))
+                log.info("renewed lease %s until %s", self.lease, time.ctime(self.expires))
                 return
 
     async def observe(self, entry: Entry | None) -> None:
@@ -149,7 +156,7 @@ class OwnLease:
             return  # someone wrote it meanwhile: the watch shows us whose it is
         self.revision, self.expires = written.revision, written.expires
         log.warning("lease %s had gone from the registry (expired, deleted, or lost with the registry's data); "
-                    "created it again", self.lease.subnet)
+                    "created it again", self.lease)
 
     async def _wait_for_config(self) -> None:
         """After a data loss the config is gone too: forward with the routes we have until it is back."""
@@ -165,70 +172,77 @@ class OwnLease:
 
 
 async def acquire(registry: Registry, cfg: NetworkConfig, attrs: LeaseAttrs,
-                  previous: ipaddress.IPv4Network | None) -> tuple[Lease, Record]:
+                  previous: Previous) -> tuple[Lease, Record]:
     """A lease for this node, following flannel's order; FlannelError("out of subnets") when none is free."""
     value = attrs.to_json().encode()
     for _ in range(RACE_RETRIES):
         records, _ = await registry.list_records()
-        taken, mine = _survey(records, attrs.public_ip)
-        for subnet, record in mine.items():
+        taken, mine = _survey(records, cfg, attrs.public())
+        for (subnet, subnet6), record in mine.items():
+            lease = Lease(subnet, attrs, 0.0, subnet6)
             try:
-                if _fits(cfg, subnet):
+                if _fits(cfg.ipv4, subnet) and _fits(cfg.ipv6, subnet6):
                     written = await registry.replace(record.key, value, SUBNET_TTL, record.revision)
-                    log.info("reusing the lease of %s: %s", attrs.public_ip, subnet)
-                    return Lease(subnet, attrs, written.expires), written
-                log.info("deleting lease %s: it no longer fits the network config", subnet)
+                    log.info("reusing the lease of %s: %s", attrs.public(), lease)
+                    return Lease(subnet, attrs, written.expires, subnet6), written
+                log.info("deleting lease %s: it no longer fits the network config", lease)
                 await registry.delete(record.key, record.revision)
             except LeaseChanged:
                 break
         else:
-            subnet = _choose(cfg, taken, previous)
+            lease = Lease(_choose(cfg.ipv4, taken, previous[0]), attrs, 0.0,  # type: ignore[arg-type]
+                          _choose(cfg.ipv6, taken, previous[1]))  # type: ignore[arg-type]
             try:
-                written = await registry.create(subnet_key(subnet), value, SUBNET_TTL)
+                written = await registry.create(lease.key(), value, SUBNET_TTL)
             except LeaseExists:
-                log.info("lost the race for %s; trying again", subnet)
-                previous = None
+                log.info("lost the race for %s; trying again", lease)
+                previous = (None, None)
                 continue
-            log.info("acquired lease %s", subnet)
-            return Lease(subnet, attrs, written.expires), written
+            log.info("acquired lease %s", lease)
+            return Lease(lease.subnet, attrs, written.expires, lease.ipv6_subnet), written
     raise FlannelError("max retries reached trying to acquire a subnet")
 
 
-def _survey(records: list[Record], public_ip: ipaddress.IPv4Address
-            ) -> tuple[list[ipaddress.IPv4Network], dict[ipaddress.IPv4Network, Record]]:
-    """Subnets other records occupy (whatever their values), and the records that carry our public IP."""
-    taken, mine = [], {}
+def _survey(records: list[Record], cfg: NetworkConfig, public: ipaddress.IPv4Address | ipaddress.IPv6Address | None
+            ) -> tuple[list[Network], dict[Previous, Record]]:
+    """Subnets other records occupy (whatever their values), and the records that carry our public address."""
+    taken: list[Network] = []
+    mine = {}
     for record in records:
         try:
-            subnet = parse_subnet_key(record.key)
+            subnets = parse_subnet_key(record.key)
         except BadRecord:
             continue
         try:
-            ours = LeaseAttrs.from_json(record.value or b"").public_ip == public_ip
+            ipv4 = cfg.ipv4 is not None
+            ours = LeaseAttrs.from_json(record.value or b"", ipv4=ipv4, ipv6=not ipv4).public() == public
         except BadRecord:
             ours = False
         if ours:
-            mine[subnet] = record
+            mine[subnets] = record
         else:
-            taken.append(subnet)
+            taken += [s for s in subnets if s is not None]
     return taken, mine
 
 
-def _choose(cfg: NetworkConfig, taken: list[ipaddress.IPv4Network],
-            previous: ipaddress.IPv4Network | None) -> ipaddress.IPv4Network:
-    free = (s for s in cfg.subnets() if not any(s.overlaps(t) for t in taken))
+def _choose(pool: Pool | None, taken: list[Network], previous: Network | None) -> Network | None:
+    """This family's subnet: the previous one if it fits and is free, else a random one of the first 100 free."""
+    if pool is None:
+        return None
+    taken = [t for t in taken if t.version == pool.network.version]
     if previous is not None:
-        if _fits(cfg, previous) and not any(previous.overlaps(t) for t in taken):
+        if pool.fits(previous) and not any(previous.overlaps(t) for t in taken):
             return previous
         log.info("previous subnet %s is taken or does not fit the config; choosing another", previous)
     candidates = []
-    for subnet in free:
-        candidates.append(subnet)
-        if len(candidates) == CANDIDATES:
-            break
+    for subnet in pool.subnets():
+        if not any(subnet.overlaps(t) for t in taken):
+            candidates.append(subnet)
+            if len(candidates) == CANDIDATES:
+                break
     if not candidates:
-        raise FlannelError(f"out of subnets: every /{cfg.subnet_len} between {cfg.subnet_min} and "
-                           f"{cfg.subnet_max} is leased")
+        raise FlannelError(f"out of subnets: every /{pool.subnet_len} between {pool.subnet_min} and "
+                           f"{pool.subnet_max} is leased")
     return random.choice(candidates)
 
 
@@ -267,7 +281,7 @@ class RegistryManager:
     async def get_config(self) -> str:
         return await self.registry.get_config()
 
-    async def acquire(self, cfg: NetworkConfig, attrs: LeaseAttrs, previous: ipaddress.IPv4Network | None) -> Lease:
+    async def acquire(self, cfg: NetworkConfig, attrs: LeaseAttrs, previous: Previous) -> Lease:
         lease, record = await acquire(self.registry, cfg, attrs, previous)
         self.own = OwnLease(self.registry, cfg, lease, record, self.outage, exit_on_loss=self.exit_on_loss)
         return lease
@@ -285,7 +299,7 @@ class RegistryManager:
             try:
                 await own.renew()
             except Unavailable as exc:
-                self.outage.failed(f"renewing lease {lease.subnet}: {exc}")
+                self.outage.failed(f"renewing lease {lease}: {exc}")
                 own.expires = time.time() + self.renew_margin * 60 + RENEW_RETRY
 
     def source(self, cfg: NetworkConfig) -> RegistrySource:

@@ -1,4 +1,5 @@
-"""Helpers for flanneld tests: etcd in a test host, flanneld processes, reading subnet.env and etcd keys."""
+"""Helpers for flanneld tests: etcd in a test host, flanneld processes, reading subnet.env and etcd keys, and the
+IPv6 underlay (2001:2::/48, RFC 5180 benchmarking space) for dual-stack ones."""
 
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ NET = '{"Network":"10.244.0.0/16","Backend":{"Type":"%s"}}'
 FLANNELD = str(Path(sys.executable).with_name("flanneld"))
 ETCD_PORT = 2379
 ETCD_TOOL = str(Path(__file__).with_name("etcd_tool.py"))
+SUBNET_KEYS = ("FLANNEL_SUBNET", "FLANNEL_IPV6_SUBNET")
+IFA_F_NODAD = 0x02
 
 
 def wait_for(cond: Callable[[], object], timeout: float = 20, what: str = "condition") -> Any:
@@ -127,6 +130,12 @@ class Etcd:
         return dict(json.loads(self.tool("dump", prefix).stdout))
 
 
+def embedded_registry(tmp_path: Path, net_conf: str) -> list[str]:
+    """flanneld's flags for an embedded registry in tmp_path (leases.db) with this network config."""
+    (tmp_path / "net-conf.json").write_text(net_conf)
+    return ["--local-registry", str(tmp_path / "leases.db"), "--net-config-path", str(tmp_path / "net-conf.json")]
+
+
 def start_flanneld(host: Host, registry: list[str], subnet_file: Path, *extra: str,
                    iface: tuple[str, ...] = ("--iface", "eth0")) -> subprocess.Popen[str]:
     """flanneld on host; the test hosts have no default route, so the interface is named unless `iface` says how
@@ -148,21 +157,41 @@ def wait_for_env(path: Path, proc: subprocess.Popen[str], timeout: float = 30) -
     return read_env(path)
 
 
+def underlay6(host: Host) -> str:
+    """The host's IPv6 underlay address: 198.18.0.N -> 2001:2::N."""
+    return f"2001:2::{host.underlay.packed[3]:x}"
+
+
+def add_ipv6_underlay(nodes: list[Host]) -> None:
+    """An IPv6 address beside each node's IPv4 one on eth0 (no duplicate address detection, so it is usable at
+    once)."""
+    for node in nodes:
+        with node.ipr() as ipr:
+            ipr.addr("add", index=ipr.link_lookup(ifname="eth0")[0], address=underlay6(node), prefixlen=64,
+                     flags=IFA_F_NODAD)
+
+
 def start_nodes(rig: Rig, nodes: list[Host], registry: list[str], tmp_path: Path, *extra: str
                  ) -> list[tuple[subprocess.Popen[str], dict[str, str]]]:
+    """flanneld on each node; each node's first address of every subnet it leased goes on its lo, standing in
+    for a pod (added once: a restart that keeps the subnets finds them there)."""
     procs = [(node, start_flanneld(node, registry, tmp_path / f"{node.ns}.env", *extra)) for node in nodes]
     out = []
     for node, proc in procs:
         env = wait_for_env(tmp_path / f"{node.ns}.env", proc)
-        addr = env["FLANNEL_SUBNET"].split("/")[0]
         with node.ipr() as ipr:
-            ipr.addr("add", index=ipr.link_lookup(ifname="lo")[0], address=addr, prefixlen=32)
+            lo = ipr.link_lookup(ifname="lo")[0]
+            present = {a.get("IFA_ADDRESS") for a in ipr.get_addr(index=lo)}
+            for addr in (env[key].split("/")[0] for key in SUBNET_KEYS if key in env):
+                if addr not in present:
+                    ipr.addr("add", index=lo, address=addr, prefixlen=32 if "." in addr else 128, flags=IFA_F_NODAD)
         out.append((proc, env))
     return out
 
 
-def assert_all_pairs_reach(nodes: list[Host], envs: list[dict[str, str]]) -> None:
-    addrs = [env["FLANNEL_SUBNET"].split("/")[0] for env in envs]
+def assert_all_pairs_reach(nodes: list[Host], envs: list[dict[str, str]], key: str = "FLANNEL_SUBNET") -> None:
+    """Every node pings every other from its pod address of the family `key` names, to theirs."""
+    addrs = [env[key].split("/")[0] for env in envs]
     for i, src in enumerate(nodes):
         for j, dst in enumerate(addrs):
             if i != j:

@@ -40,11 +40,16 @@ class FakeKube:
         node["metadata"]["resourceVersion"] = str(self.rv)
         self.events.append((self.rv, kind, copy.deepcopy(node)))
 
-    def add_node(self, name: str, pod_cidr: str | None = None, annotations: dict[str, str] | None = None) -> None:
+    def add_node(self, name: str, pod_cidr: str | None = None, annotations: dict[str, str] | None = None,
+                 pod_cidrs: list[str] | None = None) -> None:
+        """A Node with spec.podCIDR, or with spec.podCIDRs (one per family) and its first as podCIDR."""
+        spec: dict[str, Any] = {"podCIDR": pod_cidr} if pod_cidr else {}
+        if pod_cidrs:
+            spec = {"podCIDR": pod_cidrs[0], "podCIDRs": pod_cidrs}
         with self._lock:
             node = {"apiVersion": "v1", "kind": "Node",
                     "metadata": {"name": name, "annotations": dict(annotations or {})},
-                    "spec": {"podCIDR": pod_cidr} if pod_cidr else {}, "status": {"conditions": []}}
+                    "spec": spec, "status": {"conditions": []}}
             self.nodes[name] = node
             self._record("ADDED", node)
 

@@ -9,11 +9,12 @@ import json
 import os
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pytest
-from daemons import start_flanneld, wait_for, wait_for_env
+from daemons import add_ipv6_underlay, pings, start_flanneld, wait_for, wait_for_env
 from traffic import start_transfer
 
 from pyflannel.bench.rig import Host, Rig
@@ -140,6 +141,37 @@ def test_pods_across_nodes(registry: str, tmp_path: Path) -> None:
             assert not list((Path(conf["ipam"]["dataDir"]) / "cbr0").glob("10.*")), "the address is released"
             assert not (Path(conf["dataDir"]) / pod.ns).exists()
             assert _cni(node, "DEL", pod, conf).returncode == 0, "a second DEL is fine"
+
+
+def test_dual_stack_pods_across_nodes(tmp_path: Path) -> None:
+    """The delegate's two range sets and both networks' routes give each pod an address of each family through
+    Debian's bridge and host-local; pods reach each other over both, across vxlan's two devices."""
+    (tmp_path / "net-conf.json").write_text('{"Network": "10.244.0.0/16", "EnableIPv6": true, '
+                                            '"IPv6Network": "fd00:10:244::/48", "Backend": {"Type": "vxlan"}}')
+    reg = ["--local-registry", str(tmp_path / "leases.db"), "--net-config-path", str(tmp_path / "net-conf.json")]
+    with Rig(2, tag="pfc") as rig:
+        add_ipv6_underlay(rig.hosts)
+        pods: list[tuple[Host, dict[int, str]]] = []
+        for i, node in enumerate(rig.hosts):
+            node.run("sysctl", "-qw", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1")
+            env_file = tmp_path / f"node{i}.env"
+            env = wait_for_env(env_file, start_flanneld(node, reg, env_file))
+            conf = {"cniVersion": "1.0.0", "name": "cbr0", "type": "flannel", "subnetFile": str(env_file),
+                    "dataDir": str(tmp_path / f"node{i}-flannel"), "delegate": {"isDefaultGateway": True},
+                    "ipam": {"dataDir": str(tmp_path / f"node{i}-ipam")}}
+            pod = rig.add_namespace(f"pod{i}")
+            r = _cni(node, "ADD", pod, conf)
+            assert r.returncode == 0, r.stdout + r.stderr
+            ips = [ipaddress.ip_interface(ip["address"]) for ip in json.loads(r.stdout)["ips"]]
+            assert [ip.network for ip in ips] == [ipaddress.ip_network(env[k], strict=False)
+                                                  for k in ("FLANNEL_SUBNET", "FLANNEL_IPV6_SUBNET")]
+            pods.append((pod, {ip.version: str(ip.ip) for ip in ips}))
+        (a, a_ips), (b, b_ips) = pods
+        for version in (4, 6):
+            wait_for(partial(pings, a, a_ips[version], b_ips[version]), 20, f"pod to pod, IPv{version}")
+        transfer = start_transfer(a, b, 8 << 20, addrs=(a_ips[6], b_ips[6]))
+        transfer.join()
+        assert transfer.received == transfer.sent and transfer.received_bytes == 8 << 20
 
 
 def _as_endpoint(pod: Host) -> Host:

@@ -29,12 +29,12 @@ IP = ipaddress.IPv4Address
     ("10.0.0.0/28", 30),
 ])
 def test_subnet_len_defaults(network: str, subnet_len: int) -> None:
-    cfg = config.parse(f'{{"network": "{network}"}}')
-    assert cfg.subnet_len == subnet_len
+    pool = config.parse(f'{{"network": "{network}"}}').ipv4
+    assert pool is not None and pool.subnet_len == subnet_len
     size = 1 << (32 - subnet_len)
-    assert cfg.subnet_min == Net(network).network_address + size, "the first subnet is never handed out"
-    assert cfg.subnet_max == Net(network).broadcast_address + 1 - size
-    assert cfg.backend_type == "udp", "no Backend means udp, as flannel's code (not its docs) says"
+    assert pool.subnet_min == Net(network).network_address + size, "the first subnet is never handed out"
+    assert pool.subnet_max == Net(network).broadcast_address + 1 - size
+    assert config.parse(f'{{"network": "{network}"}}').backend_type == "udp"
 
 
 @pytest.mark.parametrize(("text", "message"), [
@@ -56,7 +56,7 @@ def test_config_errors(text: str, message: str) -> None:
 
 def test_config_keys_are_case_insensitive_and_host_bits_masked() -> None:
     cfg = config.parse('{"NETWORK": "10.244.3.4/16", "subnetlen": 26, "BACKEND": {"type": "VXLAN", "vni": 4}}')
-    assert cfg.network == Net("10.244.0.0/16") and cfg.subnet_len == 26
+    assert cfg.ipv4 is not None and cfg.ipv4.network == Net("10.244.0.0/16") and cfg.ipv4.subnet_len == 26
     assert cfg.backend_type == "vxlan" and cfg.backend_option("VNI", 1) == 4
 
 
@@ -70,8 +70,7 @@ def test_lease_json_is_flannels() -> None:
 
 def test_subnet_keys() -> None:
     assert subnet_key(Net("10.5.52.0/24")) == "10.5.52.0-24"
-    assert parse_subnet_key("10.5.52.0-24") == Net("10.5.52.0/24")
-    assert parse_subnet_key("10.5.52.0-24&fc00::-64") == Net("10.5.52.0/24"), "flannel's dual-stack key"
+    assert parse_subnet_key("10.5.52.0-24") == (Net("10.5.52.0/24"), None)
 
 
 def test_flags_go_syntax_and_environment() -> None:
@@ -117,16 +116,17 @@ def test_bad_config_file_exits_1(tmp_path: Path) -> None:
 
 
 def test_subnet_env(tmp_path: Path) -> None:
-    text = subnet_env.render(network=Net("10.42.0.0/16"), subnet=Net("10.42.7.0/24"), mtu=1450, ip_masq=True)
+    text = subnet_env.render(config.parse('{"Network": "10.42.0.0/16"}'), Lease(Net("10.42.7.0/24"), LeaseAttrs(None)),
+                             mtu=1450, ip_masq=True)
     assert text == "FLANNEL_NETWORK=10.42.0.0/16\nFLANNEL_SUBNET=10.42.7.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n"
     path = tmp_path / "run" / "subnet.env"
     subnet_env.write(str(path), text)
     assert path.read_text() == text and path.stat().st_mode & 0o777 == 0o644
-    assert subnet_env.previous_subnet(str(path)) == Net("10.42.7.0/24")
+    assert subnet_env.previous_subnets(str(path)) == (Net("10.42.7.0/24"), None)
     path.write_text('export FLANNEL_SUBNET="10.1.2.3/24"\n')
-    assert subnet_env.previous_subnet(str(path)) == Net("10.1.2.0/24")
+    assert subnet_env.previous_subnets(str(path)) == (Net("10.1.2.0/24"), None)
     path.write_text("FLANNEL_SUBNET=10.1.2.1/24,10.1.3.1/24\n")
-    assert subnet_env.previous_subnet(str(path)) is None
+    assert subnet_env.previous_subnets(str(path)) == (None, None)
 
 
 def test_masq_rules_are_flannels() -> None:
@@ -154,13 +154,14 @@ def test_allocation_order(tmp_path: Path) -> None:
     async def go() -> None:
         reg, cfg = _registry(tmp_path)
         me = LeaseAttrs(IP("198.18.0.1"))
-        first, _ = await subnets.acquire(reg, cfg, me, None)
-        assert first.subnet.prefixlen == 24 and Net("10.244.1.0/24").network_address <= first.subnet.network_address
-        again, _ = await subnets.acquire(reg, cfg, me, Net("10.244.9.0/24"))
+        first, _ = await subnets.acquire(reg, cfg, me, (None, None))
+        assert first.subnet is not None and first.subnet.prefixlen == 24
+        assert Net("10.244.1.0/24").network_address <= first.subnet.network_address
+        again, _ = await subnets.acquire(reg, cfg, me, (Net("10.244.9.0/24"), None))
         assert again.subnet == first.subnet, "a lease held by this PublicIP wins over the previous subnet"
-        other, _ = await subnets.acquire(reg, cfg, LeaseAttrs(IP("198.18.0.2")), Net("10.244.9.0/24"))
+        other, _ = await subnets.acquire(reg, cfg, LeaseAttrs(IP("198.18.0.2")), (Net("10.244.9.0/24"), None))
         assert other.subnet == Net("10.244.9.0/24"), "then the previous subnet from subnet.env"
-        third, _ = await subnets.acquire(reg, cfg, LeaseAttrs(IP("198.18.0.3")), first.subnet)
+        third, _ = await subnets.acquire(reg, cfg, LeaseAttrs(IP("198.18.0.3")), (first.subnet, None))
         assert third.subnet not in (first.subnet, other.subnet), "a previous subnet held by another is skipped"
         with pytest.raises(LeaseExists):
             await reg.create(subnet_key(first.subnet), LeaseAttrs(IP("198.18.0.4")).to_json().encode(), 60)
@@ -173,9 +174,9 @@ def test_racing_acquisitions_get_distinct_subnets(tmp_path: Path) -> None:
         reg, cfg = _registry(tmp_path, '{"Network": "10.244.0.0/28", "SubnetLen": 30}')
         # Three subnets exist (the first is never handed out); all want the same previous one.
         leases = await asyncio.gather(*(subnets.acquire(reg, cfg, LeaseAttrs(IP(f"198.18.0.{i}")),
-                                                        Net("10.244.0.4/30")) for i in range(1, 4)))
+                                                        (Net("10.244.0.4/30"), None)) for i in range(1, 4)))
         with pytest.raises(FlannelError, match="out of subnets"):
-            await subnets.acquire(reg, cfg, LeaseAttrs(IP("198.18.0.9")), None)
+            await subnets.acquire(reg, cfg, LeaseAttrs(IP("198.18.0.9")), (None, None))
         await reg.close()
         return leases
     leases = asyncio.run(go())

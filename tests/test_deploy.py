@@ -15,6 +15,7 @@ import kubernetes_validate
 import yaml
 
 from pyflannel.daemon import cni, config, flags, subnet_env
+from pyflannel.daemon.lease import Lease, LeaseAttrs
 from pyflannel.dataplane import tunnel
 
 DEPLOY = Path(__file__).parent.parent / "daemon" / "deploy"
@@ -32,7 +33,7 @@ def test_rbac_is_flannels() -> None:
 def test_configmap_is_usable(tmp_path: Path) -> None:
     data = _docs()["ConfigMap"]["data"]
     net = config.parse(data["net-conf.json"])
-    assert str(net.network) == "10.244.0.0/16" and net.backend_type == "udp"
+    assert net.ipv4 is not None and str(net.ipv4.network) == "10.244.0.0/16" and net.backend_type == "udp"
     conflist = json.loads(data["cni-conf.json"])
     plugin = {**conflist["plugins"][0], "name": conflist["name"], "cniVersion": conflist["cniVersion"]}
     env = tmp_path / "subnet.env"
@@ -88,8 +89,8 @@ def test_systemd_units_run_what_they_say() -> None:
 def test_docker_drop_in_reads_what_flanneld_writes() -> None:
     docker, _ = _unit("docker-flannel.conf")
     assert docker["EnvironmentFile"] == ["/run/flannel/subnet.env"] and docker["ExecStart"][0] == ""
-    written = subnet_env.render(network=ipaddress.IPv4Network("10.244.0.0/16"),
-                                subnet=ipaddress.IPv4Network("10.244.3.0/24"), mtu=1472, ip_masq=True)
+    written = subnet_env.render(config.parse('{"Network": "10.244.0.0/16"}'),
+                                Lease(ipaddress.IPv4Network("10.244.3.0/24"), LeaseAttrs(None)), mtu=1472, ip_masq=True)
     variables = {line.split("=")[0] for line in written.splitlines()}
     used = set(re.findall(r"\$\{(\w+)\}", docker["ExecStart"][1]))
     assert used and used <= variables

@@ -14,7 +14,17 @@ from pathlib import Path
 
 import pytest
 from conftest import host_socket
-from daemons import FLANNELD, assert_all_pairs_reach, send_and_catch, unreachable, wait_for, wait_for_env
+from daemons import (
+    FLANNELD,
+    IFA_F_NODAD,
+    add_ipv6_underlay,
+    assert_all_pairs_reach,
+    send_and_catch,
+    underlay6,
+    unreachable,
+    wait_for,
+    wait_for_env,
+)
 from fake_kube import FakeKube
 
 from pyflannel.bench.rig import Host, Rig
@@ -83,6 +93,37 @@ def test_nodes_get_their_pod_cidrs_and_reach_each_other(cluster: tuple[Rig, Fake
     kube.compact()
     _far_node_is_reached(kube, api_host, nodes)
     assert kube.watch_410s >= 2, "both nodes resumed their watch and were told 410 Gone"
+
+
+def test_dual_stack_nodes_from_their_pod_cidrs(cluster: tuple[Rig, FakeKube, Path]) -> None:
+    """podCIDRs of both families become the lease; each node writes the IPv6 annotations (backend-v6-data with
+    flannel-v6.1's MAC, public-ipv6) beside the IPv4 ones, and reads the other's to reach it over both."""
+    rig, kube, tmp = cluster
+    nodes = rig.hosts[:2]
+    add_ipv6_underlay(nodes)
+    (tmp / "net-conf.json").write_text('{"Network": "10.244.0.0/16", "EnableIPv6": true, '
+                                       '"IPv6Network": "fd00:10:244::/48", "Backend": {"Type": "vxlan"}}')
+    envs = []
+    for i, node in enumerate(nodes):
+        kube.add_node(f"n{i}", pod_cidrs=[f"10.244.{i + 1}.0/24", f"fd00:10:244:{i + 1}::/64"])
+        env = wait_for_env(tmp / f"n{i}.env", _flanneld(node, f"n{i}", tmp))
+        assert (env["FLANNEL_SUBNET"], env["FLANNEL_IPV6_SUBNET"]) == (f"10.244.{i + 1}.1/24",
+                                                                       f"fd00:10:244:{i + 1}::1/64")
+        with node.ipr() as ipr:
+            lo = ipr.link_lookup(ifname="lo")[0]
+            ipr.addr("add", index=lo, address=f"10.244.{i + 1}.1", prefixlen=32)
+            ipr.addr("add", index=lo, address=f"fd00:10:244:{i + 1}::1", prefixlen=128, flags=IFA_F_NODAD)
+        envs.append(env)
+    for i, node in enumerate(nodes):
+        obj = wait_for(partial(_network_up, kube, f"n{i}"), 20, "NetworkUnavailable=False")
+        macs = [node.run("cat", f"/sys/class/net/{dev}/address").stdout.strip() for dev in ("flannel.1",
+                                                                                           "flannel-v6.1")]
+        assert {k: v for k, v in obj["metadata"]["annotations"].items() if k.startswith(P)} == {
+            P + "backend-data": f'{{"VNI":1,"VtepMAC":"{macs[0]}"}}', P + "backend-type": "vxlan",
+            P + "backend-v6-data": f'{{"VNI":1,"VtepMAC":"{macs[1]}"}}', P + "kube-subnet-manager": "true",
+            P + "public-ip": str(node.underlay), P + "public-ipv6": underlay6(node)}
+    assert_all_pairs_reach(nodes, envs)
+    assert_all_pairs_reach(nodes, envs, "FLANNEL_IPV6_SUBNET")
 
 
 def _far_node_is_reached(kube: FakeKube, api_host: Host, nodes: list[Host]) -> None:

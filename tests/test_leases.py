@@ -21,7 +21,7 @@ from pyflannel.daemon.registry import Record, local
 from pyflannel.daemon.registry.local import LocalRegistry
 from pyflannel.daemon.subnets import LeaseTaken, OwnLease, RegistryManager, RegistrySource
 
-NET = ipaddress.IPv4Network("10.244.0.0/16")
+CFG = config.parse('{"Network": "10.244.0.0/16"}')
 OK = b'{"PublicIP":"198.18.0.7","PublicIPv6":null}'
 
 
@@ -53,12 +53,12 @@ OK = b'{"PublicIP":"198.18.0.7","PublicIPv6":null}'
 ])
 def test_every_part_of_a_record_is_checked(key: str, value: bytes, reason: str) -> None:
     with pytest.raises(BadRecord) as bad:
-        decode(key, value, NET, 24)
+        decode(key, value, CFG)
     assert bad.value.reason == reason, str(bad.value)
 
 
 def test_a_sound_record_decodes() -> None:
-    lease = decode("10.244.3.0-24&fc00::-64", OK, NET, 24)
+    lease = decode("10.244.3.0-24&fc00::-64", OK, CFG)
     assert lease.subnet == ipaddress.IPv4Network("10.244.3.0/24")
     assert lease.attrs == LeaseAttrs(ipaddress.IPv4Address("198.18.0.7"))
 
@@ -146,8 +146,8 @@ def test_acquire_reuses_our_record_conditionally(tmp_path: Path) -> None:
         manager = RegistryManager(registry, 60, Outage("registry"), exit_on_loss=False)
         cfg = own.cfg
         me = LeaseAttrs(ipaddress.IPv4Address("198.18.0.7"))
-        first = await manager.acquire(cfg, me, None)
-        again = await manager.acquire(cfg, me, None)
+        first = await manager.acquire(cfg, me, (None, None))
+        again = await manager.acquire(cfg, me, (None, None))
         assert again.subnet == first.subnet
         records, _ = await registry.list_records()
         assert len(records) == 1

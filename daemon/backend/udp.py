@@ -9,6 +9,12 @@ single ones, see dataplane.offload), and it checks that packets come from the pe
 A dataplane.keeper.Keeper owns the engine: a batch of lease events is one route-table update, and every second
 the keeper repairs flannel0 (deleted, set down, its address or route removed) or a dead engine, with every
 route; /healthz reports what it could not repair.
+
+IPv6 (EnableIPv6) is refused with one line until the engine carries it: flannel's udp backend never did. The
+event handling is already per family (Lease.routes: each subnet with the peer's address of that family); wiring
+it needs the engine to take an IPv6 subnet and network at open (open_pump(subnet6=..., network6=...), flannel0
+getting the IPv6 /128 and the IPv6 network route) and IPv6 subnets with IPv6 peer addresses in its route table
+(Keeper.update), over a socket bound to the interface's address of each family.
 """
 
 from __future__ import annotations
@@ -40,9 +46,9 @@ class UdpNetwork(Idle):
 
     def handle(self, events: list[Event]) -> None:
         """One batch of lease events, one table update."""
-        added = {str(e.lease.subnet): (str(e.lease.attrs.public_ip), self.port)
-                 for e in events if e.type is EventType.ADDED}
-        removed = [str(e.lease.subnet) for e in events if e.type is EventType.REMOVED]
+        added = {str(subnet): (str(peer), self.port)
+                 for e in events if e.type is EventType.ADDED for subnet, peer in e.lease.routes()}
+        removed = [str(subnet) for e in events if e.type is EventType.REMOVED for subnet in e.lease.subnets()]
         for subnet, (peer, port) in added.items():
             log.info("route %s -> %s:%d", subnet, peer, port)
         _, gone = self.keeper.update(set=added, delete=removed)
@@ -69,21 +75,27 @@ class UdpNetwork(Idle):
 
 
 async def register(ctx: Context) -> UdpNetwork:
+    pool, addr = ctx.config.ipv4, ctx.ext.addr
+    if ctx.config.ipv6 is not None or pool is None or addr is None:
+        raise FlannelError("the udp backend does not carry IPv6 yet (EnableIPv6 is set): use vxlan or host-gw "
+                           "for a network with IPv6")
     lease = await ctx.acquire(LeaseAttrs(public_ip=ctx.ext.public_ip))
+    if lease.subnet is None:
+        raise FlannelError(f"lease {lease} has no IPv4 subnet")
+    spec = PumpSpec(iface_ip=addr, port=int(ctx.config.backend_option("port", DEFAULT_PORT)), tun_name="flannel%d",
+                    subnet=lease.subnet, network=pool.network,  # type: ignore[arg-type]
+                    mtu=ctx.ext.mtu - ENCAP_OVERHEAD,
+                    wanted=offload.wanted(os.environ.get("PYFLANNEL_OFFLOAD", "auto")))
     try:
-        return await asyncio.to_thread(_start, ctx, lease)
+        return await asyncio.to_thread(_start, spec, lease)
     except DataplaneError as exc:  # port in use, no /dev/net/tun, ...: the user's to fix, one line
         raise FlannelError(str(exc)) from None
 
 
-def _start(ctx: Context, lease: Lease) -> UdpNetwork:
+def _start(spec: PumpSpec, lease: Lease) -> UdpNetwork:
     """flannel0, the socket and the engine threads (blocking netlink calls: run in a worker thread)."""
-    port = int(ctx.config.backend_option("port", DEFAULT_PORT))
-    mtu = ctx.ext.mtu - ENCAP_OVERHEAD
-    keeper = Keeper(PumpSpec(iface_ip=ctx.ext.addr, port=port, tun_name="flannel%d", subnet=lease.subnet,
-                             network=ctx.config.network, mtu=mtu,
-                             wanted=offload.wanted(os.environ.get("PYFLANNEL_OFFLOAD", "auto"))))
+    keeper = Keeper(spec)
     pump = keeper.start()
-    log.info("%s up: mtu %d, udp %s:%d, offloads: %s", pump.tun.name, mtu, ctx.ext.addr, port,
+    log.info("%s up: mtu %d, udp %s:%d, offloads: %s", pump.tun.name, spec.mtu, spec.iface_ip, spec.port,
              pump.offloads.describe())
-    return UdpNetwork(lease, mtu, keeper, port)
+    return UdpNetwork(lease, spec.mtu, keeper, spec.port)

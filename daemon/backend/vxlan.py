@@ -1,8 +1,10 @@
-"""The vxlan backend: the kernel's VXLAN device, programmed per lease (flannel pkg/backend/vxlan).
+"""The vxlan backend: the kernel's VXLAN devices, programmed per lease (flannel pkg/backend/vxlan).
 
-Lease attributes: BackendType "vxlan", BackendData {"VNI": <vni>, "VtepMAC": "<mac>"}. Backend options: VNI
-(default 1), Port (default 0: the kernel's 8472), MTU (default the external MTU; the device gets MTU - 50).
-GBP, Learning and DirectRouting are not supported.
+Lease attributes: BackendType "vxlan", BackendData {"VNI": <vni>, "VtepMAC": "<mac>"} for flannel.<VNI> and, on
+a network with IPv6, BackendV6Data of the same form for flannel-v6.<VNI>. Backend options: VNI (default 1), Port
+(default 0: the kernel's 8472), MTU (default the external MTU; the devices get MTU - 50, and MTU - 70 for
+flannel-v6, see vxlan_device). FLANNEL_MTU is the smaller of the devices' MTUs, so a pod's packet fits either
+family. GBP, Learning and DirectRouting are not supported.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pyroute2 import IPRoute
 
 from pyflannel.daemon.backend import vxlan_device
 from pyflannel.daemon.backend.base import Context, Idle
+from pyflannel.daemon.config import Address
 from pyflannel.daemon.errors import FlannelError
 from pyflannel.daemon.lease import Event, EventType, Lease, LeaseAttrs
 
@@ -24,29 +27,30 @@ T = TypeVar("T")
 
 
 class VxlanNetwork(Idle):
-    def __init__(self, lease: Lease, mtu: int, vtep: vxlan_device.Vtep) -> None:
+    def __init__(self, lease: Lease, mtu: int, vteps: dict[int, vxlan_device.Vtep]) -> None:
         self.lease = lease
         self.mtu = mtu
-        self.vtep = vtep
+        self.vteps = vteps  # by IP version
 
     def handle(self, events: list[Event]) -> None:
         with IPRoute() as ipr:
             for event in events:
                 lease = event.lease
-                mac = _vtep_mac(lease)
-                if lease.attrs.backend_type != "vxlan" or mac is None:
-                    log.warning("ignoring lease %s: not a vxlan lease with a VtepMAC", lease.subnet)
+                if lease.attrs.backend_type != "vxlan":
+                    log.warning("ignoring lease %s: backend type %r, not vxlan", lease, lease.attrs.backend_type)
                     continue
-                if event.type is EventType.ADDED:
-                    vxlan_device.add_peer(ipr, self.vtep, subnet=lease.subnet, public_ip=lease.attrs.public_ip,
-                                          mac=mac)
-                else:
-                    vxlan_device.del_peer(ipr, self.vtep, subnet=lease.subnet, public_ip=lease.attrs.public_ip,
-                                          mac=mac)
+                for subnet, public in lease.routes():
+                    mac = _vtep_mac(lease, subnet.version)
+                    if mac is None:
+                        log.warning("ignoring %s of lease %s: no VtepMAC in its Backend%sData", subnet, lease,
+                                    "" if subnet.version == 4 else "V6")
+                        continue
+                    apply = vxlan_device.add_peer if event.type is EventType.ADDED else vxlan_device.del_peer
+                    apply(ipr, self.vteps[subnet.version], subnet=subnet, public_ip=public, mac=mac)
 
 
-def _vtep_mac(lease: Lease) -> str | None:
-    data = lease.attrs.backend_data
+def _vtep_mac(lease: Lease, version: int) -> str | None:
+    data = lease.attrs.backend_data if version == 4 else lease.attrs.backend_v6_data
     mac = data.get("VtepMAC") if isinstance(data, dict) else None
     return mac if isinstance(mac, str) else None
 
@@ -56,14 +60,24 @@ async def register(ctx: Context) -> VxlanNetwork:
         if ctx.config.backend_option(option, False):
             raise FlannelError(f"vxlan option {option} is not supported by pyflannel")
     vni = int(ctx.config.backend_option("vni", vxlan_device.DEFAULT_VNI))
-    mtu = int(ctx.config.backend_option("mtu", ctx.ext.mtu)) - vxlan_device.OVERHEAD
+    mtu = int(ctx.config.backend_option("mtu", ctx.ext.mtu))
     port = int(ctx.config.backend_option("port", 0))
-    vtep = await asyncio.to_thread(_netlink, vxlan_device.ensure_vtep, vni=vni, local=ctx.ext.public_ip,
-                                   ext_index=ctx.ext.index, port=port, mtu=mtu)
-    lease = await ctx.acquire(LeaseAttrs(public_ip=ctx.ext.public_ip, backend_type="vxlan",
-                                         backend_data={"VNI": vni, "VtepMAC": vtep.mac}))
-    await asyncio.to_thread(_netlink, vxlan_device.set_address, vtep, lease.subnet)
-    return VxlanNetwork(lease, mtu, vtep)
+    locals_: list[Address] = [a for a in (ctx.ext.public_ip, ctx.ext.public_ipv6) if a is not None]
+    vteps: dict[int, vxlan_device.Vtep] = {}
+    for local in locals_:
+        vteps[local.version] = await asyncio.to_thread(
+            _netlink, vxlan_device.ensure_vtep, vni=vni, local=local, ext_index=ctx.ext.index, port=port,
+            mtu=mtu - _overhead(local.version))
+    data = {version: {"VNI": vni, "VtepMAC": vtep.mac} for version, vtep in vteps.items()}
+    lease = await ctx.acquire(LeaseAttrs(public_ip=ctx.ext.public_ip, backend_type="vxlan", backend_data=data.get(4),
+                                         public_ipv6=ctx.ext.public_ipv6, backend_v6_data=data.get(6)))
+    for subnet in lease.subnets():
+        await asyncio.to_thread(_netlink, vxlan_device.set_address, vteps[subnet.version], subnet)
+    return VxlanNetwork(lease, min(mtu - _overhead(v) for v in vteps), vteps)
+
+
+def _overhead(version: int) -> int:
+    return vxlan_device.OVERHEAD if version == 4 else vxlan_device.OVERHEAD6
 
 
 def _netlink(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
