@@ -57,6 +57,7 @@ class NetworkConfig:
     ipv6: Pool | None  # None unless EnableIPv6
     backend_type: str
     backend: dict[str, Any] = field(default_factory=dict)  # the Backend object, keys lower-cased
+    enable_nftables: bool = False  # masquerade and forward rules in nftables tables instead of iptables chains
 
     def pools(self) -> list[Pool]:
         return [p for p in (self.ipv4, self.ipv6) if p is not None]
@@ -110,14 +111,13 @@ def parse(text: str) -> NetworkConfig:
     if not isinstance(raw, dict):
         raise ConfigError("invalid network config: expected a JSON object")
     cfg = _folded(raw)
-    if _flag(cfg, "EnableNFTables", False):
-        raise ConfigError("EnableNFTables is not supported by pyflannel yet: use iptables mode")
     enable4, enable6 = _flag(cfg, "EnableIPv4", True), _flag(cfg, "EnableIPv6", False)
     if not (enable4 or enable6):
         raise ConfigError("none defined stack: EnableIPv4 and EnableIPv6 are both false")
     backend, backend_type = _backend(cfg.get("backend"))
     return NetworkConfig(ipv4=_pool(cfg, _IPV4) if enable4 else None, ipv6=_pool(cfg, _IPV6) if enable6 else None,
-                         backend_type=backend_type, backend=backend)
+                         backend_type=backend_type, backend=backend,
+                         enable_nftables=_flag(cfg, "EnableNFTables", False))
 
 
 def _flag(cfg: dict[str, Any], name: str, default: bool) -> bool:

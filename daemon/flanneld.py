@@ -35,7 +35,7 @@ from typing import Any, TypeVar
 
 import uvloop
 
-from pyflannel.daemon import config, flags, iptables, subnet_env, subnets
+from pyflannel.daemon import config, flags, iptables, subnet_env, subnets, traffic
 from pyflannel.daemon.backend import hostgw, routes, udp, vxlan
 from pyflannel.daemon.backend.base import Context, Network
 from pyflannel.daemon.errors import ConfigError, FlannelError
@@ -72,7 +72,6 @@ class Daemon:
         self.rules_state = Outage("iptables")
         self.manager = _manager(opts, self.registry)
         self.ready = False
-        self.tables = iptables.Backend()
         self.stopping = asyncio.Event()
         self.network: Network | None = None
         self.peers: PeerTable | None = None
@@ -120,11 +119,13 @@ class Daemon:
 
         self.network = network = await BACKENDS[cfg.backend_type](Context(ext, cfg, acquire))
         self.peers = PeerTable(network.lease)
-        rules = await self._rules(cfg, network.lease)
+        rules = await self._retry(partial(asyncio.to_thread, traffic.plan, cfg, network.lease, masq=self.opts.ip_masq,
+                                          forward=self.opts.iptables_forward_rules,
+                                          fully_random=not self.opts.ip_masq_fully_random_disable),
+                                  "preparing the traffic rules", self.rules_state, attempts=IPTABLES_ATTEMPTS)
         for rs in rules:
-            await self._retry(partial(asyncio.to_thread, iptables.apply, self.tables, rs),
-                              f"installing the {rs.chain} rules (IPv{rs.version})",
-                              self.rules_state, attempts=IPTABLES_ATTEMPTS)
+            await self._retry(partial(asyncio.to_thread, rs.apply), f"installing {rs.name}", self.rules_state,
+                              attempts=IPTABLES_ATTEMPTS)
         if self.opts.ip_blackhole_route:
             for subnet in network.lease.subnets():
                 await asyncio.to_thread(routes.add_blackhole, subnet)
@@ -135,7 +136,7 @@ class Daemon:
         return await self._supervise(cfg, network, self.peers, rules)
 
     async def _supervise(self, cfg: config.NetworkConfig, network: Network, peers: PeerTable,
-                         rules: list[iptables.RuleSet]) -> int:
+                         rules: list[traffic.Rules]) -> int:
         """Run the loops until a signal or a fatal error. A loop that fails for any other reason is logged with
         where it failed and started again after a backoff (kopf's way), never turned into a traceback exit."""
         loops: dict[str, Callable[[], Awaitable[None]]] = {
@@ -174,33 +175,16 @@ class Daemon:
         async for events in follow(self.manager.source(cfg), peers, self.registry):
             await asyncio.to_thread(network.handle, events)
 
-    async def _resync_rules(self, rules: list[iptables.RuleSet]) -> None:
+    async def _resync_rules(self, rules: list[traffic.Rules]) -> None:
         while True:
             await asyncio.sleep(self.opts.iptables_resync)
             for rs in rules:
                 try:
-                    if await asyncio.to_thread(iptables.ensure, self.tables, rs):
-                        log.warning("%s rules (IPv%d) were missing and have been restored", rs.chain, rs.version)
+                    if await asyncio.to_thread(rs.ensure):
+                        log.warning("%s: missing rules restored", rs.name)
                     self.rules_state.ok()
                 except iptables.IptablesError as exc:
                     self.rules_state.failed(str(exc))
-
-    async def _rules(self, cfg: config.NetworkConfig, lease: Lease) -> list[iptables.RuleSet]:
-        rules: list[iptables.RuleSet] = []
-        if not (self.opts.ip_masq or self.opts.iptables_forward_rules):
-            return rules
-        self.tables = await asyncio.to_thread(iptables.detect)
-        log.info("iptables: %s", self.tables.tool())
-        for pool, subnet in ((cfg.ipv4, lease.subnet), (cfg.ipv6, lease.ipv6_subnet)):
-            if pool is None or subnet is None:
-                continue
-            if self.opts.ip_masq:
-                fully_random = (not self.opts.ip_masq_fully_random_disable
-                                and iptables.supports_random_fully(self.tables, subnet.version))
-                rules.append(iptables.masq_rules(pool.network, subnet, fully_random))
-            if self.opts.iptables_forward_rules:
-                rules.append(iptables.forward_rules(pool.network))
-        return rules
 
     async def _retry(self, fn: Callable[[], Awaitable[T]], what: str, outage: Outage, attempts: int = 0) -> T:
         """Keep trying while the registry is unreachable or iptables is busy (flannel blocks the same way),

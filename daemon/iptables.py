@@ -26,6 +26,8 @@ TIMEOUT = 30  # seconds for one iptables call
 MASQ = "flanneld masq"
 FORWARD = "flanneld forward"
 MULTICAST = {4: "224.0.0.0/4", 6: "ff00::/8"}
+POSTRTG = ("nat", "POSTROUTING", "FLANNEL-POSTRTG", MASQ)  # table, parent chain, chain, comment
+FWD = ("filter", "FORWARD", "FLANNEL-FWD", FORWARD)
 
 
 @dataclass(frozen=True)
@@ -45,7 +47,7 @@ def masq_rules(network: Network, subnet: Network, fully_random: bool) -> RuleSet
     n, p = str(network), str(subnet)
     c = ("-m", "comment", "--comment", MASQ)
     r = ("--random-fully",) if fully_random else ()
-    return RuleSet("nat", "POSTROUTING", "FLANNEL-POSTRTG", MASQ, (
+    return RuleSet(*POSTRTG, (
         ("-m", "mark", "--mark", "0x4000/0x4000", *c, "-j", "RETURN"),
         ("-s", p, "-d", n, *c, "-j", "RETURN"),
         ("-s", n, "-d", p, *c, "-j", "RETURN"),
@@ -57,7 +59,7 @@ def masq_rules(network: Network, subnet: Network, fully_random: bool) -> RuleSet
 
 def forward_rules(network: Network) -> RuleSet:
     c = ("-m", "comment", "--comment", FORWARD)
-    return RuleSet("filter", "FORWARD", "FLANNEL-FWD", FORWARD, (
+    return RuleSet(*FWD, (
         ("-s", str(network), *c, "-j", "ACCEPT"),
         ("-d", str(network), *c, "-j", "ACCEPT"),
     ), network.version)
@@ -138,6 +140,24 @@ def apply(backend: Backend, rs: RuleSet) -> None:
     r = _run([tool, "--noflush", "--wait"], payload(backend, rs))
     if r.returncode != 0:
         raise IptablesError(f"{tool} failed for {rs.chain}: {r.stderr.strip().splitlines()[-1:]}")
+
+
+def remove_all(backend: Backend) -> None:
+    """Take flannel's chains and the jumps to them out of both families' tables, where present (the start of
+    nftables mode). A family whose tool is not installed has none."""
+    for version in (4, 6):
+        if not shutil.which(backend.tool(version=version)):
+            continue
+        for rs in (RuleSet(*POSTRTG, (), version), RuleSet(*FWD, (), version)):
+            if _run([backend.tool(version=version), "-t", rs.table, "-S", rs.chain]).returncode != 0:
+                continue
+            lines = [f"*{rs.table}", f"-F {rs.chain}", f"-X {rs.chain}", "COMMIT", ""]
+            if _exists(backend, rs, rs.parent, rs.jump()):
+                lines.insert(1, f"-D {rs.parent} {_join(rs.jump())}")
+            tool = backend.tool("restore", version)
+            r = _run([tool, "--noflush", "--wait"], "\n".join(lines))
+            if r.returncode != 0:
+                raise IptablesError(f"{tool} could not remove {rs.chain}: {r.stderr.strip().splitlines()[-1:]}")
 
 
 def ensure(backend: Backend, rs: RuleSet) -> bool:

@@ -1,13 +1,18 @@
 """flannel's nftables mode, applied with the real nft in a namespace and read back as nft lists it: flannel's
-e2e golden chains (e2e/rules.go), with the one rule corrected, re-applied when flushed or deleted."""
+e2e golden chains (e2e/rules.go), with the one rule corrected, re-applied when flushed or deleted; and flanneld
+switching a node between the iptables and nftables modes."""
 
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterator
+import json
+import signal
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 from conftest import inside
+from daemons import start_flanneld, wait_for, wait_for_env
 
 from pyflannel.bench.rig import Host, Rig
 from pyflannel.daemon import nftables
@@ -91,3 +96,39 @@ def test_without_masquerade_only_the_forward_chain_is_made(node: Host) -> None:
         nftables.apply(nftables.table(N4, P4, masq=False, forward=True, fully_random=False))
         out = node.run("nft", "list", "table", "ip", "flannel-ipv4").stdout
     assert "chain forward" in out and "postrtg" not in out
+
+
+def test_flanneld_switches_a_node_between_iptables_and_nftables_modes(node: Host, tmp_path: Path) -> None:
+    """Each mode removes the other's rules at start, as flannel does; nftables mode keeps its table as the
+    iptables resync keeps the chains."""
+    conf = tmp_path / "net-conf.json"
+    registry = ["--local-registry", str(tmp_path / "l.db"), "--net-config-path", str(conf)]
+    runs: list[bool] = []
+
+    def run(nft: bool, check: Callable[[], None]) -> None:
+        runs.append(nft)
+        conf.write_text(json.dumps({"Network": "10.244.0.0/16", "Backend": {"Type": "host-gw"},
+                                    "EnableNFTables": nft}))
+        env = tmp_path / f"run{len(runs)}.env"
+        proc = start_flanneld(node, registry, env, "--ip-masq", "--iptables-resync", "1")
+        try:
+            wait_for_env(env, proc)
+            check()
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(20) == 0
+
+    def iptables_mode() -> None:
+        assert "FLANNEL-POSTRTG" in node.run("iptables-save", "-t", "nat").stdout
+        assert "flannel-ipv4" not in node.run("nft", "list", "tables").stdout
+
+    def nftables_mode() -> None:
+        assert "FLANNEL" not in node.run("iptables-save").stdout, "the iptables chains and jumps are gone"
+        postrtg = listed(node, "ip", "flannel-ipv4", "postrtg")
+        assert "ip saddr 10.244.0.0/16 ip daddr != 224.0.0.0/4 masquerade" in postrtg
+        node.run("nft", "flush", "chain", "ip", "flannel-ipv4", "postrtg")
+        wait_for(lambda: listed(node, "ip", "flannel-ipv4", "postrtg") == postrtg, 10, "the table restored")
+
+    run(False, iptables_mode)
+    run(True, nftables_mode)
+    run(False, iptables_mode)
