@@ -119,8 +119,8 @@ def _udp_batch(rig: Rig) -> tuple[Tunnel, Tunnel]:
 
 
 def _udp_basic(rig: Rig) -> tuple[Tunnel, Tunnel]:
-    """The design of flannel's C proxy: no offloads, one packet per syscall."""
-    return _udp(rig, "--offload", "off", "--batch", "1")
+    """The design of flannel's C proxy: no offloads, one packet per syscall, one thread each way."""
+    return _udp(rig, "--offload", "off", "--batch", "1", "--queues", "1")
 
 
 def _wait_for_route(host: Host, route: str, timeout: float = 15) -> None:

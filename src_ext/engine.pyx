@@ -61,7 +61,9 @@ from syscalls cimport (
     iovec, readv, writev, sockaddr_in, htons, ntohs, htonl, ntohl, mmsghdr, recvmmsg, sendmmsg,
     MSG_DONTWAIT, pollfd, poll, POLLIN, POLLOUT, POLLERR, POLLHUP, POLLNVAL, eventfd, EFD_NONBLOCK, EFD_CLOEXEC, sched_yield,
 )
-from prefix_table cimport pt_table, pt_handle, pt_hop, pt_lookup, pt_routed, pt_leaf_hop, pt_acquire, pt_release
+from prefix_table cimport (
+    pt_table, pt_handle, pt_hop, pt_lookup, pt_routed, pt_leaf_hop, pt_acquire, pt_release, PT_QUEUES,
+)
 from offload cimport (
     csum_partial, csum_fold, csum_finish, csum_replace2, ip4_set_check, VNET_HDR_LEN, VNET_F_NEEDS_CSUM,
     VNET_GSO_NONE, VNET_GSO_TCPV4, VNET_GSO_UDP_L4, GSO_MAX_SEGS, GRO_BUF, vnet_hdr, gro_item, gro_table,
@@ -78,15 +80,23 @@ cdef extern from *:
     static inline void tx_unclaim(int *flag) { __atomic_store_n(flag, 0, __ATOMIC_RELEASE); }
     static inline void flag_set(int *flag, int v) { __atomic_store_n(flag, v, __ATOMIC_RELAXED); }
     static inline int flag_get(int *flag) { return __atomic_load_n(flag, __ATOMIC_RELAXED); }
+    static inline uint64_t atomic_load64(uint64_t *p) { return __atomic_load_n(p, __ATOMIC_RELAXED); }
+    static inline int atomic_cas64(uint64_t *p, uint64_t *expected, uint64_t v)
+    {
+        return __atomic_compare_exchange_n(p, expected, v, 0, __ATOMIC_RELAXED, __ATOMIC_RELAXED);
+    }
     """
     bint tx_claim(int *flag) noexcept nogil
     void tx_unclaim(int *flag) noexcept nogil
     void flag_set(int *flag, int v) noexcept nogil
     bint flag_get(int *flag) noexcept nogil
+    uint64_t atomic_load64(uint64_t *p) noexcept nogil
+    bint atomic_cas64(uint64_t *p, uint64_t *expected, uint64_t v) noexcept nogil
 
 
 include "prefix_table.pxi"
 include "offload.pxi"
+include "steering.pxi"
 
 
 cdef enum:
@@ -104,8 +114,10 @@ cdef enum:
     SPIN_POLLS = 20          # readiness checks (with a yield) before a drained thread blocks in poll
     ICMP_PER_SEC = 1000      # ICMP errors: the kernel's net.ipv4.icmp_msgs_per_sec ...
     ICMP_BURST = 50          # ... and net.ipv4.icmp_msgs_burst
-    HAZARD_TX = 0            # also the index of each thread's failure slot
+    HAZARD_TX = 0            # each thread's failure slot, and its reader slot in the prefix table of queue 0
     HAZARD_RX = 1
+
+MAX_QUEUES = PT_QUEUES       # engines (TX/RX thread pairs) that can share one prefix table
 
 # Counter indices. TX counters are written only by the TX thread, RX counters only by the RX thread.
 cdef enum:
@@ -220,7 +232,12 @@ cdef class Engine:
     cdef bint check_source, vnet_hdr, gso, gro, coalesce
     cdef bint check_tx_source       # TX: the inner source must be in local_net/local_mask (host order)
     cdef uint32_t local_net, local_mask
-    cdef uint64_t icmp_credit_ns, icmp_last_ns   # the ICMP token bucket, in nanoseconds of credit
+    cdef int reader[2]              # per thread: its reader slot in the prefix table (HAZARD_* + 2 * queue)
+    # The ICMP rate limit, shared by the engines of one tunnel (the kernel's is per host): the theoretical
+    # arrival time of the next error (GCRA), in this engine or in the one it shares with (kept alive here).
+    cdef uint64_t icmp_tat_own
+    cdef uint64_t *icmp_tat
+    cdef object icmp_owner
     cdef readonly PrefixTable table
     cdef pt_handle *routes
     cdef uint64_t counters[N_COUNTERS]
@@ -254,9 +271,14 @@ cdef class Engine:
 
     def __cinit__(self, int tun_fd, int sock_fd, PrefixTable table not None, *, int batch=64,
                   bint check_source=True, bint vnet_hdr=False, bint gso=False, bint gro=False, bint coalesce=False,
-                  local_subnet=None):
+                  local_subnet=None, int queue=0, Engine icmp_shared_with=None):
+        """`queue`: which of the table's engines this is (0 to MAX_QUEUES - 1, one engine per TUN queue: each
+        thread reads the table through its own reader slot). `icmp_shared_with`: another engine of the same
+        tunnel, whose ICMP rate limit this one shares."""
         if not 1 <= batch <= MAX_BATCH:
             raise ValueError(f"batch {batch} out of range 1-{MAX_BATCH}")
+        if not 0 <= queue < MAX_QUEUES:
+            raise ValueError(f"queue {queue} out of range 0-{MAX_QUEUES - 1}")
         if coalesce and not vnet_hdr:
             raise ValueError("coalescing needs a TUN with virtio headers")
         self.tun_fd = tun_fd
@@ -268,7 +290,10 @@ cdef class Engine:
             self.check_tx_source = check_source
             self.local_net = int(subnet.network_address)
             self.local_mask = int(subnet.netmask)
-        self.icmp_credit_ns = ICMP_BURST * (1000000000 // ICMP_PER_SEC)
+        self.reader[HAZARD_TX] = HAZARD_TX + 2 * queue
+        self.reader[HAZARD_RX] = HAZARD_RX + 2 * queue
+        self.icmp_owner = icmp_shared_with
+        self.icmp_tat = &self.icmp_tat_own if icmp_shared_with is None else icmp_shared_with.icmp_tat
         self.vnet_hdr = vnet_hdr
         self.gso = gso
         self.gro = gro
@@ -441,7 +466,7 @@ cdef class Engine:
 
     cdef bint _tx_batch(self) noexcept nogil:
         """Read up to one batch from the TUN and send it; True if the TUN may have more."""
-        cdef const pt_table *t = pt_acquire(self.routes, HAZARD_TX)
+        cdef const pt_table *t = pt_acquire(self.routes, self.reader[HAZARD_TX])
         cdef ssize_t n
         cdef bint more = True
         cdef iovec iov[2]
@@ -466,7 +491,7 @@ cdef class Engine:
                 self._tx_offloaded(t, n)
             else:
                 self._tx_packet(t, self.arena + self.tx_pos, n)
-        pt_release(self.routes, HAZARD_TX)   # before the send, which may wait for socket space
+        pt_release(self.routes, self.reader[HAZARD_TX])   # before the send, which may wait for socket space
         self._tx_flush()
         return more
 
@@ -565,18 +590,21 @@ cdef class Engine:
             self.counters[C_ICMP_UNREACH_SENT] += 1
 
     cdef bint _icmp_allowed(self) noexcept nogil:
-        """A token bucket like the kernel's global ICMP limit: ICMP_PER_SEC errors a second, bursts of ICMP_BURST
-        (flannel has none: one error per packet, so a sender to nowhere got as many as it sent)."""
+        """A rate limit like the kernel's global ICMP limit: ICMP_PER_SEC errors a second, bursts of ICMP_BURST
+        (flannel has none: one error per packet, so a sender to nowhere got as many as it sent). A token bucket
+        in one word (GCRA: the time at which the bucket is full again), so that the TX threads of all queues
+        share it with one compare-and-swap."""
         cdef timespec now
-        cdef uint64_t cost = 1000000000 // ICMP_PER_SEC, t
+        cdef uint64_t cost = 1000000000 // ICMP_PER_SEC, t, tat, next_tat
         clock_gettime(CLOCK_MONOTONIC, &now)
         t = <uint64_t>now.tv_sec * 1000000000 + now.tv_nsec
-        self.icmp_credit_ns = min(self.icmp_credit_ns + (t - self.icmp_last_ns), ICMP_BURST * cost)
-        self.icmp_last_ns = t
-        if self.icmp_credit_ns < cost:
-            return False
-        self.icmp_credit_ns -= cost
-        return True
+        tat = atomic_load64(self.icmp_tat)
+        while True:
+            next_tat = max(tat, t) + cost
+            if next_tat - t > ICMP_BURST * cost:
+                return False
+            if atomic_cas64(self.icmp_tat, &tat, next_tat):
+                return True
 
     cdef int _tun_write(self, vnet_hdr *hdr, uint8_t *p, size_t n, int side) noexcept nogil:
         """One packet into the TUN, behind its virtio header when the TUN has them; 0 or an errno (a dead TUN
@@ -613,15 +641,20 @@ cdef class Engine:
 
     cdef int _tx_message(self, int m, int i) noexcept nogil:
         """Message m from segment i on: one datagram, or with GSO a run of equal-size segments to one peer
-        (a shorter one may end it, at most GSO_MAX_SEGS, never a one-segment GSO send). The next segment."""
+        (a shorter one may end it, at most GSO_MAX_SEGS, never a one-segment GSO send) whose inner packets the
+        peer's queues steer alike (steering.h: a train arrives as one datagram, steered by its first packet).
+        The next segment."""
         cdef int first = i, count = 1
         cdef size_t size = self.seg_len[i], total = size
         cdef pt_hop hop = self.seg_hop[i]
+        cdef uint32_t flow
         i += 1
         if self.gso:
+            flow = steer_hash(self.arena + self.seg_off[first], size)
             while (i < self.tx_nseg and count < GSO_MAX_SEGS and self.seg_len[i] <= size
                    and self.seg_hop[i].addr == hop.addr and self.seg_hop[i].port == hop.port
-                   and total + self.seg_len[i] <= UDP_MAX_PAYLOAD and self.seg_off[i] == self.seg_off[first] + total):
+                   and total + self.seg_len[i] <= UDP_MAX_PAYLOAD and self.seg_off[i] == self.seg_off[first] + total
+                   and steer_hash(self.arena + self.seg_off[i], self.seg_len[i]) == flow):
                 total += self.seg_len[i]
                 count += 1
                 i += 1
@@ -712,11 +745,11 @@ cdef class Engine:
                 self._fail(HAZARD_RX, errno)
             return r < 0 and errno == EINTR
         self.counters[C_RX_RECV_CALLS] += 1
-        cdef const pt_table *t = pt_acquire(self.routes, HAZARD_RX)
+        cdef const pt_table *t = pt_acquire(self.routes, self.reader[HAZARD_RX])
         for i in range(r):
             cmsg_parse_rx(&self.rx_msgs[i].msg_hdr, &gso_size, &self.rx_overflow)
             self._rx_message(t, self.rx_bufs + <size_t>i * SLOT, self.rx_msgs[i].msg_len, gso_size, &self.rx_addr[i])
-        pt_release(self.routes, HAZARD_RX)
+        pt_release(self.routes, self.reader[HAZARD_RX])
         self.counters[C_RX_SOCKET_OVERFLOW] = self.rx_overflow
         if self.coalesce:
             self._rx_write_coalesced()

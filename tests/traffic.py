@@ -38,8 +38,9 @@ def _payload() -> bytes:
     return b"".join(hashlib.sha256(i.to_bytes(4, "big")).digest() for i in range(CHUNK // 32))
 
 
-def start_transfer(src: Host, dst: Host, size: int, port: int = 5001) -> Transfer:
-    """Send size bytes from src's overlay address to dst's; both ends hash what they see."""
+def start_transfer(src: Host, dst: Host, size: int, port: int = 5001, src_port: int = 0) -> Transfer:
+    """Send size bytes from src's overlay address (and src_port, any if 0) to dst's; both ends hash what they
+    see."""
     t = Transfer(size)
     listener = host_socket(dst, socket.SOCK_STREAM)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -47,7 +48,7 @@ def start_transfer(src: Host, dst: Host, size: int, port: int = 5001) -> Transfe
     listener.listen(1)
     listener.settimeout(60)
     client = host_socket(src, socket.SOCK_STREAM)
-    client.bind((str(src.overlay_ip), 0))
+    client.bind((str(src.overlay_ip), src_port))
     client.settimeout(60)
 
     def receive() -> None:
