@@ -214,6 +214,15 @@ cdef dict _peer_counts(peer_table *table):
     return peers
 
 
+cdef inline void _peer_count(peer_table *table, uint32_t addr, uint64_t packets, uint64_t nbytes,
+                             bint tx) noexcept nogil:
+    """Add to a configured peer's counters (tx or rx side); nothing for a stranger or for no packets."""
+    cdef peer_slot *peer = peer_find(table, addr) if packets else NULL
+    if peer:
+        peer_add(&peer.tx_packets if tx else &peer.rx_packets, packets)
+        peer_add(&peer.tx_bytes if tx else &peer.rx_bytes, nbytes)
+
+
 cdef class Engine:
     """Moves packets between a TUN fd and a UDP socket fd; both fds stay owned by the caller.
 
@@ -242,6 +251,13 @@ cdef class Engine:
     cdef pt_handle *routes
     cdef uint64_t counters[N_COUNTERS]
     cdef peer_table *peers          # the table's configured peers: what TX sent to each, what RX accepted
+    # Per batch: the last route looked up (a run of packets to one destination looks it up once) and the last
+    # sender accepted; both forgotten whenever the thread takes the table again, which may then be another one.
+    cdef uint32_t tx_last_dst, rx_last_src, rx_last_peer     # network order; 0: none (0.0.0.0 is never routed)
+    cdef uint64_t tx_last_leaf
+    # RX: what the messages from one peer in a row added up to, counted for that peer once the run ends
+    cdef uint32_t rx_run_peer
+    cdef uint64_t rx_run_packets, rx_run_bytes
     # TX state
     cdef vnet_hdr tx_hdr
     cdef uint8_t *rbuf              # one TUN read when the TUN carries virtio headers
@@ -468,6 +484,7 @@ cdef class Engine:
         """Read up to one batch from the TUN and send it; True if the TUN may have more."""
         cdef const pt_table *t = pt_acquire(self.routes, self.reader[HAZARD_TX])
         cdef ssize_t n
+        self.tx_last_dst = 0
         cdef bint more = True
         cdef iovec iov[2]
         iov[0].iov_base = &self.tx_hdr
@@ -514,7 +531,12 @@ cdef class Engine:
         if self.check_tx_source and (ntohl(load32(p + 12)) & self.local_mask) != self.local_net:
             self.counters[D_TX_SPOOFED_SOURCE] += 1
             return 0
-        cdef uint64_t leaf = pt_lookup(t, ntohl(load32(p + 16)))
+        cdef uint32_t dst = load32(p + 16)
+        cdef uint64_t leaf = self.tx_last_leaf
+        if dst != self.tx_last_dst or dst == 0:
+            leaf = pt_lookup(t, ntohl(dst))
+            self.tx_last_dst = dst
+            self.tx_last_leaf = leaf
         if not pt_routed(leaf):
             self.counters[D_TX_NO_ROUTE] += 1
             self._icmp_unreachable(p, n, ihl)
@@ -681,21 +703,13 @@ cdef class Engine:
     cdef int _tx_send(self, int nmsg) noexcept nogil:
         """sendmmsg the prepared messages, resuming after partial sends and waiting out a full socket buffer.
         Returns -1, or the index of a GSO message the kernel refused (GSO is then off: rebuild from there)."""
-        cdef int start = 0, r, i
+        cdef int start = 0, r
         cdef pollfd fds[2]
-        cdef peer_slot *peer
         while start < nmsg:
             r = sendmmsg(self.sock_fd, self.tx_msgs + start, nmsg - start, 0)
             if r > 0:
                 self.counters[C_TX_SEND_CALLS] += 1
-                for i in range(start, start + r):
-                    self.counters[C_TX_PACKETS] += self.tx_msg_segs[i]
-                    self.counters[C_TX_BYTES] += self.tx_iov[i].iov_len
-                    self.counters[C_TX_GSO_MESSAGES] += self.tx_msg_segs[i] > 1
-                    peer = peer_find(self.peers, self.tx_addr[i].sin_addr.s_addr)
-                    if peer:
-                        peer_add(&peer.tx_packets, self.tx_msg_segs[i])
-                        peer_add(&peer.tx_bytes, self.tx_iov[i].iov_len)
+                self._tx_count(start, start + r)
                 start += r
             elif errno == EINTR:
                 continue
@@ -720,6 +734,25 @@ cdef class Engine:
                 self.counters[D_TX_SEND_ERROR] += self.tx_msg_segs[start]
                 start += 1
         return -1
+
+    cdef void _tx_count(self, int first, int end) noexcept nogil:
+        """Count the sent messages first..end-1: the totals once, and each peer once per run of messages to it
+        (a batch mostly goes to one peer: one lookup and two atomic adds, not one per message)."""
+        cdef uint64_t packets = 0, nbytes = 0, gso = 0, run_packets = 0, run_bytes = 0
+        cdef int i
+        for i in range(first, end):
+            if i > first and self.tx_addr[i].sin_addr.s_addr != self.tx_addr[i - 1].sin_addr.s_addr:
+                _peer_count(self.peers, self.tx_addr[i - 1].sin_addr.s_addr, run_packets, run_bytes, True)
+                packets += run_packets
+                nbytes += run_bytes
+                run_packets = run_bytes = 0
+            run_packets += self.tx_msg_segs[i]
+            run_bytes += self.tx_iov[i].iov_len
+            gso += self.tx_msg_segs[i] > 1
+        _peer_count(self.peers, self.tx_addr[end - 1].sin_addr.s_addr, run_packets, run_bytes, True)
+        self.counters[C_TX_PACKETS] += packets + run_packets
+        self.counters[C_TX_BYTES] += nbytes + run_bytes
+        self.counters[C_TX_GSO_MESSAGES] += gso
 
     # ---- RX: UDP -> TUN -------------------------------------------------------------------------------------
 
@@ -746,10 +779,13 @@ cdef class Engine:
             return r < 0 and errno == EINTR
         self.counters[C_RX_RECV_CALLS] += 1
         cdef const pt_table *t = pt_acquire(self.routes, self.reader[HAZARD_RX])
+        self.rx_last_src = 0
         for i in range(r):
             cmsg_parse_rx(&self.rx_msgs[i].msg_hdr, &gso_size, &self.rx_overflow)
             self._rx_message(t, self.rx_bufs + <size_t>i * SLOT, self.rx_msgs[i].msg_len, gso_size, &self.rx_addr[i])
         pt_release(self.routes, self.reader[HAZARD_RX])
+        _peer_count(self.peers, self.rx_run_peer, self.rx_run_packets, self.rx_run_bytes, False)
+        self.rx_run_packets = self.rx_run_bytes = 0
         self.counters[C_RX_SOCKET_OVERFLOW] = self.rx_overflow
         if self.coalesce:
             self._rx_write_coalesced()
@@ -758,11 +794,11 @@ cdef class Engine:
     cdef void _rx_message(self, const pt_table *t, uint8_t *p, size_t n, int gso_size,
                           const sockaddr_in *src) noexcept nogil:
         """One received message: a datagram, or with UDP_GRO a train cut at gso_size; what was accepted is
-        counted for the sending peer (after validation, so made-up senders are never counted)."""
+        counted for the sending peer (after validation, so made-up senders are never counted), once the batch
+        or the run of messages from that peer ends."""
         cdef size_t off = 0, size = n
         cdef uint64_t packets = 0, nbytes = 0
         cdef unsigned got
-        cdef peer_slot *peer
         if 0 < gso_size < <ssize_t>n:
             self.counters[C_RX_GRO_TRAINS] += 1
             size = gso_size
@@ -773,10 +809,14 @@ cdef class Engine:
             off += size
             if off >= n:
                 break
-        peer = peer_find(self.peers, src.sin_addr.s_addr) if packets else NULL
-        if peer:
-            peer_add(&peer.rx_packets, packets)
-            peer_add(&peer.rx_bytes, nbytes)
+        if not packets:
+            return
+        if src.sin_addr.s_addr != self.rx_run_peer:
+            _peer_count(self.peers, self.rx_run_peer, self.rx_run_packets, self.rx_run_bytes, False)
+            self.rx_run_peer = src.sin_addr.s_addr
+            self.rx_run_packets = self.rx_run_bytes = 0
+        self.rx_run_packets += packets
+        self.rx_run_bytes += nbytes
 
     cdef unsigned _rx_packet(self, const pt_table *t, uint8_t *p, size_t n, const sockaddr_in *src) noexcept nogil:
         """Validate one datagram from the wire, check its sender, and write (or queue) it for the TUN; its
@@ -853,9 +893,15 @@ cdef class Engine:
 
     cdef bint _sender_ok(self, const pt_table *t, const uint8_t *p, const sockaddr_in *src) noexcept nogil:
         """The outer source must be the peer whose subnet holds the inner source; counts the drop if not, as
-        spoofed (a configured peer) or unknown (anyone else), both O(1)."""
-        cdef uint64_t leaf = pt_lookup(t, ntohl(load32(p + 12)))
+        spoofed (a configured peer) or unknown (anyone else), both O(1). A run of packets from one inner source
+        and peer is looked up once per batch."""
+        cdef uint32_t inner = load32(p + 12)
+        if inner == self.rx_last_src and src.sin_addr.s_addr == self.rx_last_peer and inner != 0:
+            return True
+        cdef uint64_t leaf = pt_lookup(t, ntohl(inner))
         if pt_routed(leaf) and pt_leaf_hop(leaf).addr == src.sin_addr.s_addr:
+            self.rx_last_src = inner
+            self.rx_last_peer = src.sin_addr.s_addr
             return True
         if peer_configured(self.peers, src.sin_addr.s_addr):
             self.counters[D_RX_SPOOFED_SOURCE] += 1
