@@ -68,7 +68,7 @@ class Pump:
             self._engines.append(Engine(
                 fd, sock.fileno(), self.routes, batch=batch, check_source=check_source, local_subnet=str(subnet),
                 vnet_hdr=offloads.vnet_hdr, gso=offloads.gso, gro=offloads.gro, coalesce=offloads.coalesce,
-                queue=queue, icmp_shared_with=self._engines[0] if self._engines else None,
+                uso=offloads.uso, queue=queue, icmp_shared_with=self._engines[0] if self._engines else None,
             ))
         self._threads: list[threading.Thread] = []
 

@@ -1,5 +1,6 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
-"""The packet engine: flannel0 (TUN) <-> UDP, one TX thread and one RX thread, both in C with the GIL released.
+"""The packet engine: flannel0 (TUN) <-> UDP, one TX thread and one RX thread, both in C with the GIL released;
+one engine per queue of a multi-queue flannel0.
 
 Design notes (what is flannel's and why; what is ours and why)
 - Wire format is flannel's udp backend, bit for bit: the UDP payload is the raw inner IPv4 packet, nothing more,
@@ -45,6 +46,12 @@ Design notes (what is flannel's and why; what is ours and why)
   coalesce: consecutive segments of one TCP flow are merged again and written to the TUN as one GSO packet.
   A GSO send refused with EIO (egress device without checksum offload) turns GSO off and resends; a coalesced
   write refused with EINVAL (the 6.6.44-era virtio header regression) turns coalescing off and writes segments.
+- Ours: several queues (dataplane.pump). Each engine owns one TUN queue and one UDP socket of a SO_REUSEPORT
+  group on the same port; the kernel keeps each flow on one queue both ways (steering.h explains how), so the
+  engines share nothing per packet but the route table (each thread its own reader slot), the per-peer counters
+  (atomic adds) and the ICMP rate limit (one word, compare-and-swap).
+- Per batch, not per packet: a run of packets to one destination looks its route up once, a run from one sender
+  and inner source is checked once, and per-peer counters are added once per run of messages to or from a peer.
 - Nothing here allocates or touches a Python object per packet; all buffers are allocated at construction.
 """
 
@@ -287,10 +294,11 @@ cdef class Engine:
 
     def __cinit__(self, int tun_fd, int sock_fd, PrefixTable table not None, *, int batch=64,
                   bint check_source=True, bint vnet_hdr=False, bint gso=False, bint gro=False, bint coalesce=False,
-                  local_subnet=None, int queue=0, Engine icmp_shared_with=None):
+                  bint uso=False, local_subnet=None, int queue=0, Engine icmp_shared_with=None):
         """`queue`: which of the table's engines this is (0 to MAX_QUEUES - 1, one engine per TUN queue: each
         thread reads the table through its own reader slot). `icmp_shared_with`: another engine of the same
-        tunnel, whose ICMP rate limit this one shares."""
+        tunnel, whose ICMP rate limit this one shares. `uso`: the TUN takes GSO_UDP_L4 writes, so coalescing
+        merges UDP flows too."""
         if not 1 <= batch <= MAX_BATCH:
             raise ValueError(f"batch {batch} out of range 1-{MAX_BATCH}")
         if not 0 <= queue < MAX_QUEUES:
@@ -335,6 +343,8 @@ cdef class Engine:
         self.rx_addr = <sockaddr_in *>calloc(MAX_BATCH, sizeof(sockaddr_in))
         self.rx_cmsg = <uint8_t *>calloc(MAX_BATCH, CMSG_ROOM)
         self.flows = new_gro_table(RX_PACKETS, GRO_POOL)
+        if self.flows:
+            self.flows.udp = coalesce and uso
         self.rx_split = <uint8_t *>calloc(GRO_BUF + ARENA_SLACK, 1)
         self.rx_split_len = <uint16_t *>calloc(SPLIT_SEGS, sizeof(uint16_t))
         self.peers = table._peer_table()
