@@ -21,10 +21,10 @@ from typing import Any
 
 from pyroute2 import IPRoute
 
-from dataplane._engine import COUNTERS, MAX_QUEUES, Engine, PrefixTable
-from dataplane.offload import Offloads
-from dataplane.tun import TunDevice, configure_tun, ensure_configured, open_tun
-from dataplane.udp import enable_offloads, open_udp_sockets
+from pyflannel.dataplane._engine import COUNTERS, MAX_QUEUES, Engine, PrefixTable
+from pyflannel.dataplane.offload import Offloads
+from pyflannel.dataplane.tun import TunDevice, configure_tun, ensure_configured, open_tun
+from pyflannel.dataplane.udp import enable_offloads, open_udp_sockets
 
 DEFAULT_PORT = 8285
 DEFAULT_BATCH = 64

@@ -21,8 +21,8 @@ from typing import Any
 import pytun
 from pyroute2 import IPRoute
 
-from dataplane.errors import DataplaneError
-from dataplane.offload import Offloads
+from pyflannel.dataplane.errors import DataplaneError
+from pyflannel.dataplane.offload import Offloads
 
 ENCAP_OVERHEAD = 28  # outer IPv4 header + UDP header (flannel's encapOverhead)
 # flannel0's transmit queue in packets. Measured with udp-batch (bench/RESULTS.md): 500 (the default) 12,162

@@ -40,12 +40,12 @@ import time
 from dataclasses import dataclass
 from typing import NoReturn
 
-from dataplane import klog, metrics, offload
-from dataplane._engine import MAX_QUEUES
-from dataplane.errors import DataplaneError
-from dataplane.keeper import Keeper, PumpSpec
-from dataplane.pump import DEFAULT_BATCH, DEFAULT_PORT, QUEUES_CAP, default_queues
-from dataplane.tun import ENCAP_OVERHEAD, underlay_mtu
+from pyflannel.dataplane import klog, metrics, offload
+from pyflannel.dataplane._engine import MAX_QUEUES
+from pyflannel.dataplane.errors import DataplaneError
+from pyflannel.dataplane.keeper import Keeper, PumpSpec
+from pyflannel.dataplane.pump import DEFAULT_BATCH, DEFAULT_PORT, QUEUES_CAP, default_queues
+from pyflannel.dataplane.tun import ENCAP_OVERHEAD, underlay_mtu
 
 log = logging.getLogger("flannel-tunnel")
 

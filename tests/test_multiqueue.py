@@ -16,8 +16,8 @@ from daemons import scrape
 from packets import ipv4, udp4
 from traffic import start_transfer
 
-from bench.rig import Host, Rig
-from dataplane._engine import COUNTERS, attach_steering, steered_queue
+from pyflannel.bench.rig import Host, Rig
+from pyflannel.dataplane._engine import COUNTERS, attach_steering, steered_queue
 
 MB = 1 << 20
 STEER_PORT = 18285  # the steering test's own group, apart from any tunnel's 8285
