@@ -157,8 +157,8 @@ def _udp_batch(host: Host, peer: Lease, undo: ExitStack, files: Path) -> Tunnel:
 
 
 def _udp_basic(host: Host, peer: Lease, undo: ExitStack, files: Path) -> Tunnel:
-    """The design of flannel's C proxy: no offloads, one packet per syscall."""
-    return _udp(host, peer, undo, files, "--offload", "off", "--batch", "1")
+    """The design of flannel's C proxy: no offloads, one packet per syscall, one thread each way."""
+    return _udp(host, peer, undo, files, "--offload", "off", "--batch", "1", "--queues", "1")
 
 
 def _wait_for_flannel0(host: Host, proc: subprocess.Popen[Any], log: Path, timeout: float = 15) -> None:

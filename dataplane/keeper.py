@@ -48,11 +48,12 @@ class PumpSpec:
     wanted: Offloads
     batch: int = DEFAULT_BATCH
     check_source: bool = True
+    queues: int = 1
 
     def open(self) -> Pump:
         return open_pump(iface_ip=self.iface_ip, port=self.port, tun_name=self.tun_name, subnet=self.subnet,
                          network=self.network, mtu=self.mtu, wanted=self.wanted, batch=self.batch,
-                         check_source=self.check_source)
+                         check_source=self.check_source, queues=self.queues)
 
 
 def _key(subnet: str) -> str:

@@ -4,7 +4,9 @@ Metrics go through prometheus_client, so counters are exact integers (a hand-for
 moving at 1.96e9), every family has HELP and TYPE, and the names follow Prometheus' conventions: one prefix
 (`flannel_`), base units, `_total` for counters. Engine counters are read from the engine when scraped (a
 collector, not a second set of counters to keep in step), and the per-peer series are bounded by the engine,
-which counts configured peers only. The server answers /metrics and a set of check paths (/healthz, /readyz)
+which counts configured peers only. With several queues each engine counter is also exported per queue, in a
+family of its own (`flannel_queue_packets_total{direction="tx",queue="0"}`), so that summing a family never
+counts a packet twice. The server answers /metrics and a set of check paths (/healthz, /readyz)
 from a daemon thread, so a blocked event loop or signal loop does not silence it.
 """
 
@@ -65,24 +67,32 @@ class EngineCollector(Collector):
         stats = self.stats()
         if stats is None:
             return
-        families: dict[str, CounterMetricFamily] = {}
-
-        def add(family: str, label: str, value: str, count: int) -> None:
-            if family not in families:
-                families[family] = CounterMetricFamily(f"flannel_{family}", _HELP[family], labels=[label])
-            families[family].add_metric([value], count)
-
-        for name, (family, label, value) in _EXPORTED.items():
-            add(family, label, value, stats[name])
-        for reason, count in stats["drops"].items():
-            add("drops", "reason", reason, count)
-        yield from families.values()
+        yield from _counters("flannel_", [], [([], stats)])
+        yield from _counters("flannel_queue_", ["queue"],
+                             [([str(queue)], counts) for queue, counts in enumerate(stats["queues"])])
         yield from _peers(stats["peers"])
         offloads = GaugeMetricFamily("flannel_offload_enabled", "Kernel offloads in use (1) or not (0).",
                                      labels=["offload"])
         for name, on in stats["offloads"].items():
             offloads.add_metric([name], float(on))
         yield offloads
+
+
+def _counters(prefix: str, extra: list[str], rows: list[tuple[list[str], Mapping[str, Any]]]) -> Iterator[Metric]:
+    """The engine counters of each row's stats, by family, with the row's values for the `extra` labels."""
+    families: dict[str, CounterMetricFamily] = {}
+
+    def add(family: str, label: str, values: list[str], count: int) -> None:
+        if family not in families:
+            families[family] = CounterMetricFamily(f"{prefix}{family}", _HELP[family], labels=[label, *extra])
+        families[family].add_metric(values, count)
+
+    for labels, stats in rows:
+        for name, (family, label, value) in _EXPORTED.items():
+            add(family, label, [value, *labels], stats[name])
+        for reason, count in stats["drops"].items():
+            add("drops", "reason", [reason, *labels], count)
+    yield from families.values()
 
 
 def _peers(peers: Mapping[str, Mapping[str, int]]) -> Iterator[Metric]:

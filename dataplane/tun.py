@@ -1,9 +1,11 @@
 """The TUN device: opened with python-pytun, configured with pyroute2, exactly as flannel's udp backend does.
 
 python-pytun creates the device (TUNSETIFF with IFF_TUN|IFF_NO_PI, plus IFF_VNET_HDR when offloads are wanted)
-and hands out its fd, which the engine threads read and write directly; the offload ioctl goes to that fd. The
-device is not persistent: closing the fd removes it together with its address and routes, so a crash leaves
-nothing configured.
+and hands out its fd, which the engine threads read and write directly; the offload ioctl goes to that fd. With
+several queues the device is IFF_MULTI_QUEUE and each queue is one more fd attached to it (TUNSETIFF again with
+the same name): the kernel spreads outgoing flows over the queues by their hash, and sends a flow on the queue
+that last wrote it (its flow table), so each flow stays with one engine. The device is not persistent: closing
+its fds removes it together with its address and routes, so a crash leaves nothing configured.
 """
 
 from __future__ import annotations
@@ -36,37 +38,42 @@ RT_TABLE_MAIN = 254
 
 @dataclass
 class TunDevice:
-    """An open TUN device; `fd` is what the engine uses, `close()` removes the device.
+    """An open TUN device; `fds` are what the engines use (one per queue), `close()` removes the device.
 
     `offloads` starts as what was wanted and is narrowed to what the kernel accepts by open_tun (TSO, USO) and
     configure_tun (coalesced writes); the socket-side entries (gso, gro) are left for dataplane.udp.
     """
 
     name: str
-    handle: pytun.TunTapDevice
+    queues: list[pytun.TunTapDevice]
     offloads: Offloads
 
     @property
-    def fd(self) -> int:
-        return int(self.handle.fileno())
+    def fds(self) -> list[int]:
+        return [int(queue.fileno()) for queue in self.queues]
 
     def close(self) -> None:
-        self.handle.close()
+        for queue in self.queues:
+            queue.close()
 
 
-def open_tun(name: str, wanted: Offloads) -> TunDevice:
-    """Create the TUN device `name` (non-blocking), or raise DataplaneError saying why not."""
+def open_tun(name: str, wanted: Offloads, queues: int = 1) -> TunDevice:
+    """Create the TUN device `name` with `queues` queues (non-blocking), or raise DataplaneError saying why not.
+    One queue is a plain TUN device, as flannel's."""
     if not os.path.exists("/dev/net/tun"):
         raise DataplaneError("/dev/net/tun does not exist: load the tun module (modprobe tun)")
     _refuse_existing(name)
-    flags = pytun.IFF_TUN | pytun.IFF_NO_PI | (pytun.IFF_VNET_HDR if wanted.vnet_hdr else 0)
+    flags = (pytun.IFF_TUN | pytun.IFF_NO_PI | (pytun.IFF_VNET_HDR if wanted.vnet_hdr else 0)
+             | (pytun.IFF_MULTI_QUEUE if queues > 1 else 0))
+    tun = TunDevice(name=name, queues=[], offloads=wanted)
     try:
-        handle = pytun.TunTapDevice(name=name, flags=flags)
-    except pytun.Error as exc:
-        raise DataplaneError(f"cannot create TUN device {name}: {_pytun_reason(exc)}") from None
-    fd = handle.fileno()
-    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)
-    tun = TunDevice(name=handle.name, handle=handle, offloads=wanted)
+        for _ in range(queues):
+            tun.queues.append(_open_queue(tun.name, flags))
+            tun.name = tun.queues[0].name  # flannel%d is named by the kernel; the other queues attach to it
+    except BaseException:
+        tun.close()
+        raise
+    fd = tun.fds[0]
     if wanted.vnet_hdr:
         # USO is asked for together with TSO: the kernel takes both USO flags or neither, and only from 6.2.
         base = TUN_F_CSUM | (TUN_F_TSO4 if wanted.tso else 0)
@@ -74,6 +81,16 @@ def open_tun(name: str, wanted: Offloads) -> TunDevice:
         tso = wanted.tso and (uso or _tunsetoffload(fd, base))
         tun.offloads = replace(wanted, tso=tso, uso=uso)
     return tun
+
+
+def _open_queue(name: str, flags: int) -> pytun.TunTapDevice:
+    try:
+        queue = pytun.TunTapDevice(name=name, flags=flags)
+    except pytun.Error as exc:
+        raise DataplaneError(f"cannot create TUN device {name}: {_pytun_reason(exc)}") from None
+    fd = queue.fileno()
+    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)
+    return queue
 
 
 def _refuse_existing(name: str) -> None:
@@ -121,7 +138,7 @@ def configure_tun(tun: TunDevice, *, subnet: ipaddress.IPv4Network, network: ipa
         ipr.link("set", index=index, mtu=mtu, txqlen=TXQUEUELEN)
         _ensure_link(ipr, index, subnet)
         _ensure_route(ipr, index, network, add=False)
-    if tun.offloads.coalesce and not _coalesced_write_works(tun.fd):
+    if tun.offloads.coalesce and not _coalesced_write_works(tun.fds[0]):
         tun.offloads = replace(tun.offloads, coalesce=False)
 
 

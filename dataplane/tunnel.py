@@ -1,8 +1,8 @@
 """flannel-tunnel: a standalone flannel udp tunnel with static peers and no registry.
 
     flannel-tunnel --iface-ip IP --subnet CIDR --network CIDR --peer CIDR=IP [--peer ...] [--peers-file PATH]
-                   [--port 8285] [--tun flannel0] [--offload auto|off] [--batch N] [--no-source-check]
-                   [--stats-file PATH] [--metrics-addr HOST:PORT]
+                   [--port 8285] [--tun flannel0] [--offload auto|off] [--batch N] [--queues N]
+                   [--no-source-check] [--stats-file PATH] [--metrics-addr HOST:PORT]
 
 It sets up flannel0 as flanneld's udp backend would, forwards until SIGINT/SIGTERM, and removes what it created.
 Every second a Keeper (dataplane.keeper) checks flannel0: deleted, it is recreated with every route; set down or
@@ -41,9 +41,10 @@ from dataclasses import dataclass
 from typing import NoReturn
 
 from pyflannel.dataplane import klog, metrics, offload
+from pyflannel.dataplane._engine import MAX_QUEUES
 from pyflannel.dataplane.errors import DataplaneError
 from pyflannel.dataplane.keeper import Keeper, PumpSpec
-from pyflannel.dataplane.pump import DEFAULT_BATCH, DEFAULT_PORT
+from pyflannel.dataplane.pump import DEFAULT_BATCH, DEFAULT_PORT, QUEUES_CAP, default_queues
 from pyflannel.dataplane.tun import ENCAP_OVERHEAD, underlay_mtu
 
 log = logging.getLogger("flannel-tunnel")
@@ -75,6 +76,7 @@ class TunnelConfig:
     tun: str
     offloads: offload.Offloads
     batch: int
+    queues: int
     check_source: bool
     stats_file: str | None
     metrics_addr: tuple[str, int] | None
@@ -98,6 +100,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--offload", choices=("auto", "off"), default="auto",
                    help=f"kernel offloads (auto); {offload.ENV_DISABLE}=gso,gro,... turns single ones off")
     p.add_argument("--batch", type=int, default=DEFAULT_BATCH, help=f"packets per syscall, 1-128 ({DEFAULT_BATCH})")
+    p.add_argument("--queues", type=int, default=None,
+                   help=f"TUN queues, a TX and an RX thread each, 1-{MAX_QUEUES} (one per CPU, up to {QUEUES_CAP})")
     p.add_argument("--no-source-check", action="store_true", help="accept packets whose sender is not their peer")
     p.add_argument("--stats-file", help="where SIGUSR1 writes the counters as JSON")
     p.add_argument("--metrics-addr", metavar="HOST:PORT", help="serve Prometheus /metrics and /healthz there")
@@ -177,6 +181,9 @@ def parse_config(argv: list[str] | None) -> TunnelConfig:
         raise DataplaneError(f"--port {args.port} is out of range 1-65535")
     if not 1 <= args.batch <= 128:
         raise DataplaneError(f"--batch {args.batch} is out of range 1-128")
+    queues = default_queues() if args.queues is None else args.queues
+    if not 1 <= queues <= MAX_QUEUES:
+        raise DataplaneError(f"--queues {queues} is out of range 1-{MAX_QUEUES}")
     return TunnelConfig(
         iface_ip=_ip(args.iface_ip, "--iface-ip"),
         subnet=subnet,
@@ -187,6 +194,7 @@ def parse_config(argv: list[str] | None) -> TunnelConfig:
         tun=args.tun,
         offloads=offload.wanted(args.offload),
         batch=args.batch,
+        queues=queues,
         check_source=not args.no_source_check,
         stats_file=args.stats_file,
         metrics_addr=None if args.metrics_addr is None else _host_port(args.metrics_addr, "--metrics-addr"),
@@ -211,15 +219,15 @@ def run(cfg: TunnelConfig, peers: tuple[Peer, ...]) -> None:
     mtu = underlay_mtu(cfg.iface_ip) - ENCAP_OVERHEAD
     keeper = Keeper(PumpSpec(iface_ip=cfg.iface_ip, port=cfg.port, tun_name=cfg.tun, subnet=cfg.subnet,
                              network=cfg.network, mtu=mtu, wanted=cfg.offloads, batch=cfg.batch,
-                             check_source=cfg.check_source))
+                             check_source=cfg.check_source, queues=cfg.queues))
     server = None
     if cfg.metrics_addr is not None:  # before flannel0, so that a port in use leaves nothing behind
         server = metrics.serve(*cfg.metrics_addr, metrics.registry(metrics.EngineCollector(keeper.stats)),
                                {"/healthz": (lambda: keeper.failure, 500, "flannel-tunnel is running")})
     try:
         pump = keeper.start(_routes(cfg, peers))
-        log.info("%s up: subnet %s, mtu %d, %d peers, udp %s:%d, batch %d, offloads: %s", cfg.tun, cfg.subnet,
-                 mtu, len(peers), cfg.iface_ip, cfg.port, cfg.batch, pump.offloads.describe())
+        log.info("%s up: subnet %s, mtu %d, %d peers, udp %s:%d, batch %d, queues %d, offloads: %s", cfg.tun,
+                 cfg.subnet, mtu, len(peers), cfg.iface_ip, cfg.port, cfg.batch, cfg.queues, pump.offloads.describe())
         sig = _serve(cfg, keeper)
         keeper.pump.stop()
         _write_stats(cfg.stats_file, keeper)

@@ -1,4 +1,8 @@
-"""The underlay UDP socket the engine sends and receives on (flannel binds it to the interface address).
+"""The underlay UDP sockets the engine sends and receives on (flannel binds one to the interface address).
+
+With several queues there is one socket per queue, all bound to the same address and port with SO_REUSEPORT, and
+a reuseport program (dataplane._engine.attach_steering, src_ext/steering.h) picks the socket of each arriving
+datagram by its inner flow, so that one flow always reaches the same engine thread.
 
 Besides binding, this is where the socket-side offloads are probed and switched on (UDP_SEGMENT for sends,
 UDP_GRO for receives), where the buffers are enlarged (the default 208 KiB drops bursts, and drops become TCP
@@ -12,6 +16,7 @@ import ipaddress
 import socket
 from dataclasses import replace
 
+from pyflannel.dataplane._engine import attach_steering
 from pyflannel.dataplane.errors import DataplaneError
 from pyflannel.dataplane.offload import Offloads
 
@@ -21,10 +26,35 @@ UDP_SEGMENT, UDP_GRO, SO_RXQ_OVFL = 103, 104, 40
 SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33
 
 
-def open_udp_socket(addr: ipaddress.IPv4Address, port: int) -> socket.socket:
+def open_udp_sockets(addr: ipaddress.IPv4Address, port: int, queues: int = 1) -> list[socket.socket]:
+    """`queues` non-blocking UDP sockets bound to addr:port, steered by flow when there are several, or
+    DataplaneError naming the problem (nothing left open)."""
+    if queues == 1:
+        return [_open_socket(addr, port)]
+    # SO_REUSEPORT would also join a group someone else bound (any process of the same user): a plain bind
+    # first says whether the port is free, as it does for one queue.
+    _open_socket(addr, port).close()
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(queues):
+            socks.append(_open_socket(addr, port, reuseport=True))
+        try:
+            attach_steering(socks[0].fileno(), queues)
+        except OSError as exc:
+            raise DataplaneError(f"cannot steer UDP {addr}:{port} over {queues} sockets: {exc.strerror}") from None
+    except BaseException:
+        for sock in socks:
+            sock.close()
+        raise
+    return socks
+
+
+def _open_socket(addr: ipaddress.IPv4Address, port: int, *, reuseport: bool = False) -> socket.socket:
     """A non-blocking UDP socket bound to addr:port, or DataplaneError naming the problem."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
+        if reuseport:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((str(addr), port))
     except OSError as exc:
         sock.close()

@@ -1,5 +1,6 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
-"""The packet engine: flannel0 (TUN) <-> UDP, one TX thread and one RX thread, both in C with the GIL released.
+"""The packet engine: flannel0 (TUN) <-> UDP, one TX thread and one RX thread, both in C with the GIL released;
+one engine per queue of a multi-queue flannel0.
 
 Design notes (what is flannel's and why; what is ours and why)
 - Wire format is flannel's udp backend, bit for bit: the UDP payload is the raw inner IPv4 packet, nothing more,
@@ -45,6 +46,12 @@ Design notes (what is flannel's and why; what is ours and why)
   coalesce: consecutive segments of one TCP flow are merged again and written to the TUN as one GSO packet.
   A GSO send refused with EIO (egress device without checksum offload) turns GSO off and resends; a coalesced
   write refused with EINVAL (the 6.6.44-era virtio header regression) turns coalescing off and writes segments.
+- Ours: several queues (dataplane.pump). Each engine owns one TUN queue and one UDP socket of a SO_REUSEPORT
+  group on the same port; the kernel keeps each flow on one queue both ways (steering.h explains how), so the
+  engines share nothing per packet but the route table (each thread its own reader slot), the per-peer counters
+  (atomic adds) and the ICMP rate limit (one word, compare-and-swap).
+- Per batch, not per packet: a run of packets to one destination looks its route up once, a run from one sender
+  and inner source is checked once, and per-peer counters are added once per run of messages to or from a peer.
 - Nothing here allocates or touches a Python object per packet; all buffers are allocated at construction.
 """
 
@@ -61,7 +68,9 @@ from syscalls cimport (
     iovec, readv, writev, sockaddr_in, htons, ntohs, htonl, ntohl, mmsghdr, recvmmsg, sendmmsg,
     MSG_DONTWAIT, pollfd, poll, POLLIN, POLLOUT, POLLERR, POLLHUP, POLLNVAL, eventfd, EFD_NONBLOCK, EFD_CLOEXEC, sched_yield,
 )
-from prefix_table cimport pt_table, pt_handle, pt_hop, pt_lookup, pt_routed, pt_leaf_hop, pt_acquire, pt_release
+from prefix_table cimport (
+    pt_table, pt_handle, pt_hop, pt_lookup, pt_routed, pt_leaf_hop, pt_acquire, pt_release, PT_QUEUES,
+)
 from offload cimport (
     csum_partial, csum_fold, csum_finish, csum_replace2, ip4_set_check, VNET_HDR_LEN, VNET_F_NEEDS_CSUM,
     VNET_GSO_NONE, VNET_GSO_TCPV4, VNET_GSO_UDP_L4, GSO_MAX_SEGS, GRO_BUF, vnet_hdr, gro_item, gro_table,
@@ -78,15 +87,23 @@ cdef extern from *:
     static inline void tx_unclaim(int *flag) { __atomic_store_n(flag, 0, __ATOMIC_RELEASE); }
     static inline void flag_set(int *flag, int v) { __atomic_store_n(flag, v, __ATOMIC_RELAXED); }
     static inline int flag_get(int *flag) { return __atomic_load_n(flag, __ATOMIC_RELAXED); }
+    static inline uint64_t atomic_load64(uint64_t *p) { return __atomic_load_n(p, __ATOMIC_RELAXED); }
+    static inline int atomic_cas64(uint64_t *p, uint64_t *expected, uint64_t v)
+    {
+        return __atomic_compare_exchange_n(p, expected, v, 0, __ATOMIC_RELAXED, __ATOMIC_RELAXED);
+    }
     """
     bint tx_claim(int *flag) noexcept nogil
     void tx_unclaim(int *flag) noexcept nogil
     void flag_set(int *flag, int v) noexcept nogil
     bint flag_get(int *flag) noexcept nogil
+    uint64_t atomic_load64(uint64_t *p) noexcept nogil
+    bint atomic_cas64(uint64_t *p, uint64_t *expected, uint64_t v) noexcept nogil
 
 
 include "prefix_table.pxi"
 include "offload.pxi"
+include "steering.pxi"
 
 
 cdef enum:
@@ -104,8 +121,10 @@ cdef enum:
     SPIN_POLLS = 20          # readiness checks (with a yield) before a drained thread blocks in poll
     ICMP_PER_SEC = 1000      # ICMP errors: the kernel's net.ipv4.icmp_msgs_per_sec ...
     ICMP_BURST = 50          # ... and net.ipv4.icmp_msgs_burst
-    HAZARD_TX = 0            # also the index of each thread's failure slot
+    HAZARD_TX = 0            # each thread's failure slot, and its reader slot in the prefix table of queue 0
     HAZARD_RX = 1
+
+MAX_QUEUES = PT_QUEUES       # engines (TX/RX thread pairs) that can share one prefix table
 
 # Counter indices. TX counters are written only by the TX thread, RX counters only by the RX thread.
 cdef enum:
@@ -202,6 +221,15 @@ cdef dict _peer_counts(peer_table *table):
     return peers
 
 
+cdef inline void _peer_count(peer_table *table, uint32_t addr, uint64_t packets, uint64_t nbytes,
+                             bint tx) noexcept nogil:
+    """Add to a configured peer's counters (tx or rx side); nothing for a stranger or for no packets."""
+    cdef peer_slot *peer = peer_find(table, addr) if packets else NULL
+    if peer:
+        peer_add(&peer.tx_packets if tx else &peer.rx_packets, packets)
+        peer_add(&peer.tx_bytes if tx else &peer.rx_bytes, nbytes)
+
+
 cdef class Engine:
     """Moves packets between a TUN fd and a UDP socket fd; both fds stay owned by the caller.
 
@@ -220,11 +248,23 @@ cdef class Engine:
     cdef bint check_source, vnet_hdr, gso, gro, coalesce
     cdef bint check_tx_source       # TX: the inner source must be in local_net/local_mask (host order)
     cdef uint32_t local_net, local_mask
-    cdef uint64_t icmp_credit_ns, icmp_last_ns   # the ICMP token bucket, in nanoseconds of credit
+    cdef int reader[2]              # per thread: its reader slot in the prefix table (HAZARD_* + 2 * queue)
+    # The ICMP rate limit, shared by the engines of one tunnel (the kernel's is per host): the theoretical
+    # arrival time of the next error (GCRA), in this engine or in the one it shares with (kept alive here).
+    cdef uint64_t icmp_tat_own
+    cdef uint64_t *icmp_tat
+    cdef object icmp_owner
     cdef readonly PrefixTable table
     cdef pt_handle *routes
     cdef uint64_t counters[N_COUNTERS]
     cdef peer_table *peers          # the table's configured peers: what TX sent to each, what RX accepted
+    # Per batch: the last route looked up (a run of packets to one destination looks it up once) and the last
+    # sender accepted; both forgotten whenever the thread takes the table again, which may then be another one.
+    cdef uint32_t tx_last_dst, rx_last_src, rx_last_peer     # network order; 0: none (0.0.0.0 is never routed)
+    cdef uint64_t tx_last_leaf
+    # RX: what the messages from one peer in a row added up to, counted for that peer once the run ends
+    cdef uint32_t rx_run_peer
+    cdef uint64_t rx_run_packets, rx_run_bytes
     # TX state
     cdef vnet_hdr tx_hdr
     cdef uint8_t *rbuf              # one TUN read when the TUN carries virtio headers
@@ -254,9 +294,15 @@ cdef class Engine:
 
     def __cinit__(self, int tun_fd, int sock_fd, PrefixTable table not None, *, int batch=64,
                   bint check_source=True, bint vnet_hdr=False, bint gso=False, bint gro=False, bint coalesce=False,
-                  local_subnet=None):
+                  bint uso=False, local_subnet=None, int queue=0, Engine icmp_shared_with=None):
+        """`queue`: which of the table's engines this is (0 to MAX_QUEUES - 1, one engine per TUN queue: each
+        thread reads the table through its own reader slot). `icmp_shared_with`: another engine of the same
+        tunnel, whose ICMP rate limit this one shares. `uso`: the TUN takes GSO_UDP_L4 writes, so coalescing
+        merges UDP flows too."""
         if not 1 <= batch <= MAX_BATCH:
             raise ValueError(f"batch {batch} out of range 1-{MAX_BATCH}")
+        if not 0 <= queue < MAX_QUEUES:
+            raise ValueError(f"queue {queue} out of range 0-{MAX_QUEUES - 1}")
         if coalesce and not vnet_hdr:
             raise ValueError("coalescing needs a TUN with virtio headers")
         self.tun_fd = tun_fd
@@ -268,7 +314,10 @@ cdef class Engine:
             self.check_tx_source = check_source
             self.local_net = int(subnet.network_address)
             self.local_mask = int(subnet.netmask)
-        self.icmp_credit_ns = ICMP_BURST * (1000000000 // ICMP_PER_SEC)
+        self.reader[HAZARD_TX] = HAZARD_TX + 2 * queue
+        self.reader[HAZARD_RX] = HAZARD_RX + 2 * queue
+        self.icmp_owner = icmp_shared_with
+        self.icmp_tat = &self.icmp_tat_own if icmp_shared_with is None else icmp_shared_with.icmp_tat
         self.vnet_hdr = vnet_hdr
         self.gso = gso
         self.gro = gro
@@ -294,6 +343,8 @@ cdef class Engine:
         self.rx_addr = <sockaddr_in *>calloc(MAX_BATCH, sizeof(sockaddr_in))
         self.rx_cmsg = <uint8_t *>calloc(MAX_BATCH, CMSG_ROOM)
         self.flows = new_gro_table(RX_PACKETS, GRO_POOL)
+        if self.flows:
+            self.flows.udp = coalesce and uso
         self.rx_split = <uint8_t *>calloc(GRO_BUF + ARENA_SLACK, 1)
         self.rx_split_len = <uint16_t *>calloc(SPLIT_SEGS, sizeof(uint16_t))
         self.peers = table._peer_table()
@@ -441,8 +492,9 @@ cdef class Engine:
 
     cdef bint _tx_batch(self) noexcept nogil:
         """Read up to one batch from the TUN and send it; True if the TUN may have more."""
-        cdef const pt_table *t = pt_acquire(self.routes, HAZARD_TX)
+        cdef const pt_table *t = pt_acquire(self.routes, self.reader[HAZARD_TX])
         cdef ssize_t n
+        self.tx_last_dst = 0
         cdef bint more = True
         cdef iovec iov[2]
         iov[0].iov_base = &self.tx_hdr
@@ -466,7 +518,7 @@ cdef class Engine:
                 self._tx_offloaded(t, n)
             else:
                 self._tx_packet(t, self.arena + self.tx_pos, n)
-        pt_release(self.routes, HAZARD_TX)   # before the send, which may wait for socket space
+        pt_release(self.routes, self.reader[HAZARD_TX])   # before the send, which may wait for socket space
         self._tx_flush()
         return more
 
@@ -489,7 +541,12 @@ cdef class Engine:
         if self.check_tx_source and (ntohl(load32(p + 12)) & self.local_mask) != self.local_net:
             self.counters[D_TX_SPOOFED_SOURCE] += 1
             return 0
-        cdef uint64_t leaf = pt_lookup(t, ntohl(load32(p + 16)))
+        cdef uint32_t dst = load32(p + 16)
+        cdef uint64_t leaf = self.tx_last_leaf
+        if dst != self.tx_last_dst or dst == 0:
+            leaf = pt_lookup(t, ntohl(dst))
+            self.tx_last_dst = dst
+            self.tx_last_leaf = leaf
         if not pt_routed(leaf):
             self.counters[D_TX_NO_ROUTE] += 1
             self._icmp_unreachable(p, n, ihl)
@@ -565,18 +622,21 @@ cdef class Engine:
             self.counters[C_ICMP_UNREACH_SENT] += 1
 
     cdef bint _icmp_allowed(self) noexcept nogil:
-        """A token bucket like the kernel's global ICMP limit: ICMP_PER_SEC errors a second, bursts of ICMP_BURST
-        (flannel has none: one error per packet, so a sender to nowhere got as many as it sent)."""
+        """A rate limit like the kernel's global ICMP limit: ICMP_PER_SEC errors a second, bursts of ICMP_BURST
+        (flannel has none: one error per packet, so a sender to nowhere got as many as it sent). A token bucket
+        in one word (GCRA: the time at which the bucket is full again), so that the TX threads of all queues
+        share it with one compare-and-swap."""
         cdef timespec now
-        cdef uint64_t cost = 1000000000 // ICMP_PER_SEC, t
+        cdef uint64_t cost = 1000000000 // ICMP_PER_SEC, t, tat, next_tat
         clock_gettime(CLOCK_MONOTONIC, &now)
         t = <uint64_t>now.tv_sec * 1000000000 + now.tv_nsec
-        self.icmp_credit_ns = min(self.icmp_credit_ns + (t - self.icmp_last_ns), ICMP_BURST * cost)
-        self.icmp_last_ns = t
-        if self.icmp_credit_ns < cost:
-            return False
-        self.icmp_credit_ns -= cost
-        return True
+        tat = atomic_load64(self.icmp_tat)
+        while True:
+            next_tat = max(tat, t) + cost
+            if next_tat - t > ICMP_BURST * cost:
+                return False
+            if atomic_cas64(self.icmp_tat, &tat, next_tat):
+                return True
 
     cdef int _tun_write(self, vnet_hdr *hdr, uint8_t *p, size_t n, int side) noexcept nogil:
         """One packet into the TUN, behind its virtio header when the TUN has them; 0 or an errno (a dead TUN
@@ -613,15 +673,20 @@ cdef class Engine:
 
     cdef int _tx_message(self, int m, int i) noexcept nogil:
         """Message m from segment i on: one datagram, or with GSO a run of equal-size segments to one peer
-        (a shorter one may end it, at most GSO_MAX_SEGS, never a one-segment GSO send). The next segment."""
+        (a shorter one may end it, at most GSO_MAX_SEGS, never a one-segment GSO send) whose inner packets the
+        peer's queues steer alike (steering.h: a train arrives as one datagram, steered by its first packet).
+        The next segment."""
         cdef int first = i, count = 1
         cdef size_t size = self.seg_len[i], total = size
         cdef pt_hop hop = self.seg_hop[i]
+        cdef uint32_t flow
         i += 1
         if self.gso:
+            flow = steer_hash(self.arena + self.seg_off[first], size)
             while (i < self.tx_nseg and count < GSO_MAX_SEGS and self.seg_len[i] <= size
                    and self.seg_hop[i].addr == hop.addr and self.seg_hop[i].port == hop.port
-                   and total + self.seg_len[i] <= UDP_MAX_PAYLOAD and self.seg_off[i] == self.seg_off[first] + total):
+                   and total + self.seg_len[i] <= UDP_MAX_PAYLOAD and self.seg_off[i] == self.seg_off[first] + total
+                   and steer_hash(self.arena + self.seg_off[i], self.seg_len[i]) == flow):
                 total += self.seg_len[i]
                 count += 1
                 i += 1
@@ -648,21 +713,13 @@ cdef class Engine:
     cdef int _tx_send(self, int nmsg) noexcept nogil:
         """sendmmsg the prepared messages, resuming after partial sends and waiting out a full socket buffer.
         Returns -1, or the index of a GSO message the kernel refused (GSO is then off: rebuild from there)."""
-        cdef int start = 0, r, i
+        cdef int start = 0, r
         cdef pollfd fds[2]
-        cdef peer_slot *peer
         while start < nmsg:
             r = sendmmsg(self.sock_fd, self.tx_msgs + start, nmsg - start, 0)
             if r > 0:
                 self.counters[C_TX_SEND_CALLS] += 1
-                for i in range(start, start + r):
-                    self.counters[C_TX_PACKETS] += self.tx_msg_segs[i]
-                    self.counters[C_TX_BYTES] += self.tx_iov[i].iov_len
-                    self.counters[C_TX_GSO_MESSAGES] += self.tx_msg_segs[i] > 1
-                    peer = peer_find(self.peers, self.tx_addr[i].sin_addr.s_addr)
-                    if peer:
-                        peer_add(&peer.tx_packets, self.tx_msg_segs[i])
-                        peer_add(&peer.tx_bytes, self.tx_iov[i].iov_len)
+                self._tx_count(start, start + r)
                 start += r
             elif errno == EINTR:
                 continue
@@ -688,6 +745,25 @@ cdef class Engine:
                 start += 1
         return -1
 
+    cdef void _tx_count(self, int first, int end) noexcept nogil:
+        """Count the sent messages first..end-1: the totals once, and each peer once per run of messages to it
+        (a batch mostly goes to one peer: one lookup and two atomic adds, not one per message)."""
+        cdef uint64_t packets = 0, nbytes = 0, gso = 0, run_packets = 0, run_bytes = 0
+        cdef int i
+        for i in range(first, end):
+            if i > first and self.tx_addr[i].sin_addr.s_addr != self.tx_addr[i - 1].sin_addr.s_addr:
+                _peer_count(self.peers, self.tx_addr[i - 1].sin_addr.s_addr, run_packets, run_bytes, True)
+                packets += run_packets
+                nbytes += run_bytes
+                run_packets = run_bytes = 0
+            run_packets += self.tx_msg_segs[i]
+            run_bytes += self.tx_iov[i].iov_len
+            gso += self.tx_msg_segs[i] > 1
+        _peer_count(self.peers, self.tx_addr[end - 1].sin_addr.s_addr, run_packets, run_bytes, True)
+        self.counters[C_TX_PACKETS] += packets + run_packets
+        self.counters[C_TX_BYTES] += nbytes + run_bytes
+        self.counters[C_TX_GSO_MESSAGES] += gso
+
     # ---- RX: UDP -> TUN -------------------------------------------------------------------------------------
 
     cdef void _rx_setup(self) noexcept nogil:
@@ -712,11 +788,14 @@ cdef class Engine:
                 self._fail(HAZARD_RX, errno)
             return r < 0 and errno == EINTR
         self.counters[C_RX_RECV_CALLS] += 1
-        cdef const pt_table *t = pt_acquire(self.routes, HAZARD_RX)
+        cdef const pt_table *t = pt_acquire(self.routes, self.reader[HAZARD_RX])
+        self.rx_last_src = 0
         for i in range(r):
             cmsg_parse_rx(&self.rx_msgs[i].msg_hdr, &gso_size, &self.rx_overflow)
             self._rx_message(t, self.rx_bufs + <size_t>i * SLOT, self.rx_msgs[i].msg_len, gso_size, &self.rx_addr[i])
-        pt_release(self.routes, HAZARD_RX)
+        pt_release(self.routes, self.reader[HAZARD_RX])
+        _peer_count(self.peers, self.rx_run_peer, self.rx_run_packets, self.rx_run_bytes, False)
+        self.rx_run_packets = self.rx_run_bytes = 0
         self.counters[C_RX_SOCKET_OVERFLOW] = self.rx_overflow
         if self.coalesce:
             self._rx_write_coalesced()
@@ -725,11 +804,11 @@ cdef class Engine:
     cdef void _rx_message(self, const pt_table *t, uint8_t *p, size_t n, int gso_size,
                           const sockaddr_in *src) noexcept nogil:
         """One received message: a datagram, or with UDP_GRO a train cut at gso_size; what was accepted is
-        counted for the sending peer (after validation, so made-up senders are never counted)."""
+        counted for the sending peer (after validation, so made-up senders are never counted), once the batch
+        or the run of messages from that peer ends."""
         cdef size_t off = 0, size = n
         cdef uint64_t packets = 0, nbytes = 0
         cdef unsigned got
-        cdef peer_slot *peer
         if 0 < gso_size < <ssize_t>n:
             self.counters[C_RX_GRO_TRAINS] += 1
             size = gso_size
@@ -740,10 +819,14 @@ cdef class Engine:
             off += size
             if off >= n:
                 break
-        peer = peer_find(self.peers, src.sin_addr.s_addr) if packets else NULL
-        if peer:
-            peer_add(&peer.rx_packets, packets)
-            peer_add(&peer.rx_bytes, nbytes)
+        if not packets:
+            return
+        if src.sin_addr.s_addr != self.rx_run_peer:
+            _peer_count(self.peers, self.rx_run_peer, self.rx_run_packets, self.rx_run_bytes, False)
+            self.rx_run_peer = src.sin_addr.s_addr
+            self.rx_run_packets = self.rx_run_bytes = 0
+        self.rx_run_packets += packets
+        self.rx_run_bytes += nbytes
 
     cdef unsigned _rx_packet(self, const pt_table *t, uint8_t *p, size_t n, const sockaddr_in *src) noexcept nogil:
         """Validate one datagram from the wire, check its sender, and write (or queue) it for the TUN; its
@@ -820,9 +903,15 @@ cdef class Engine:
 
     cdef bint _sender_ok(self, const pt_table *t, const uint8_t *p, const sockaddr_in *src) noexcept nogil:
         """The outer source must be the peer whose subnet holds the inner source; counts the drop if not, as
-        spoofed (a configured peer) or unknown (anyone else), both O(1)."""
-        cdef uint64_t leaf = pt_lookup(t, ntohl(load32(p + 12)))
+        spoofed (a configured peer) or unknown (anyone else), both O(1). A run of packets from one inner source
+        and peer is looked up once per batch."""
+        cdef uint32_t inner = load32(p + 12)
+        if inner == self.rx_last_src and src.sin_addr.s_addr == self.rx_last_peer and inner != 0:
+            return True
+        cdef uint64_t leaf = pt_lookup(t, ntohl(inner))
         if pt_routed(leaf) and pt_leaf_hop(leaf).addr == src.sin_addr.s_addr:
+            self.rx_last_src = inner
+            self.rx_last_peer = src.sin_addr.s_addr
             return True
         if peer_configured(self.peers, src.sin_addr.s_addr):
             self.counters[D_RX_SPOOFED_SOURCE] += 1

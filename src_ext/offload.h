@@ -5,7 +5,8 @@
  * us TCP super-packets of up to 64 KiB and a gso_size (the MSS); gso_split() cuts them into wire-size segments.
  * On the way in, gro_add() merges consecutive segments of one TCP flow so that one write() carries many packets,
  * following the kernel's GRO rules (net/ipv4/tcp_offload.c tcp_gro_receive; the same rules wireguard-go's
- * tcpGRO applies). Everything here is pure C over caller-owned buffers so it can be tested without a TUN.
+ * tcpGRO applies); when the TUN takes USO, consecutive datagrams of one UDP flow too (one GSO_UDP_L4 write,
+ * which the kernel cuts back into the same datagrams, as wireguard-go's udpGRO). Everything here is pure C over caller-owned buffers so it can be tested without a TUN.
  */
 #ifndef PYFLANNEL_OFFLOAD_H
 #define PYFLANNEL_OFFLOAD_H
@@ -129,7 +130,7 @@ static int gso_split(const uint8_t *pkt, size_t len, uint8_t gso_type, uint16_t 
     return nseg;
 }
 
-/* ---- TCP coalescing ------------------------------------------------------------------------------------------ */
+/* ---- TCP (and UDP) coalescing -------------------------------------------------------------------------------- */
 
 #define GRO_BUCKETS 4096          /* flow buckets, power of two */
 #define GRO_BUF 65536             /* one coalesced packet; IPv4 total length caps it at 65535 */
@@ -138,7 +139,7 @@ typedef struct {
     uint8_t *pkt;                 /* the packet: in the caller's receive buffer until a second segment joins */
     uint32_t len;
     uint32_t next_seq;            /* sequence number the next segment must carry */
-    uint16_t mss;                 /* payload size of the first segment: later ones must not exceed it */
+    uint16_t mss;                 /* payload size of the first segment (datagram): later ones must not exceed it */
     uint16_t segs;
     uint8_t open;                 /* more segments may still be appended */
     int16_t buf;                  /* pool buffer holding the merged packet, or -1 */
@@ -153,6 +154,7 @@ typedef struct {
     uint32_t bucket_gen[GRO_BUCKETS];
     int32_t bucket_item[GRO_BUCKETS];
     uint32_t bucket_key[GRO_BUCKETS][3];
+    int udp;                      /* UDP datagrams are merged too (the TUN takes GSO_UDP_L4 writes) */
 } gro_table;
 
 static inline void gro_reset(gro_table *t)
@@ -175,39 +177,56 @@ static int gro_candidate(const uint8_t *p, uint32_t len)
     return csum_fold(csum_partial(p + 20, len - 20, csum_pseudo4(p, 6, (uint16_t)(len - 20)))) == 0xffff;
 }
 
-/* May segment p (a candidate) follow item it? Same flow was checked by the caller. */
+/* A UDP datagram that may be merged: plain IPv4, no fragment, its UDP length the rest of the packet, some
+ * payload, and a checksum that is present and correct (for the same reason as TCP's). */
+static int gro_candidate_udp(const uint8_t *p, uint32_t len)
+{
+    if (len <= 28 || p[0] != 0x45 || p[9] != 17 || (get16(p + 6) & 0x3fff) != 0 || get16(p + 24) != len - 20
+        || get16(p + 26) == 0)
+        return 0;
+    return csum_fold(csum_partial(p + 20, len - 20, csum_pseudo4(p, 17, (uint16_t)(len - 20)))) == 0xffff;
+}
+
+/* The bytes before the payload of a candidate: IPv4 header (20) and the TCP or UDP header. */
+static inline unsigned gro_hdr_len(const uint8_t *p) { return p[9] == 6 ? 20 + (p[32] >> 4) * 4u : 28; }
+
+/* May segment (or datagram) p, a candidate, follow item it? Same addresses and ports were checked by the
+ * caller. */
 static int gro_can_append(const gro_table *t, const gro_item *it, const uint8_t *p, uint32_t len)
 {
     const uint8_t *q = it->pkt;
-    unsigned thl = (p[32] >> 4) * 4u;
-    uint32_t payload = len - 20 - thl;
-    if (!it->open || (it->buf < 0 && t->used_pool == t->npool))
+    unsigned hl = gro_hdr_len(p);
+    uint32_t payload = len - hl;
+    if (!it->open || q[9] != p[9] || (it->buf < 0 && t->used_pool == t->npool))
         return 0;
     if (it->len + payload > 65535 || payload > it->mss || it->segs >= GSO_MAX_SEGS)
         return 0;
+    /* ToS, DF/reserved flags and TTL equal */
+    if (p[1] != q[1] || p[6] != q[6] || p[8] != q[8])
+        return 0;
+    if (p[9] == 17)
+        return 1;
     if (get32(p + 28) != get32(q + 28) || get32(p + 24) != it->next_seq)    /* same ACK, contiguous seq */
         return 0;
-    /* ToS, DF/reserved flags and TTL equal; TCP header length and options byte-identical. */
-    if (p[1] != q[1] || p[6] != q[6] || p[8] != q[8] || p[32] != q[32] || memcmp(p + 40, q + 40, thl - 20) != 0)
-        return 0;
-    return 1;
+    /* TCP header length and options byte-identical. */
+    return p[32] == q[32] && memcmp(p + 40, q + 40, hl - 40) == 0;
 }
 
 static void gro_append(gro_table *t, gro_item *it, const uint8_t *p, uint32_t len)
 {
-    unsigned thl = (p[32] >> 4) * 4u;
-    uint32_t payload = len - 20 - thl;
+    unsigned hl = gro_hdr_len(p);
+    uint32_t payload = len - hl;
     if (it->buf < 0) {
         it->buf = (int16_t)t->used_pool++;
         uint8_t *b = t->pool + (size_t)it->buf * GRO_BUF;
         memcpy(b, it->pkt, it->len);
         it->pkt = b;
     }
-    memcpy(it->pkt + it->len, p + 20 + thl, payload);
+    memcpy(it->pkt + it->len, p + hl, payload);
     it->len += payload;
     it->segs++;
     it->next_seq += payload;
-    if (p[33] & TCP_PSH) {
+    if (p[9] == 6 && p[33] & TCP_PSH) {
         it->pkt[33] |= TCP_PSH;
         it->open = 0;            /* nothing may follow a PSH */
     }
@@ -226,23 +245,26 @@ static int gro_new_item(gro_table *t, uint8_t *p, uint32_t len, int open)
     it->buf = -1;
     it->open = (uint8_t)open;
     if (open) {
-        unsigned thl = (p[32] >> 4) * 4u;
-        it->mss = (uint16_t)(len - 20 - thl);
-        it->next_seq = get32(p + 24) + it->mss;
-        if (p[33] & TCP_PSH)
-            it->open = 0;
+        it->mss = (uint16_t)(len - gro_hdr_len(p));
+        if (p[9] == 6) {
+            it->next_seq = get32(p + 24) + it->mss;
+            if (p[33] & TCP_PSH)
+                it->open = 0;
+        }
     }
     return t->nitems++;
 }
 
-/* Add one packet (owned by the caller until the batch is written). Packets of a TCP flow land in the flow's
- * newest item or start a new one, so writes keep each flow's order. Returns -1 when the item list is full. */
+/* Add one packet (owned by the caller until the batch is written). Packets of a TCP (or UDP) flow land in the
+ * flow's newest item or start a new one, so writes keep each flow's order. Returns -1 when the item list is
+ * full. */
 static int gro_add(gro_table *t, uint8_t *p, uint32_t len)
 {
-    int is_tcp = len >= 40 && (p[0] >> 4) == 4 && p[9] == 6 && (size_t)(p[0] & 0x0f) * 4 + 20 <= len;
-    if (!is_tcp)
+    size_t ihl = (size_t)(p[0] & 0x0f) * 4;
+    int is_tcp = len >= 40 && (p[0] >> 4) == 4 && p[9] == 6 && ihl + 20 <= len;
+    int is_udp = t->udp && len >= 28 && (p[0] >> 4) == 4 && p[9] == 17 && ihl + 8 <= len;
+    if (!is_tcp && !is_udp)
         return gro_new_item(t, p, len, 0);
-    unsigned ihl = (p[0] & 0x0f) * 4u;
     uint32_t key[3];
     memcpy(key, p + 12, 8);
     memcpy(key + 2, p + ihl, 4);             /* both ports */
@@ -252,7 +274,7 @@ static int gro_add(gro_table *t, uint8_t *p, uint32_t len)
     for (int probe = 0; probe < 8; probe++, b = (b + 1) & (GRO_BUCKETS - 1)) {
         if (t->bucket_gen[b] == t->gen && memcmp(t->bucket_key[b], key, 12) != 0)
             continue;
-        int cand = gro_candidate(p, len);
+        int cand = is_tcp ? gro_candidate(p, len) : gro_candidate_udp(p, len);
         if (t->bucket_gen[b] == t->gen && cand) {
             gro_item *it = &t->items[t->bucket_item[b]];
             if (gro_can_append(t, it, p, len)) {
@@ -272,25 +294,28 @@ static int gro_add(gro_table *t, uint8_t *p, uint32_t len)
 }
 
 /* Fix up a finished item for writing and fill its virtio header: a merged packet gets its IPv4 length and
- * header checksum, the pseudo-header sum as the TCP checksum seed, and GSO_TCPV4 with NEEDS_CSUM so the kernel
- * finishes the checksum; a lone packet goes out untouched behind a zeroed header. */
+ * header checksum (and its UDP length), the pseudo-header sum as the L4 checksum seed, and GSO_TCPV4 (or
+ * GSO_UDP_L4) with NEEDS_CSUM so the kernel finishes the checksum; a lone packet goes out untouched behind a
+ * zeroed header. */
 static void gro_finish(gro_item *it, vnet_hdr *h)
 {
     memset(h, 0, sizeof(*h));
     if (it->segs < 2)
         return;
     uint8_t *p = it->pkt;
-    unsigned thl = (p[32] >> 4) * 4u;
+    int udp = p[9] == 17;
     put16(p + 2, (uint16_t)it->len);
     ip4_set_check(p, 20);
-    uint16_t seed = csum_fold(csum_pseudo4(p, 6, (uint16_t)(it->len - 20)));
-    memcpy(p + 36, &seed, 2);
+    if (udp)
+        put16(p + 24, (uint16_t)(it->len - 20));
+    uint16_t seed = csum_fold(csum_pseudo4(p, p[9], (uint16_t)(it->len - 20)));
+    memcpy(p + (udp ? 26 : 36), &seed, 2);
     h->flags = VNET_F_NEEDS_CSUM;
-    h->gso_type = VNET_GSO_TCPV4;
-    h->hdr_len = (uint16_t)(20 + thl);
+    h->gso_type = udp ? VNET_GSO_UDP_L4 : VNET_GSO_TCPV4;
+    h->hdr_len = (uint16_t)gro_hdr_len(p);
     h->gso_size = it->mss;
     h->csum_start = 20;
-    h->csum_offset = 16;
+    h->csum_offset = udp ? 6 : 16;
 }
 
 #endif

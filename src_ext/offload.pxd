@@ -40,6 +40,7 @@ cdef extern from "offload.h" nogil:
         int max_items
         uint8_t *pool
         int npool
+        int udp
     # Finish a CHECKSUM_PARTIAL packet in place; -1 if the offsets do not fit.
     int vnet_finish_csum(uint8_t *pkt, size_t len, const vnet_hdr *h)
     # Segments back to back at out, lengths in seg_len; the count, or -1 (malformed, or out of room).

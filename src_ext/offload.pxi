@@ -62,8 +62,9 @@ def split(packet: bytes, gso_type: int, gso_size: int) -> list[bytes]:
     return segments
 
 
-def coalesce(packets: list[bytes]) -> list[tuple[tuple[int, int, int, int, int, int], bytes]]:
-    """What the RX thread writes to the TUN for these packets: (virtio header fields, packet) per write.
+def coalesce(packets: list[bytes], udp: bool = False) -> list[tuple[tuple[int, int, int, int, int, int], bytes]]:
+    """What the RX thread writes to the TUN for these packets: (virtio header fields, packet) per write; with
+    `udp`, as when the TUN takes USO.
 
     Header fields are (flags, gso_type, hdr_len, gso_size, csum_start, csum_offset).
     """
@@ -72,6 +73,7 @@ def coalesce(packets: list[bytes]) -> list[tuple[tuple[int, int, int, int, int, 
     cdef vnet_hdr h
     if t == NULL:
         raise MemoryError()
+    t.udp = udp
     try:
         for buf in keep:
             if gro_add(t, <uint8_t *><char *>buf, len(buf)) < 0:

@@ -4,8 +4,9 @@
  * stranger's, and to count what was sent to or accepted from a peer. Nothing the wire sends can add a slot, so a
  * flood of made-up sources cannot crowd out the real peers.
  *
- * Writers: the control side writes addr and state (state last, with release order); the TX thread writes only
- * the tx counters and the RX thread only the rx ones. Readers never see a torn value (aligned words); a peer
+ * Writers: the control side writes addr and state (state last, with release order); the TX threads add to the
+ * tx counters and the RX threads to the rx ones, with atomic adds (with several queues, several threads count
+ * for one peer), once per message, not per packet. Readers never see a torn value (aligned words); a peer
  * reusing a gone peer's slot may lose or gain a few packets counted in that instant, which is all a race costs. */
 #ifndef PYFLANNEL_PEER_STATS_H
 #define PYFLANNEL_PEER_STATS_H
@@ -51,7 +52,7 @@ static inline int peer_configured(peer_table *t, uint32_t addr)
 
 static inline void peer_add(uint64_t *counter, uint64_t n)
 {
-    __atomic_store_n(counter, *counter + n, __ATOMIC_RELAXED);
+    __atomic_fetch_add(counter, n, __ATOMIC_RELAXED);
 }
 
 /* Control side: addr gains its first route (on) or loses its last (off). A new peer takes a gone peer's slot

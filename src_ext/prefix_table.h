@@ -26,7 +26,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define PT_READERS 4
+#define PT_QUEUES 8                         /* engine queues, each a TX and an RX reader */
+#define PT_READERS (2 * PT_QUEUES + 2)      /* ... and two more: the Python side's and a test's */
 #define PT_IDLE UINT64_MAX
 #define PT_LEAF 1ull
 #define PT_NONE PT_LEAF        /* a leaf of no prefix: no route */

@@ -16,7 +16,9 @@ cdef extern from "prefix_table.h" nogil:
         uint64_t leaf
     ctypedef struct pt_handle:
         pass
-    int PT_READERS
+    enum:
+        PT_READERS
+        PT_QUEUES
     uint64_t PT_NONE
     # The leaf a route stores (its hop and prefix length), whether a leaf is a route, and its hop.
     uint64_t pt_leaf(pt_hop hop, unsigned plen)

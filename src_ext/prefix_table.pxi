@@ -11,12 +11,12 @@ from libc.stdlib cimport malloc, calloc, free
 
 from prefix_table cimport (
     pt_hop, pt_table, pt_op, pt_handle, PT_NONE, pt_leaf, pt_routed, pt_leaf_hop, pt_lookup, pt_acquire,
-    pt_release, pt_init, pt_apply, pt_destroy,
+    pt_release, pt_init, pt_apply, pt_destroy, PT_READERS,
 )
 from offload cimport peer_table, peer_configure
 
 cdef enum:
-    READER_PYTHON = 2        # the reader slot of lookup() and count_matches(), taken under the table's lock
+    READER_PYTHON = PT_READERS - 2   # the reader slot of lookup() and count_matches(), under the table's lock
 
 MASKS = tuple((0xFFFFFFFF << (32 - plen)) & 0xFFFFFFFF for plen in range(33))
 
@@ -199,7 +199,7 @@ cdef extern from "<pthread.h>" nogil:
     int pthread_join(pthread_t thread, void **retval)
 
 cdef enum:
-    READER_TEST = 3
+    READER_TEST = PT_READERS - 1
 
 ctypedef struct _race_reader:
     pt_handle *h

@@ -39,7 +39,9 @@ cdef extern from "<sys/socket.h>" nogil:
         unsigned int msg_len
     int recvmmsg(int fd, mmsghdr *msgvec, unsigned int vlen, int flags, void *timeout)
     int sendmmsg(int fd, mmsghdr *msgvec, unsigned int vlen, int flags)
+    int setsockopt(int fd, int level, int optname, const void *optval, socklen_t optlen)
     int MSG_DONTWAIT
+    int SOL_SOCKET
 
 
 cdef extern from "<poll.h>" nogil:

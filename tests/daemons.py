@@ -4,6 +4,7 @@ IPv6 underlay (2001:2::/48, RFC 5180 benchmarking space) for dual-stack ones."""
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -137,11 +138,12 @@ def embedded_registry(tmp_path: Path, net_conf: str) -> list[str]:
 
 
 def start_flanneld(host: Host, registry: list[str], subnet_file: Path, *extra: str,
-                   iface: tuple[str, ...] = ("--iface", "eth0")) -> subprocess.Popen[str]:
-    """flanneld on host; the test hosts have no default route, so the interface is named unless `iface` says how
-    else to find it."""
+                   iface: tuple[str, ...] = ("--iface", "eth0"), env: dict[str, str] | None = None
+                   ) -> subprocess.Popen[str]:
+    """flanneld on host (with `env` added to the environment); the test hosts have no default route, so the
+    interface is named unless `iface` says how else to find it."""
     return host.popen(FLANNELD, *registry, "--subnet-file", str(subnet_file), *iface, *extra,
-                      stderr=subprocess.PIPE, text=True)
+                      stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
 
 
 def read_env(path: Path) -> dict[str, str]:

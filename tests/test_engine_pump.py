@@ -140,6 +140,20 @@ def test_without_source_check_any_local_source_leaves(rig: Rig, inject: socket.s
 
 def test_icmp_unreachables_are_rate_limited_like_the_kernel(rig: Rig, pump: Pump, inject: socket.socket) -> None:
     """1,000 a second in bursts of 50 (net.ipv4.icmp_msgs_per_sec, icmp_msgs_burst); the rest are counted."""
+    _check_icmp_limit(rig, pump, inject)
+
+
+def test_with_two_queues_the_limit_is_shared_and_a_deleted_tun_stops_every_thread(rig: Rig,
+                                                                                   inject: socket.socket) -> None:
+    with _pump(rig, "auto", queues=2) as pump:
+        _check_icmp_limit(rig, pump, inject)
+        assert all(q["drops"]["tx_no_route"] > 0 for q in pump.stats()["queues"]), "both queues had some"
+        rig.hosts[0].run("ip", "link", "del", "flannel0")
+        _wait_for(lambda: not any(t.is_alive() for t in pump._threads[::2]), timeout=2)
+        assert pump.failure() == "flannel0: TX of queue 0 stopped: File descriptor in bad state (EBADFD)"
+
+
+def _check_icmp_limit(rig: Rig, pump: Pump, inject: socket.socket) -> None:
     a = str(rig.hosts[0].overlay_ip)
     before = pump.stats()
     start = time.monotonic()

@@ -250,6 +250,15 @@ def test_ports_in_use_are_one_line_errors(tmp_path: Path) -> None:
                 err = proc.stderr.read()
                 assert proc.returncode == 1 and err.strip().endswith(message) and "Traceback" not in err, err
         assert "flannel0" not in node.run("ip", "link").stdout
+        proc = start_flanneld(node, registry, tmp_path / "n.env", env={"PYFLANNEL_UDP_QUEUES": "9"})
+        assert proc.wait(30) == 1 and proc.stderr is not None
+        err = proc.stderr.read()
+        assert err.strip().endswith("PYFLANNEL_UDP_QUEUES='9' is not a number of queues from 1 to 8"), err
+        proc = start_flanneld(node, registry, tmp_path / "n.env", env={"PYFLANNEL_UDP_QUEUES": "3"})
+        wait_for_env(tmp_path / "n.env", proc)
+        wait_for(lambda: "tx-2" in node.run("ls", "/sys/class/net/flannel0/queues").stdout, 10, "three queues")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
 
 
 def test_waits_for_etcd_to_come_up(rig4: Rig, tmp_path: Path) -> None:

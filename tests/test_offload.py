@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import struct
 
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from packets import checksum as ref_checksum
 from packets import ipv4
@@ -176,6 +176,49 @@ def test_uso_split() -> None:
         assert_valid_segment(seg)
         assert struct.unpack("!H", seg[24:26])[0] == len(seg) - 20
     assert b"".join(s[28:] for s in segments) == data
+
+
+def _udp_super(data: bytes, *, sport: int = 5000) -> bytes:
+    """A USO super-packet as the kernel hands it over: UDP checksum only seeded."""
+    udp = struct.pack("!HHHH", sport, 6000, 8 + len(data), 0) + data
+    packet = bytearray(ipv4(SRC, DST, 17, udp))
+    packet[26:28] = struct.pack("!H", pseudo_sum(bytes(packet[12:16]), bytes(packet[16:20]), 17, len(udp)))
+    return bytes(packet)
+
+
+@settings(max_examples=100, deadline=None)
+@given(size=st.integers(1, 1400), nseg=st.integers(1, 64), tail=st.integers(1, 1400))
+def test_udp_datagrams_of_one_flow_become_one_uso_write_that_splits_back(size: int, nseg: int, tail: int) -> None:
+    length = (nseg - 1) * size + min(tail, size)
+    assume(28 + length <= 65535)
+    data = (bytes(range(256)) * (length // 256 + 1))[:length]
+    datagrams = split(_udp_super(data), GSO_UDP_L4, size)
+    written = coalesce(datagrams, udp=True)
+    if len(datagrams) == 1:
+        assert written == [((0, 0, 0, 0, 0, 0), datagrams[0])]
+        return
+    [(header, packet)] = written
+    assert header == (1, GSO_UDP_L4, 28, size, 20, 6)
+    assert packet[28:] == data and struct.unpack("!H", packet[24:26])[0] == len(packet) - 20
+    assert split(finish_checksum(packet, 20, 6), GSO_UDP_L4, size) == datagrams
+    assert len(coalesce(datagrams)) == len(datagrams), "without USO every datagram is its own write"
+
+
+def test_udp_is_merged_per_flow_and_only_what_is_safe() -> None:
+    a = split(_udp_super(bytes(300)), GSO_UDP_L4, 100)
+    b = split(_udp_super(bytes(200), sport=5001), GSO_UDP_L4, 100)
+    written = coalesce([a[0], b[0], a[1], b[1], a[2]], udp=True)
+    assert [(h[1], len(p)) for h, p in written] == [(GSO_UDP_L4, 328), (GSO_UDP_L4, 228)], "per flow, in order"
+    no_checksum, bad_checksum, fragment = (bytearray(d) for d in split(_udp_super(bytes(300)), GSO_UDP_L4, 100)[:3])
+    no_checksum[26:28] = b"\0\0"
+    bad_checksum[-1] ^= 0xFF
+    fragment[6] = 0x20
+    fragment[10:12] = b"\0\0"
+    fragment[10:12] = struct.pack("!H", ref_checksum(bytes(fragment[:20])))
+    for odd in (no_checksum, bad_checksum, fragment):
+        assert len(coalesce([a[0], bytes(odd), a[1]], udp=True)) == 3, "never merged, nor merged across"
+    bigger = split(_udp_super(bytes(150)), GSO_UDP_L4, 150)
+    assert len(coalesce([a[0], bigger[0]], udp=True)) == 2, "a datagram larger than the first does not follow it"
 
 
 def test_split_refuses_garbage() -> None:

@@ -37,6 +37,8 @@ def _run(argv: list[str], prefix: list[str] | None = None) -> subprocess.Complet
          "--peer subnet 10.244.2.128/25 overlaps --peer 10.244.2.0/24"),
         ([*BASE, "--peer", "10.244.1.0/25=198.18.0.2"], "overlaps --subnet 10.244.1.0/24"),
         ([*BASE, "--batch", "0"], "--batch 0 is out of range 1-128"),
+        ([*BASE, "--queues", "0"], "--queues 0 is out of range 1-8"),
+        ([*BASE, "--queues", "9"], "--queues 9 is out of range 1-8"),
         ([*BASE, "--port", "70000"], "--port 70000 is out of range"),
         ([*BASE, "--offload", "maybe"], "invalid choice: 'maybe'"),
         ([*BASE, "--metrics-addr", "localhost"], "--metrics-addr 'localhost' is not HOST:PORT"),

@@ -5,7 +5,9 @@ Design notes. As flannel: lease attributes are only PublicIP; the TUN is named b
 network; the UDP socket is bound to the external interface's address on Backend.Port (default 8285), and every
 node must use the same port because leases do not carry it; BackendType is not checked on peers' leases. Ours:
 the engine batches and uses kernel offloads (PYFLANNEL_OFFLOAD=off turns them off, PYFLANNEL_DISABLE_OFFLOADS
-single ones, see dataplane.offload), and it checks that packets come from the peer owning their source subnet.
+single ones, see dataplane.offload), runs one TX/RX thread pair per TUN queue (PYFLANNEL_UDP_QUEUES, default one
+per online CPU up to 4: a host setting, so not a flag of flannel's), and it checks that packets come from the
+peer owning their source subnet.
 A dataplane.keeper.Keeper owns the engine: a batch of lease events is one route-table update, and every second
 the keeper repairs flannel0 (deleted, set down, its address or route removed) or a dead engine, with every
 route; /healthz reports what it could not repair.
@@ -28,13 +30,15 @@ from pyflannel.daemon.backend.base import Context, Idle
 from pyflannel.daemon.errors import FlannelError
 from pyflannel.daemon.lease import Event, EventType, Lease, LeaseAttrs
 from pyflannel.dataplane import offload
+from pyflannel.dataplane._engine import MAX_QUEUES
 from pyflannel.dataplane.errors import DataplaneError
 from pyflannel.dataplane.keeper import Keeper, PumpSpec
-from pyflannel.dataplane.pump import DEFAULT_PORT
+from pyflannel.dataplane.pump import DEFAULT_PORT, default_queues
 from pyflannel.dataplane.tun import ENCAP_OVERHEAD
 
 log = logging.getLogger(__name__)
 CHECK_SECONDS = 1.0
+ENV_QUEUES = "PYFLANNEL_UDP_QUEUES"
 
 
 class UdpNetwork(Idle):
@@ -85,7 +89,7 @@ async def register(ctx: Context) -> UdpNetwork:
     spec = PumpSpec(iface_ip=addr, port=int(ctx.config.backend_option("port", DEFAULT_PORT)), tun_name="flannel%d",
                     subnet=lease.subnet, network=pool.network,  # type: ignore[arg-type]
                     mtu=ctx.ext.mtu - ENCAP_OVERHEAD,
-                    wanted=offload.wanted(os.environ.get("PYFLANNEL_OFFLOAD", "auto")))
+                    wanted=offload.wanted(os.environ.get("PYFLANNEL_OFFLOAD", "auto")), queues=_queues())
     try:
         return await asyncio.to_thread(_start, spec, lease)
     except DataplaneError as exc:  # port in use, no /dev/net/tun, ...: the user's to fix, one line
@@ -96,6 +100,15 @@ def _start(spec: PumpSpec, lease: Lease) -> UdpNetwork:
     """flannel0, the socket and the engine threads (blocking netlink calls: run in a worker thread)."""
     keeper = Keeper(spec)
     pump = keeper.start()
-    log.info("%s up: mtu %d, udp %s:%d, offloads: %s", pump.tun.name, spec.mtu, spec.iface_ip, spec.port,
-             pump.offloads.describe())
+    log.info("%s up: mtu %d, udp %s:%d, queues %d, offloads: %s", pump.tun.name, spec.mtu, spec.iface_ip, spec.port,
+             pump.queues, pump.offloads.describe())
     return UdpNetwork(lease, spec.mtu, keeper, spec.port)
+
+
+def _queues() -> int:
+    text = os.environ.get(ENV_QUEUES, "").strip()
+    if not text:
+        return default_queues()
+    if not text.isdigit() or not 1 <= int(text) <= MAX_QUEUES:
+        raise FlannelError(f"{ENV_QUEUES}={text!r} is not a number of queues from 1 to {MAX_QUEUES}")
+    return int(text)

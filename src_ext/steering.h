@@ -1,0 +1,106 @@
+/* Flow steering for the multi-queue engine: which of N receive threads a datagram from the wire goes to.
+ *
+ * With N queues, N UDP sockets share port 8285 (SO_REUSEPORT), one per engine thread pair, and a classic BPF
+ * program attached to the group (SO_ATTACH_REUSEPORT_CBPF) picks the socket for every arriving datagram: the
+ * kernel runs it with the packet data starting at the UDP payload, which in flannel's wire format is the inner
+ * IPv4 packet, and delivers to the socket whose index (order of bind) it returns. A flannel peer sends to port
+ * 8285 only, so the port cannot be what spreads the load; the inner flow is.
+ *
+ * The hash, on the inner packet (steer_hash below is the same computation in C):
+ *   x = src ^ dst                         (addresses, as big-endian numbers)
+ *   x ^= sport << 16 | dport              only for TCP and UDP, and only if not a fragment (MF clear, offset 0):
+ *                                         the other fragments of a datagram carry no ports, and the bytes where
+ *                                         ports would be in ICMP (its checksum) change from packet to packet
+ *   x = (x ^ x >> 16) & 0xffff            16 bits in which swapping the two ends changes nothing
+ *   h = (x * 0x9e3779b1 mod 2^32) >> 16   multiplicative mixing: Linux gives connect() even source ports, so
+ *                                         the low bits alone would send every flow to an even queue
+ *   queue = h % N                         anything not IPv4 (or too short to read) goes to queue 0
+ *
+ * Why a flow is never reordered: the hash depends only on the flow's addresses, protocol and ports, so every
+ * datagram of one flow lands on one socket, one RX thread, which writes them into its own TUN queue in the order
+ * the socket received them. The hash is symmetric, so a flow's replies are steered to the same queue number; the
+ * TUN's own flow table (automq) sends a flow's outgoing packets on the queue that last wrote that flow (its hash
+ * is symmetric too), so after the first packet each way, both directions of a flow stay on one TX/RX pair on
+ * each host and leave in order through that pair's one socket. A GSO send is one skb on the receiver and the
+ * program sees only its first segment, so the TX side never puts segments of different hashes into one send
+ * (steer_hash in _tx_message): a train is steered as its first segment would be. Left to the kernel's GRO on a
+ * real NIC: it merges consecutive datagrams of one outer 4-tuple into one train whatever their inner flows, and
+ * such a train follows its first packet (PYFLANNEL_DISABLE_OFFLOADS=gro turns socket GRO off if that matters).
+ */
+#ifndef PYFLANNEL_STEERING_H
+#define PYFLANNEL_STEERING_H
+
+#include <stdint.h>
+#include <string.h>
+#include <arpa/inet.h>
+#include <linux/filter.h>
+
+#ifndef SO_ATTACH_REUSEPORT_CBPF
+#define SO_ATTACH_REUSEPORT_CBPF 51     /* asm-generic/socket.h, Linux 4.5 */
+#endif
+
+#define STEER_MUL 0x9e3779b1u
+#define STEER_INSNS 29
+
+static inline uint32_t steer_load32(const uint8_t *p)
+{
+    uint32_t v;
+    memcpy(&v, p, 4);
+    return ntohl(v);
+}
+
+/* The 16-bit flow hash of an inner packet of n bytes (0 if it is not IPv4 or too short to read). */
+static inline uint32_t steer_hash(const uint8_t *p, size_t n)
+{
+    if (n < 20 || (p[0] >> 4) != 4)
+        return 0;
+    uint32_t x = steer_load32(p + 12) ^ steer_load32(p + 16);
+    unsigned ihl = (p[0] & 0x0f) * 4;
+    uint16_t frag = (uint16_t)(p[6] << 8 | p[7]);
+    if (!(frag & 0x3fff) && (p[9] == 6 || p[9] == 17)) {
+        if (n < ihl + 4)
+            return 0;           /* the program's load past the end returns 0 too */
+        x ^= steer_load32(p + ihl);
+    }
+    x = (x ^ (x >> 16)) & 0xffff;
+    return (x * STEER_MUL) >> 16;
+}
+
+/* The reuseport program for n queues (STEER_INSNS instructions into out): steer_hash(payload) % n. */
+static inline void steer_program(struct sock_filter *out, uint32_t n)
+{
+    struct sock_filter prog[STEER_INSNS] = {
+        /* 0 */ BPF_STMT(BPF_LD | BPF_B | BPF_ABS, 0),
+        /* 1 */ BPF_STMT(BPF_ALU | BPF_AND | BPF_K, 0xf0),
+        /* 2 */ BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, 0x40, 0, 25),             /* not IPv4: 28 */
+        /* 3 */ BPF_STMT(BPF_LD | BPF_W | BPF_ABS, 12),
+        /* 4 */ BPF_STMT(BPF_MISC | BPF_TAX, 0),
+        /* 5 */ BPF_STMT(BPF_LD | BPF_W | BPF_ABS, 16),
+        /* 6 */ BPF_STMT(BPF_ALU | BPF_XOR | BPF_X, 0),
+        /* 7 */ BPF_STMT(BPF_ST, 0),                                           /* M[0] = src ^ dst */
+        /* 8 */ BPF_STMT(BPF_LD | BPF_H | BPF_ABS, 6),
+        /* 9 */ BPF_JUMP(BPF_JMP | BPF_JSET | BPF_K, 0x3fff, 9, 0),           /* a fragment: 19 */
+        /* 10 */ BPF_STMT(BPF_LD | BPF_B | BPF_ABS, 9),
+        /* 11 */ BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, 6, 1, 0),                /* TCP: 13 */
+        /* 12 */ BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, 17, 0, 6),               /* neither TCP nor UDP: 19 */
+        /* 13 */ BPF_STMT(BPF_LDX | BPF_B | BPF_MSH, 0),                      /* X = ihl */
+        /* 14 */ BPF_STMT(BPF_LD | BPF_W | BPF_IND, 0),                       /* the ports (past the end: ret 0) */
+        /* 15 */ BPF_STMT(BPF_MISC | BPF_TAX, 0),
+        /* 16 */ BPF_STMT(BPF_LD | BPF_MEM, 0),
+        /* 17 */ BPF_STMT(BPF_ALU | BPF_XOR | BPF_X, 0),
+        /* 18 */ BPF_STMT(BPF_ST, 0),                                          /* M[0] ^= ports */
+        /* 19 */ BPF_STMT(BPF_LD | BPF_MEM, 0),
+        /* 20 */ BPF_STMT(BPF_MISC | BPF_TAX, 0),
+        /* 21 */ BPF_STMT(BPF_ALU | BPF_RSH | BPF_K, 16),
+        /* 22 */ BPF_STMT(BPF_ALU | BPF_XOR | BPF_X, 0),
+        /* 23 */ BPF_STMT(BPF_ALU | BPF_AND | BPF_K, 0xffff),
+        /* 24 */ BPF_STMT(BPF_ALU | BPF_MUL | BPF_K, STEER_MUL),
+        /* 25 */ BPF_STMT(BPF_ALU | BPF_RSH | BPF_K, 16),
+        /* 26 */ BPF_STMT(BPF_ALU | BPF_MOD | BPF_K, n),
+        /* 27 */ BPF_STMT(BPF_RET | BPF_A, 0),
+        /* 28 */ BPF_STMT(BPF_RET | BPF_K, 0),
+    };
+    memcpy(out, prog, sizeof(prog));
+}
+
+#endif
