@@ -9,6 +9,7 @@ request, which is how a link that died without closing the session is noticed.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import select
@@ -17,7 +18,6 @@ import signal
 import sys
 import tempfile
 from collections.abc import Iterator
-from dataclasses import asdict
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -56,11 +56,11 @@ class Agent:
             raise RuntimeError(f"{op} before open")
         match op:
             case "prepare":
-                return asdict(self.end.prepare(args["mode"]))
+                return self.end.prepare(args["mode"]).to_json()
             case "connect":
-                return self.end.connect(args["mode"], Lease(**args["peer"]))
+                return self.end.connect(args["mode"], Lease.from_json(args["peer"]))
             case "serve":
-                return self.end.serve(args["addr"], args["port"])
+                return self.end.serve(ipaddress.ip_address(args["addr"]), args["port"])
             case "engine_stats":
                 return self.end.engine_stats()
             case "busy_seconds":

@@ -24,27 +24,32 @@ from pyflannel.bench.args import Parser, positive
 from pyflannel.bench.end import Endpoints, HostUnfit, LocalEnd, join
 from pyflannel.bench.interrupt import like_ctrl_c
 from pyflannel.bench.measure import MeasurementError, Result, measure
-from pyflannel.bench.modes import MODES, ModeUnavailable
+from pyflannel.bench.modes import MODES, MODES6, ModeUnavailable, version
 from pyflannel.bench.rig import Rig
 
 PROG = "flannel-bench"
 SUBCOMMANDS = {"agent": agent.main, "compare": compare.main}
+GROUPS = {"all4": MODES, "all6": MODES6, "all": MODES + MODES6}
+"""Names for several modes at once in --modes; the default stays all4, so that `make demo` stays short."""
 
 
 def _modes(text: str) -> list[str]:
-    modes = [m.strip() for m in text.split(",") if m.strip()]
-    unknown = [m for m in modes if m not in MODES]
-    if unknown or not modes:
-        raise argparse.ArgumentTypeError(f"unknown mode {unknown[0] if unknown else '(none)'!r}; "
-                                         f"choose from {','.join(MODES)}")
-    return modes
+    """Mode and group names, comma separated, in the order given; each mode once."""
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in names if m not in MODES + MODES6 and m not in GROUPS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown mode {unknown[0] if unknown else '(none)'!r}; choose from "
+                                         f"{','.join(MODES + MODES6)} or {','.join(GROUPS)}")
+    return list(dict.fromkeys(m for name in names for m in GROUPS.get(name, (name,))))
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = Parser(prog=PROG, description=__doc__.split("\n\n")[0] if __doc__ else None,
                epilog="also: flannel-bench compare A.json B.json ... [--plot FILE.png]; flannel-bench agent (the "
                       "far end of --remote, started through ssh)")
-    p.add_argument("--modes", type=_modes, default=list(MODES), help=f"comma list ({','.join(MODES)})")
+    p.add_argument("--modes", type=_modes, default=list(MODES),
+                   help=f"comma list of modes ({','.join(MODES)}; IPv6: {','.join(MODES6)}) or groups (all4: the "
+                        "IPv4 ones, the default; all6: the IPv6 ones; all: both)")
     p.add_argument("--seconds", type=positive, default=5, help="length of each iperf3 run (5)")
     p.add_argument("--repeats", type=positive, default=3, help="runs per mode; figures are medians (3)")
     p.add_argument("--parallel", type=positive, default=4, help="streams in the parallel TCP test (4)")
@@ -90,7 +95,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
 
 @contextmanager
 def _on_rig(args: argparse.Namespace, mode: str) -> Iterator[Endpoints]:
-    with Rig(mtu=args.mtu, netem=args.netem, tag="pfbench") as rig:
+    with Rig(mtu=args.mtu, netem=args.netem, tag="pfbench", version=version(mode)) as rig:
         client, server = (LocalEnd(host, rig.files) for host in rig.hosts)
         yield join(mode, client, server)
 

@@ -19,7 +19,8 @@ from typing import Any, Protocol
 
 from pyflannel.bench import modes, nic
 from pyflannel.bench.modes import Lease, ModeUnavailable, Tunnel
-from pyflannel.bench.rig import NETWORK, Host, terminate
+from pyflannel.bench.rig import Host, network, terminate
+from pyflannel.daemon.config import Address
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -29,7 +30,7 @@ class End(Protocol):
 
     def prepare(self, mode: str) -> Lease: ...
     def connect(self, mode: str, peer: Lease) -> None: ...
-    def serve(self, addr: str, port: int) -> None: ...
+    def serve(self, addr: Address, port: int) -> None: ...
     def engine_stats(self) -> dict[str, Any] | None: ...
     def busy_seconds(self) -> float: ...
     def reset(self) -> None: ...
@@ -50,19 +51,23 @@ class LocalEnd:
 
     @classmethod
     def this_host(cls, underlay: str, subnet: str, files: Path) -> LocalEnd:
-        """This machine as an end, on the interface that holds `underlay`; HostUnfit if it is not free for it."""
-        links = json.loads(subprocess.run(["ip", "-j", "-4", "addr", "show"], check=True, capture_output=True,
+        """This machine as an end, on the interface that holds `underlay` (either family, as subnet must be too);
+        HostUnfit if it is not free for it."""
+        address, net = ipaddress.ip_address(underlay), ipaddress.ip_network(subnet)
+        links = json.loads(subprocess.run(["ip", "-j", "addr", "show"], check=True, capture_output=True,
                                           text=True).stdout)
-        ifaces = [link["ifname"] for link in links for a in link.get("addr_info", []) if a.get("local") == underlay]
+        ifaces = [link["ifname"] for link in links for a in link.get("addr_info", [])
+                  if a.get("local") and ipaddress.ip_address(a["local"]) == address]
         if not ifaces:
             raise HostUnfit(f"{underlay} is not an address of this host")
-        taken = [link["ifname"] for link in links if link["ifname"] in ("flannel0", modes.VTEP)]
-        routed = subprocess.run(["ip", "route", "show", "root", str(NETWORK)], check=True, capture_output=True,
-                                text=True).stdout.split()
+        taken = [link["ifname"] for link in links if link["ifname"] in ("flannel0", *modes.VTEPS)]
+        overlay = network(net.version)
+        routed = subprocess.run(["ip", f"-{net.version}", "route", "show", "root", str(overlay)], check=True,
+                                capture_output=True, text=True).stdout.split()
         if taken or routed:
-            what = taken[0] if taken else f"a route into {NETWORK} ({routed[0]})"
+            what = taken[0] if taken else f"a route into {overlay} ({routed[0]})"
             raise HostUnfit(f"this host has {what} already (is flannel running?); the benchmark needs it free")
-        return cls(Host("", ipaddress.IPv4Address(underlay), ipaddress.IPv4Network(subnet), iface=ifaces[0]), files)
+        return cls(Host("", address, net, iface=ifaces[0]), files)
 
     def describe(self) -> dict[str, Any]:
         """Machine and underlay NIC, for the report."""
@@ -74,13 +79,14 @@ class LocalEnd:
     def connect(self, mode: str, peer: Lease) -> None:
         self.tunnel = modes.connect(mode, self.host, peer, self._undo, self.files)
 
-    def serve(self, addr: str, port: int) -> None:
+    def serve(self, addr: Address, port: int) -> None:
         """An iperf3 server on addr:port until reset(); returns once it listens."""
-        proc = self.host.popen("iperf3", "-s", "-p", str(port), "-B", addr, stdout=subprocess.DEVNULL,
+        proc = self.host.popen("iperf3", "-s", "-p", str(port), "-B", str(addr), stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
         self._undo.callback(terminate, proc)
+        listening = f"{addr}:{port} " if addr.version == 4 else f"[{addr}]:{port} "   # as ss prints it
         deadline = time.monotonic() + 10
-        while f"{addr}:{port} " not in self.host.run("ss", "-ltnH").stdout:
+        while listening not in self.host.run("ss", "-ltnH").stdout:
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise ModeUnavailable(f"the iperf3 server did not start on {addr}:{port}")
             time.sleep(0.05)
@@ -108,9 +114,9 @@ class Endpoints:
     separate_machines: the two ends' busy_seconds count different CPUs (real hosts), so CPU is per end."""
 
     client: LocalEnd
-    client_addr: str
+    client_addr: Address
     server: End
-    server_addr: str
+    server_addr: Address
     separate_machines: bool = False
 
 
@@ -119,6 +125,6 @@ def join(mode: str, client: LocalEnd, server: End, *, separate_machines: bool = 
     mine, theirs = client.prepare(mode), server.prepare(mode)
     client.connect(mode, theirs)
     server.connect(mode, mine)
-    if mode == "none":
+    if modes.backend(mode) == "none":
         return Endpoints(client, mine.public_ip, server, theirs.public_ip, separate_machines)
     return Endpoints(client, mine.overlay_ip, server, theirs.overlay_ip, separate_machines)

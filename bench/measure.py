@@ -96,8 +96,9 @@ def _syscall_figures(before: tuple[int, int, int, int] | None, after: tuple[int,
 
 
 def _iperf(path: Endpoints, proto: str, streams: int, seconds: int) -> dict[str, Any]:
-    r = path.client.host.run(sys.executable, "-m", "pyflannel.bench.iperf_client", path.server_addr, str(PORT), proto,
-                             str(streams), str(seconds), path.client_addr, check=False, timeout=seconds + 60)
+    r = path.client.host.run(sys.executable, "-m", "pyflannel.bench.iperf_client", str(path.server_addr), str(PORT),
+                             proto, str(streams), str(seconds), str(path.client_addr), check=False,
+                             timeout=seconds + 60)
     try:
         result = json.loads(r.stdout)
     except json.JSONDecodeError:
@@ -108,8 +109,8 @@ def _iperf(path: Endpoints, proto: str, streams: int, seconds: int) -> dict[str,
 
 
 def _ping(path: Endpoints, count: int) -> list[float]:
-    out = path.client.host.run("ping", "-c", str(count), "-i", "0.01", "-I", path.client_addr, path.server_addr,
-                          check=False, timeout=count + 30).stdout
+    out = path.client.host.run("ping", "-c", str(count), "-i", "0.01", "-I", str(path.client_addr),
+                               str(path.server_addr), check=False, timeout=count + 30).stdout
     rtts = [float(m) for m in re.findall(r"time=([\d.]+) ms", out)]
     if len(rtts) < count // 2:
         raise MeasurementError(f"ping: {len(rtts)} of {count} replies")

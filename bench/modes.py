@@ -3,6 +3,10 @@
 A host's half comes in two steps, as in flanneld: prepare (what the host sets up before it knows any peer, and
 the lease it publishes) and connect (what it does when the peer's lease appears). Everything a half creates is
 registered on an ExitStack that removes it again; on a rig, deleting the namespaces removes it as well.
+
+Each mode with a 6 at the end (none6, host-gw6, vxlan6, udp6) is its IPv4 namesake on an IPv6 underlay carrying an
+IPv6 overlay, set up as flanneld sets up an IPv6 network; the halves below take the family from the addresses
+they are given, so one function serves both.
 """
 
 from __future__ import annotations
@@ -16,16 +20,33 @@ import time
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import ip_address, ip_network
 from pathlib import Path
 from typing import Any
 
-from pyflannel.bench.rig import NETWORK, Host, terminate
+from pyflannel.bench.rig import Host, endpoint, network, terminate
 from pyflannel.daemon.backend import routes, vxlan_device
+from pyflannel.daemon.config import Address, Network
 
 MODES = ("none", "host-gw", "vxlan", "udp", "udp-batch", "udp-basic")
+MODES6 = ("none6", "host-gw6", "vxlan6", "udp6")
 TUNNEL = str(Path(sys.executable).with_name("flannel-tunnel"))
-VTEP = f"flannel.{vxlan_device.DEFAULT_VNI}"
+VTEPS = tuple(vxlan_device.device_name(vxlan_device.DEFAULT_VNI, version) for version in (4, 6))
+
+
+def version(mode: str) -> int:
+    """The IP version of a mode's underlay and overlay: 6 for the modes named with a 6 at the end."""
+    return 6 if mode in MODES6 else 4
+
+
+def backend(mode: str) -> str:
+    """The backend a mode is, whatever its family: host-gw6 is host-gw over IPv6."""
+    return mode.removesuffix("6") if mode in MODES6 else mode
+
+
+def reference(mode: str) -> str:
+    """The plain underlay of the mode's family, which its penalty is measured against."""
+    return "none6" if version(mode) == 6 else "none"
 
 
 class ModeUnavailable(Exception):
@@ -34,16 +55,24 @@ class ModeUnavailable(Exception):
 
 @dataclass(frozen=True)
 class Lease:
-    """What a host publishes for its peer, as a flanneld lease does; plain strings, so that it travels as JSON."""
+    """What a host publishes for its peer, as a flanneld lease does (PublicIP or PublicIPv6, the subnet, the VTEP
+    MAC), in one family; to_json/from_json carry it through the --remote session."""
 
-    public_ip: str
-    subnet: str
+    public_ip: Address
+    subnet: Network
     vtep_mac: str = ""
 
     @property
-    def overlay_ip(self) -> str:
+    def overlay_ip(self) -> Address:
         """The pod-side endpoint behind the subnet (what Host.add_overlay_endpoint puts on lo)."""
-        return str(IPv4Network(self.subnet).network_address + 1)
+        return endpoint(self.subnet)
+
+    def to_json(self) -> dict[str, str]:
+        return {"public_ip": str(self.public_ip), "subnet": str(self.subnet), "vtep_mac": self.vtep_mac}
+
+    @classmethod
+    def from_json(cls, data: dict[str, str]) -> Lease:
+        return cls(ip_address(data["public_ip"]), ip_network(data["subnet"]), data.get("vtep_mac", ""))
 
 
 @dataclass(frozen=True)
@@ -73,19 +102,23 @@ def _inode(path: Path) -> int:
 
 
 def prepare(mode: str, host: Host, undo: ExitStack) -> Lease:
-    """The host's half before it knows its peer: the pod-side endpoint and, for vxlan, flannel.1."""
+    """The host's half before it knows its peer: the pod-side endpoint and, for vxlan, flannel.1 (flannel-v6.1).
+
+    The host must be of the mode's family (a rig built for it, or the --remote end of that family)."""
+    if host.underlay.version != version(mode):
+        raise ModeUnavailable(f"{mode} needs an IPv{version(mode)} underlay; this end has {host.underlay}")
     mac = ""
-    if mode != "none":
+    if backend(mode) != "none":
         host.add_overlay_endpoint()
         undo.callback(host.remove_overlay_endpoint)
-    if mode == "vxlan":
+    if backend(mode) == "vxlan":
         mac = _vtep(host, undo)
-    return Lease(str(host.underlay), str(host.subnet), mac)
+    return Lease(host.underlay, host.subnet, mac)
 
 
 def connect(mode: str, host: Host, peer: Lease, undo: ExitStack, files: Path) -> Tunnel | None:
     """What the mode's backend does on the host when the peer's lease appears; the udp modes' engine, if any."""
-    return CONNECT[mode](host, peer, undo, files)
+    return CONNECT[backend(mode)](host, peer, undo, files)
 
 
 def _none(host: Host, peer: Lease, undo: ExitStack, files: Path) -> None:
@@ -93,30 +126,31 @@ def _none(host: Host, peer: Lease, undo: ExitStack, files: Path) -> None:
 
 
 def _host_gw(host: Host, peer: Lease, undo: ExitStack, files: Path) -> None:
-    subnet = IPv4Network(peer.subnet)
+    subnet = peer.subnet
     with host.ipr() as ipr:
         try:
-            routes.add_route(ipr, subnet=subnet, gateway=IPv4Address(peer.public_ip),
-                             ifindex=ipr.link_lookup(ifname=host.iface)[0])
+            routes.add_route(ipr, subnet=subnet, gateway=peer.public_ip, ifindex=ipr.link_lookup(ifname=host.iface)[0])
         except Exception as exc:
             raise ModeUnavailable(f"cannot route {subnet} via {peer.public_ip} (host-gw needs the hosts on one "
                                   f"L2 segment): {exc}") from None
     undo.callback(_del_route, host, subnet)
 
 
-def _del_route(host: Host, subnet: IPv4Network) -> None:
+def _del_route(host: Host, subnet: Network) -> None:
     with host.ipr() as ipr:
         routes.del_route(ipr, subnet=subnet)
 
 
 def _vtep(host: Host, undo: ExitStack) -> str:
-    """flannel.1 on the underlay interface, with the subnet's address; its MAC goes into the lease."""
+    """flannel.1 (flannel-v6.1 over IPv6: 20 bytes more outer header) on the underlay interface, with the subnet's
+    address; its MAC goes into the lease."""
+    overhead = vxlan_device.OVERHEAD if host.underlay.version == 4 else vxlan_device.OVERHEAD6
     with host.ipr() as ipr:
         try:
             ext = ipr.link_lookup(ifname=host.iface)[0]
             mtu = ipr.get_links(ext)[0].get("IFLA_MTU")
             vtep = vxlan_device.ensure_vtep(ipr, vni=vxlan_device.DEFAULT_VNI, local=host.underlay, ext_index=ext,
-                                            port=0, mtu=mtu - vxlan_device.OVERHEAD)
+                                            port=0, mtu=mtu - overhead)
             undo.callback(_del_vtep, host)
             vxlan_device.set_address(ipr, vtep, host.subnet)
         except Exception as exc:
@@ -124,28 +158,33 @@ def _vtep(host: Host, undo: ExitStack) -> str:
     return vtep.mac
 
 
+def _vtep_name(host: Host) -> str:
+    return vxlan_device.device_name(vxlan_device.DEFAULT_VNI, host.underlay.version)
+
+
 def _del_vtep(host: Host) -> None:
     """Deleting the device takes its address, neighbour, FDB and route entries with it."""
     with host.ipr() as ipr:
-        for index in ipr.link_lookup(ifname=VTEP):
+        for index in ipr.link_lookup(ifname=_vtep_name(host)):
             ipr.link("del", index=index)
 
 
 def _vxlan(host: Host, peer: Lease, undo: ExitStack, files: Path) -> None:
+    name = _vtep_name(host)
     with host.ipr() as ipr:
-        vtep = vxlan_device.Vtep(index=ipr.link_lookup(ifname=VTEP)[0], name=VTEP, vni=vxlan_device.DEFAULT_VNI,
+        vtep = vxlan_device.Vtep(index=ipr.link_lookup(ifname=name)[0], name=name, vni=vxlan_device.DEFAULT_VNI,
                                  mac="")
-        vxlan_device.add_peer(ipr, vtep, subnet=IPv4Network(peer.subnet), public_ip=IPv4Address(peer.public_ip),
-                              mac=peer.vtep_mac)
+        vxlan_device.add_peer(ipr, vtep, subnet=peer.subnet, public_ip=peer.public_ip, mac=peer.vtep_mac)
 
 
 def _udp(host: Host, peer: Lease, undo: ExitStack, files: Path, *extra: str) -> Tunnel:
-    """flannel-tunnel on the host: the same engine the udp backend drives."""
+    """flannel-tunnel on the host: the same engine the udp backend drives, given the addresses of one family
+    (IPv6 ones for udp6: --iface-ip, --subnet and --network are taken once per family)."""
     stats, log = files / f"{host.subnet.network_address}-stats.json", files / f"{host.subnet.network_address}.log"
     with log.open("w") as err:
         proc = host.popen(TUNNEL, "--iface-ip", str(host.underlay), "--subnet", str(host.subnet), "--network",
-                          str(NETWORK), "--peer", f"{peer.subnet}={peer.public_ip}", "--stats-file", str(stats),
-                          *extra, stdout=subprocess.DEVNULL, stderr=err)
+                          str(network(host.subnet.version)), "--peer", f"{peer.subnet}={peer.public_ip}",
+                          "--stats-file", str(stats), *extra, stdout=subprocess.DEVNULL, stderr=err)
     undo.callback(terminate, proc)
     _wait_for_flannel0(host, proc, log)
     return Tunnel(proc, stats)
@@ -162,8 +201,11 @@ def _udp_basic(host: Host, peer: Lease, undo: ExitStack, files: Path) -> Tunnel:
 
 
 def _wait_for_flannel0(host: Host, proc: subprocess.Popen[Any], log: Path, timeout: float = 15) -> None:
+    """Until the network's route is on flannel0 (the engine is then up), or what flannel-tunnel said last if it
+    exited (a flannel-tunnel without IPv6 refuses udp6's addresses in one line)."""
+    family = host.subnet.version
     deadline = time.monotonic() + timeout
-    while f"{NETWORK} dev flannel0" not in host.run("ip", "route").stdout:
+    while f"{network(family)} dev flannel0" not in host.run("ip", f"-{family}", "route").stdout:
         if proc.poll() is not None or time.monotonic() > deadline:
             said = log.read_text().strip().splitlines()
             raise ModeUnavailable(f"flannel-tunnel did not bring up flannel0{': ' + said[-1] if said else ''}")

@@ -14,13 +14,13 @@ import subprocess
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import asdict
 from pathlib import Path
 from typing import IO, Any
 
 from pyflannel.bench.agent import VERSION
 from pyflannel.bench.end import Endpoints, LocalEnd, join
 from pyflannel.bench.modes import Lease, ModeUnavailable
+from pyflannel.daemon.config import Address
 
 LOCAL_SUBNET, REMOTE_SUBNET = "10.244.1.0/24", "10.244.2.0/24"   # a rig's first and second host's
 
@@ -99,13 +99,13 @@ class RemoteEnd:
         self.session = session
 
     def prepare(self, mode: str) -> Lease:
-        return Lease(**self.session.call("prepare", mode=mode))
+        return Lease.from_json(self.session.call("prepare", mode=mode))
 
     def connect(self, mode: str, peer: Lease) -> None:
-        self.session.call("connect", mode=mode, peer=asdict(peer))
+        self.session.call("connect", mode=mode, peer=peer.to_json())
 
-    def serve(self, addr: str, port: int) -> None:
-        self.session.call("serve", addr=addr, port=port)
+    def serve(self, addr: Address, port: int) -> None:
+        self.session.call("serve", addr=str(addr), port=port)
 
     def engine_stats(self) -> dict[str, Any] | None:
         result: dict[str, Any] | None = self.session.call("engine_stats")

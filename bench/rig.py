@@ -1,10 +1,11 @@
 """Test hosts in network namespaces: the rig every integration test and the benchmark run on.
 
 Each host is a namespace with a veth into a shared underlay (198.18.0.0/15, RFC 2544 benchmarking space) and an
-overlay subnet out of 10.244.0.0/16. Nothing is created in the root namespace: the veth pair is made inside the
-first host with its peer end placed straight into the second. Leaving the `with` block (normally, on an
-exception or on Ctrl-C) kills every process started through the rig and deletes the namespaces, which takes
-their interfaces, routes and rules with them.
+overlay subnet out of 10.244.0.0/16; or, in an IPv6 rig, an underlay from 2001:2::/48 (RFC 5180 benchmarking
+space) and a /64 out of fd00:10:244::/48, as a flannel IPv6 network leases them. Nothing is created in the root
+namespace: the veth pair is made inside the first host with its peer end placed straight into the second.
+Leaving the `with` block (normally, on an exception or on Ctrl-C) kills every process started through the rig
+and deletes the namespaces, which takes their interfaces, routes and rules with them.
 """
 
 from __future__ import annotations
@@ -25,8 +26,31 @@ from typing import Any
 
 from pyroute2 import IPRoute, netns
 
+from pyflannel.daemon.backend.vxlan_device import IFA_F_NODAD
+from pyflannel.daemon.config import Address, Network
+
 NETWORK = ipaddress.IPv4Network("10.244.0.0/16")
 UNDERLAY = ipaddress.IPv4Network("198.18.0.0/24")  # room for the 200 hosts a rig may have
+NETWORK6 = ipaddress.IPv6Network("fd00:10:244::/48")
+UNDERLAY6 = ipaddress.IPv6Network("2001:2::/64")
+
+
+def network(version: int) -> Network:
+    """The whole overlay network of a family: what every host's subnet is part of."""
+    return NETWORK if version == 4 else NETWORK6
+
+
+def endpoint(subnet: Network) -> Address:
+    """The address a pod-side test endpoint uses in a subnet: its first host (as on cni0)."""
+    return subnet.network_address + 1
+
+
+def host_subnet(version: int, i: int) -> Network:
+    """The i-th host's overlay subnet (from 1): 10.244.i.0/24, or fd00:10:244:i::/64 (i in hex, as flannel
+    spells it)."""
+    if version == 4:
+        return ipaddress.IPv4Network(f"10.244.{i}.0/24")
+    return ipaddress.IPv6Network((int(NETWORK6.network_address) + (i << 64), 64))
 
 
 @dataclass
@@ -38,15 +62,15 @@ class Host:
     """
 
     ns: str
-    underlay: ipaddress.IPv4Address
-    subnet: ipaddress.IPv4Network
+    underlay: Address
+    subnet: Network
     procs: list[subprocess.Popen[Any]] = field(default_factory=list)
     iface: str = "eth0"
 
     @property
-    def overlay_ip(self) -> ipaddress.IPv4Address:
+    def overlay_ip(self) -> Address:
         """The address a pod-side test endpoint uses: the first host of the subnet (as on cni0)."""
-        return self.subnet.network_address + 1
+        return endpoint(self.subnet)
 
     def argv(self, cmd: Sequence[str]) -> list[str]:
         return ["ip", "netns", "exec", self.ns, *cmd] if self.ns else list(cmd)
@@ -70,17 +94,22 @@ class Host:
         lo rather than a dummy device: the kernels these tests run on may be built without the dummy driver.
         """
         with self.ipr() as ipr:
-            ipr.addr("add", index=ipr.link_lookup(ifname="lo")[0], address=str(self.overlay_ip), prefixlen=32)
+            ipr.addr("add", index=ipr.link_lookup(ifname="lo")[0], address=str(self.overlay_ip),
+                     prefixlen=self.overlay_ip.max_prefixlen)
 
     def remove_overlay_endpoint(self) -> None:
         with self.ipr() as ipr:
-            ipr.addr("del", index=ipr.link_lookup(ifname="lo")[0], address=str(self.overlay_ip), prefixlen=32)
+            ipr.addr("del", index=ipr.link_lookup(ifname="lo")[0], address=str(self.overlay_ip),
+                     prefixlen=self.overlay_ip.max_prefixlen)
 
 
 class Rig:
-    """Hosts on one underlay: two joined by a veth, or more joined by a bridge in a namespace of its own."""
+    """Hosts on one underlay: two joined by a veth, or more joined by a bridge in a namespace of its own.
 
-    def __init__(self, hosts: int = 2, *, mtu: int = 1500, netem: str | None = None, tag: str = "pf") -> None:
+    version 6 gives every host an IPv6 underlay address and subnet instead of IPv4 ones (an IPv6-only network)."""
+
+    def __init__(self, hosts: int = 2, *, mtu: int = 1500, netem: str | None = None, tag: str = "pf",
+                 version: int = 4) -> None:
         if not 2 <= hosts <= 200:
             raise ValueError("a rig has 2 to 200 hosts")
         self.prefix = f"{tag}-{os.getpid()}-{secrets.token_hex(3)}"
@@ -89,10 +118,9 @@ class Rig:
         self.mtu = mtu
         self.netem = netem
         self.files = Path(tempfile.mkdtemp(prefix=f"{self.prefix}-"))   # what the hosts' programs write; goes too
-        self.hosts = [
-            Host(f"{self.prefix}-h{i}", UNDERLAY.network_address + i + 1, ipaddress.IPv4Network(f"10.244.{i + 1}.0/24"))
-            for i in range(hosts)
-        ]
+        self.underlay = UNDERLAY if version == 4 else UNDERLAY6
+        self.hosts = [Host(f"{self.prefix}-h{i}", self.underlay.network_address + i + 1, host_subnet(version, i + 1))
+                      for i in range(hosts)]
 
     def __enter__(self) -> Rig:
         try:
@@ -118,7 +146,9 @@ class Rig:
             with host.ipr() as ipr:
                 ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
                 index = ipr.link_lookup(ifname="eth0")[0]
-                ipr.addr("add", index=index, address=str(host.underlay), prefixlen=UNDERLAY.prefixlen)
+                # no duplicate address detection: an IPv6 address is usable at once (nobody else can hold it)
+                ipr.addr("add", index=index, address=str(host.underlay), prefixlen=self.underlay.prefixlen,
+                         flags=IFA_F_NODAD)
                 ipr.link("set", index=index, mtu=self.mtu, state="up")
             if self.netem:
                 host.run("tc", "qdisc", "add", "dev", "eth0", "root", "netem", *self.netem.split())

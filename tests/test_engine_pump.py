@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ def _wait_for(cond: Any, timeout: float = 5) -> None:
 def _pump(rig: Rig, offloads: str, **kw: Any) -> Iterator[Pump]:
     """A started Pump on the rig's first host (its subnet is the pump's own); the second host is its peer."""
     a, b = rig.hosts
+    assert isinstance(a.underlay, IPv4Address) and isinstance(a.subnet, IPv4Network), "an IPv4 rig"
     with inside(a):
         p = open_pump(iface_ip=a.underlay, port=8285, tun_name="flannel0", subnet=a.subnet, network=NETWORK,
                       mtu=1400, wanted=offload.wanted(offloads), **kw)
