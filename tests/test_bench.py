@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -47,6 +48,46 @@ def test_medians_and_penalties() -> None:
     assert re.search(r"^vxlan +skipped: no VXLAN here$", report.table(built), re.MULTILINE)
 
 
+def test_ipv6_modes_are_measured_against_none6_in_the_same_table() -> None:
+    runs = {"none": [_result(10)], "vxlan": [_result(8)], "none6": [_result(20)], "vxlan6": [_result(15)],
+            "host-gw6": [_result(22)]}
+    built = report.build(runs, {"parallel": 4}, {})
+    assert built["penalty_pct"] == {"vxlan": 20.0, "vxlan6": 25.0, "host-gw6": -10.0}
+    assert report.penalties({"vxlan6": built["modes"]["vxlan6"]}) == {}, "no none6, no penalty"
+    rows = report.table(built).splitlines()
+    assert [r.split()[0] for r in rows[1:]] == list(runs)
+
+
+@pytest.mark.parametrize(("text", "chosen"), [
+    ("all6", list(modes.MODES6)),
+    ("none,all6,none6", ["none", *modes.MODES6]),
+    ("all", [*modes.MODES, *modes.MODES6]),
+    ("vxlan6,none", ["vxlan6", "none"]),
+])
+def test_modes_and_groups(text: str, chosen: list[str]) -> None:
+    assert cli.parse(["--modes", text]).modes == chosen
+
+
+def test_default_modes_stay_ipv4() -> None:
+    assert cli.parse([]).modes == list(modes.MODES)
+
+
+def test_ipv6_run_on_an_ipv6_rig() -> None:
+    """none6, host-gw6 and vxlan6 end to end; udp6 either runs (a flannel-tunnel with IPv6) or is skipped with
+    flannel-tunnel's own one-line refusal, never with a traceback or a hang."""
+    built: dict[str, Any] = cli.run(cli.parse(["--modes", "all6", "--seconds", "1", "--repeats", "1", "--pings",
+                                               "10"]))
+    measured, skipped = built["modes"], built.get("skipped", {})
+    assert {"none6", "host-gw6", "vxlan6"} <= set(measured) and set(skipped) <= {"udp6"}, skipped
+    for figures in measured.values():
+        assert figures["tcp_gbps"] > 0 and figures["udp64_kpps"] > 0
+        assert figures["rtt_ms_p99"] >= figures["rtt_ms_p50"] > 0
+    assert set(built["penalty_pct"]) == set(measured) - {"none6"}
+    assert "udp6" in measured or re.fullmatch(r"flannel-tunnel did not bring up flannel0: flannel-tunnel: .+",
+                                              skipped["udp6"])
+    assert leftover_namespaces("pfbench") == []
+
+
 def test_quick_run_writes_json_and_png(tmp_path: Path) -> None:
     out, png = tmp_path / "r.json", tmp_path / "r.png"
     r = subprocess.run([BENCH, "--modes", "none,udp", "--seconds", "1", "--repeats", "1", "--pings", "10",
@@ -82,6 +123,7 @@ def test_a_failing_mode_is_reported_and_the_rest_still_run(monkeypatch: pytest.M
 
 @pytest.mark.parametrize(("argv", "message"), [
     (["--modes", "none,warp"], "unknown mode 'warp'"),
+    (["--modes", "udp-basic6"], "unknown mode 'udp-basic6'"),
     (["--repeats", "0"], "0 is not a positive number"),
     (["--mtu", "100"], "--mtu 100 is out of range"),
 ])
