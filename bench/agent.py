@@ -49,8 +49,11 @@ class Agent:
     def _call(self, op: str, args: dict[str, Any]) -> Any:
         if op == "hello":
             return {"version": VERSION, "uid": os.geteuid(), "ssh_connection": os.environ.get("SSH_CONNECTION", "")}
-        if op == "open":
-            self.end = LocalEnd.this_host(args["underlay"], args["subnet"], self.files)
+        if op == "open":   # again for another family: the end of the one before is reset first
+            if self.end is not None:
+                self.end.reset()
+            self.end = LocalEnd.this_host(ipaddress.ip_address(args["underlay"]), ipaddress.ip_network(args["subnet"]),
+                                          self.files)
             return self.end.describe()
         if self.end is None:
             raise RuntimeError(f"{op} before open")

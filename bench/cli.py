@@ -8,6 +8,7 @@ machine hits every mode alike; each figure is the median.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import shutil
 import signal
@@ -65,14 +66,19 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                      help="flannel-bench on HOST, given to its shell as it is (flannel-bench on its PATH)")
     two.add_argument("--local-ip", help="this host's underlay address (default: where the ssh session comes from)")
     two.add_argument("--remote-ip", help="HOST's underlay address (default: where the ssh session goes to)")
+    two.add_argument("--local-ip6", type=ipaddress.IPv6Address, metavar="IP6",
+                     help="this host's IPv6 underlay address, for the IPv6 modes (skipped without it)")
+    two.add_argument("--remote-ip6", type=ipaddress.IPv6Address, metavar="IP6", help="HOST's IPv6 underlay address")
     two.add_argument("--ssh-config", metavar="FILE", help="ssh config file instead of ~/.ssh/config (ssh -F)")
     args = p.parse_args(argv)
     if args.quick:
         args.seconds, args.repeats, args.pings = 2, 1, 50
     if args.remote and (args.netem or args.mtu):
         p.error("--netem and --mtu shape the namespace rig's link; --remote measures the real link as it is")
-    if not args.remote and (args.local_ip or args.remote_ip or args.ssh_config):
-        p.error("--local-ip, --remote-ip and --ssh-config go with --remote")
+    if not args.remote and (args.local_ip or args.remote_ip or args.local_ip6 or args.remote_ip6 or args.ssh_config):
+        p.error("--local-ip, --remote-ip, --local-ip6, --remote-ip6 and --ssh-config go with --remote")
+    if bool(args.local_ip6) != bool(args.remote_ip6):
+        p.error("--local-ip6 and --remote-ip6 go together (the IPv6 underlay addresses of the two hosts)")
     if not args.remote:
         args.mtu = args.mtu or 1500
     if args.mtu and not 576 <= args.mtu <= 65535:
@@ -88,8 +94,8 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         runs, skipped = measure_modes(args, lambda mode: _on_rig(args, mode))
         return report.build(runs, config, skipped)
     with tempfile.TemporaryDirectory(prefix="flannel-bench-") as files, \
-            remote.ends(args, Path(files)) as (local, far, machine):
-        runs, skipped = measure_modes(args, lambda mode: remote.path(mode, local, far))
+            remote.ends(args, Path(files)) as (pair, machine):
+        runs, skipped = measure_modes(args, lambda mode: remote.path(mode, pair))
         return report.build(runs, config | {"remote": args.remote}, skipped, machine)
 
 

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 from pyflannel.bench import modes, nic
 from pyflannel.bench.modes import Lease, ModeUnavailable, Tunnel
 from pyflannel.bench.rig import Host, network, terminate
-from pyflannel.daemon.config import Address
+from pyflannel.daemon.config import Address, Network
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -50,24 +50,23 @@ class LocalEnd:
         self._undo = ExitStack()
 
     @classmethod
-    def this_host(cls, underlay: str, subnet: str, files: Path) -> LocalEnd:
-        """This machine as an end, on the interface that holds `underlay` (either family, as subnet must be too);
+    def this_host(cls, underlay: Address, subnet: Network, files: Path) -> LocalEnd:
+        """This machine as an end, on the interface that holds `underlay` (either family, and subnet of the same);
         HostUnfit if it is not free for it."""
-        address, net = ipaddress.ip_address(underlay), ipaddress.ip_network(subnet)
         links = json.loads(subprocess.run(["ip", "-j", "addr", "show"], check=True, capture_output=True,
                                           text=True).stdout)
         ifaces = [link["ifname"] for link in links for a in link.get("addr_info", [])
-                  if a.get("local") and ipaddress.ip_address(a["local"]) == address]
+                  if a.get("local") and ipaddress.ip_address(a["local"]) == underlay]
         if not ifaces:
             raise HostUnfit(f"{underlay} is not an address of this host")
         taken = [link["ifname"] for link in links if link["ifname"] in ("flannel0", *modes.VTEPS)]
-        overlay = network(net.version)
-        routed = subprocess.run(["ip", f"-{net.version}", "route", "show", "root", str(overlay)], check=True,
+        overlay = network(subnet.version)
+        routed = subprocess.run(["ip", f"-{subnet.version}", "route", "show", "root", str(overlay)], check=True,
                                 capture_output=True, text=True).stdout.split()
         if taken or routed:
             what = taken[0] if taken else f"a route into {overlay} ({routed[0]})"
             raise HostUnfit(f"this host has {what} already (is flannel running?); the benchmark needs it free")
-        return cls(Host("", address, net, iface=ifaces[0]), files)
+        return cls(Host("", underlay, subnet, iface=ifaces[0]), files)
 
     def describe(self) -> dict[str, Any]:
         """Machine and underlay NIC, for the report."""

@@ -14,15 +14,19 @@ import subprocess
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 from pyflannel.bench.agent import VERSION
 from pyflannel.bench.end import Endpoints, LocalEnd, join
-from pyflannel.bench.modes import Lease, ModeUnavailable
+from pyflannel.bench.modes import Lease, ModeUnavailable, version
+from pyflannel.bench.rig import host_subnet
 from pyflannel.daemon.config import Address
 
-LOCAL_SUBNET, REMOTE_SUBNET = "10.244.1.0/24", "10.244.2.0/24"   # a rig's first and second host's
+LOCAL, REMOTE = 1, 2
+"""Whose subnets the ends have: this host a rig's first host's (10.244.1.0/24, fd00:10:244:1::/64), HOST the
+second's."""
 
 
 class SessionError(Exception):
@@ -93,10 +97,19 @@ class Session:
 
 
 class RemoteEnd:
-    """The far host's end (a bench.end.End): each call is a request to its agent."""
+    """The far host's end (a bench.end.End): each call is a request to its agent, whose end is of one family at a
+    time (open() switches it, for the IPv6 modes and back)."""
 
     def __init__(self, session: Session) -> None:
         self.session = session
+        self.version = 0
+
+    def open(self, underlay: Address) -> dict[str, Any]:
+        """The agent's end on `underlay` with the far subnet of its family; the far machine's description."""
+        described: dict[str, Any] = self.session.call("open", underlay=str(underlay),
+                                                      subnet=str(host_subnet(underlay.version, REMOTE)))
+        self.version = underlay.version
+        return described
 
     def prepare(self, mode: str) -> Lease:
         return Lease.from_json(self.session.call("prepare", mode=mode))
@@ -118,25 +131,42 @@ class RemoteEnd:
         self.session.call("reset")
 
 
+@dataclass
+class Pair:
+    """This host's end per family and the far host's end, with the far underlay address of each family; a family
+    is here only when both hosts have an underlay address of it (IPv6: --local-ip6 and --remote-ip6)."""
+
+    far: RemoteEnd
+    local: dict[int, LocalEnd] = field(default_factory=dict)
+    remote_ip: dict[int, Address] = field(default_factory=dict)
+
+
 @contextmanager
-def ends(args: argparse.Namespace, files: Path) -> Iterator[tuple[LocalEnd, RemoteEnd, dict[str, Any]]]:
-    """This host's end and the far host's, checked and described (the report's "machine"); the session closes
-    when the block ends, after this host's end is reset."""
+def ends(args: argparse.Namespace, files: Path) -> Iterator[tuple[Pair, dict[str, Any]]]:
+    """Both hosts' ends, checked (every family's, before anything is set up) and described (the report's
+    "machine"); the session closes when the block ends, after this host's ends are reset."""
     session = Session(args.remote, remote_bin=args.remote_bin, ssh_config=args.ssh_config,
                       idle_timeout=4 * (args.seconds + 60) + args.pings)
+    pair = Pair(RemoteEnd(session))
     try:
-        local_ip, remote_ip = _addresses(session.call("hello"), args)
-        local = LocalEnd.this_host(local_ip, LOCAL_SUBNET, files)
+        local_ip, pair.remote_ip[4] = _addresses(session.call("hello"), args)
+        if args.local_ip6:
+            pair.remote_ip[6] = args.remote_ip6
+            pair.local[6] = LocalEnd.this_host(args.local_ip6, host_subnet(6, LOCAL), files)
+        pair.local[4] = LocalEnd.this_host(local_ip, host_subnet(4, LOCAL), files)
         try:
-            far = session.call("open", underlay=remote_ip, subnet=REMOTE_SUBNET)
-            yield local, RemoteEnd(session), {"local": local.describe(), "remote": far}
+            if 6 in pair.remote_ip:
+                pair.far.open(pair.remote_ip[6])   # checked first; the IPv4 end stays open
+            far = pair.far.open(pair.remote_ip[4])
+            yield pair, {"local": pair.local[4].describe(), "remote": far}
         finally:
-            local.reset()
+            for local in pair.local.values():
+                local.reset()
     finally:
         session.close()
 
 
-def _addresses(hello: dict[str, Any], args: argparse.Namespace) -> tuple[str, str]:
+def _addresses(hello: dict[str, Any], args: argparse.Namespace) -> tuple[Address, Address]:
     """(this host's, the far host's) underlay address: as given, or the ends of the ssh connection."""
     if hello["version"] != VERSION:
         raise SessionError(f"{args.remote} runs pyflannel {hello['version']} and this host {VERSION}; "
@@ -153,14 +183,21 @@ def _addresses(hello: dict[str, Any], args: argparse.Namespace) -> tuple[str, st
         except ValueError:
             raise SessionError(f"ssh reached {args.remote} as {ip or 'an unknown address'}, not IPv4; give "
                                "--local-ip and --remote-ip (the underlay addresses of the two hosts)") from None
-    return local_ip, remote_ip
+    return ipaddress.IPv4Address(local_ip), ipaddress.IPv4Address(remote_ip)
 
 
 @contextmanager
-def path(mode: str, local: LocalEnd, far: RemoteEnd) -> Iterator[Endpoints]:
+def path(mode: str, pair: Pair) -> Iterator[Endpoints]:
     """The mode set up across the two hosts for one measurement, and removed at both ends afterwards."""
+    family = version(mode)
+    if family not in pair.local:
+        raise ModeUnavailable(f"{mode} across two hosts needs their IPv6 underlay addresses: give --local-ip6 "
+                              "and --remote-ip6")
+    if pair.far.version != family:
+        pair.far.open(pair.remote_ip[family])
+    local = pair.local[family]
     try:
-        yield join(mode, local, far, separate_machines=True)
+        yield join(mode, local, pair.far, separate_machines=True)
     finally:
         local.reset()
-        far.reset()
+        pair.far.reset()

@@ -126,6 +126,8 @@ def test_a_failing_mode_is_reported_and_the_rest_still_run(monkeypatch: pytest.M
     (["--modes", "udp-basic6"], "unknown mode 'udp-basic6'"),
     (["--repeats", "0"], "0 is not a positive number"),
     (["--mtu", "100"], "--mtu 100 is out of range"),
+    (["--remote", "far", "--local-ip6", "2001:2::1"], "--local-ip6 and --remote-ip6 go together"),
+    (["--local-ip6", "2001:2::1", "--remote-ip6", "2001:2::2"], "go with --remote"),
 ])
 def test_bad_flags(argv: list[str], message: str) -> None:
     r = subprocess.run([BENCH, *argv], capture_output=True, text=True, timeout=30)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from daemons import wait_for
+from daemons import add_ipv6_underlay, underlay6, wait_for
 
 from pyflannel.bench import report
 from pyflannel.bench.measure import Result
@@ -75,6 +75,7 @@ def hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hosts]:
     try:
         with Rig(tag="pfrb") as rig:
             near, far = rig.hosts
+            add_ipv6_underlay(rig.hosts)
             yield Hosts(near, far, *_sshd(far, tmp_path_factory.mktemp("ssh")))
     finally:
         if made:
@@ -86,13 +87,16 @@ def _bench(hosts: Hosts, *argv: str) -> list[str]:
 
 
 def _configured(host: Host, keep: int = 0) -> list[str]:
-    """Anything on the host beyond its bare state (lo, eth0 and its address and subnet route, process `keep`):
-    links, routes, addresses, processes."""
+    """Anything on the host beyond its bare state (lo, eth0 and its addresses and subnet routes of both families,
+    process `keep`): links, routes, addresses, processes."""
     links = [line.split(":")[1].strip().split("@")[0] for line in host.run("ip", "-o", "link").stdout.splitlines()]
     extra = [f"link {name}" for name in links if name not in ("lo", "eth0")]
     extra += [f"route {r}" for r in host.run("ip", "route").stdout.splitlines() if not r.startswith("198.18.0.0/24")]
-    extra += [f"address {a}" for a in re.findall(r"inet (\S+)", host.run("ip", "-4", "addr").stdout)
-              if a not in ("127.0.0.1/8", f"{host.underlay}/24")]
+    extra += [f"route {r}" for r in host.run("ip", "-6", "route").stdout.splitlines()
+              if not r.startswith(("2001:2::/64 dev eth0", "fe80::/64 "))]   # link-local: every link has one
+    extra += [f"address {a}" for a in re.findall(r"inet6? (\S+)", host.run("ip", "addr").stdout)
+              if a not in ("127.0.0.1/8", f"{host.underlay}/24", "::1/128", f"{underlay6(host)}/64")
+              and not a.startswith("fe80:")]
     return extra + [f"process {_command(pid)}" for pid in _pids(host) if pid != keep]
 
 
@@ -133,6 +137,30 @@ def test_two_host_run_reports_as_the_namespace_run_does_with_each_ends_nic(hosts
         assert f"{end}: {host.underlay} eth0 MTU 1500, kernel {machine['kernel']}: {offloads}" in r.stdout
     assert re.search(r"^udp-basic +\d", r.stdout, re.MULTILINE)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert hosts.clean()
+
+
+def test_ipv6_modes_across_two_hosts_on_their_ipv6_underlay(hosts: Hosts, tmp_path: Path) -> None:
+    """The far end switches family and back (none6 ... none) within one session; penalties per family."""
+    out = tmp_path / "six.json"
+    r = hosts.near.run(*_bench(hosts, "--modes", "none6,host-gw6,vxlan6,none", "--local-ip6", underlay6(hosts.near),
+                               "--remote-ip6", underlay6(hosts.far), *QUICK, "--json", str(out), "--plot",
+                               os.devnull), check=False, timeout=240)
+    assert r.returncode == 0, r.stderr
+    data = json.loads(out.read_text())
+    assert list(data["modes"]) == ["none6", "host-gw6", "vxlan6", "none"], data.get("skipped")
+    assert all(figures["tcp_gbps"] > 0 for figures in data["modes"].values())
+    assert set(data["penalty_pct"]) == {"host-gw6", "vxlan6"}
+    assert hosts.clean()
+
+
+def test_ipv6_modes_without_ipv6_addresses_are_skipped_with_the_reason(hosts: Hosts, tmp_path: Path) -> None:
+    out = tmp_path / "skip.json"
+    r = hosts.near.run(*_bench(hosts, "--modes", "none6,none", *QUICK, "--json", str(out), "--plot", os.devnull),
+                       check=False, timeout=240)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(out.read_text())["skipped"] == {
+        "none6": "none6 across two hosts needs their IPv6 underlay addresses: give --local-ip6 and --remote-ip6"}
     assert hosts.clean()
 
 
