@@ -1,4 +1,5 @@
-"""The underlay UDP socket the engine sends and receives on (flannel binds it to the interface address).
+"""The underlay UDP sockets the engine sends and receives on (flannel binds it to the interface address): one for
+an IPv4 underlay, one for an IPv6 underlay, or both.
 
 Besides binding, this is where the socket-side offloads are probed and switched on (UDP_SEGMENT for sends,
 UDP_GRO for receives), where the buffers are enlarged (the default 208 KiB drops bursts, and drops become TCP
@@ -21,10 +22,12 @@ UDP_SEGMENT, UDP_GRO, SO_RXQ_OVFL = 103, 104, 40
 SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33
 
 
-def open_udp_socket(addr: ipaddress.IPv4Address, port: int) -> socket.socket:
-    """A non-blocking UDP socket bound to addr:port, or DataplaneError naming the problem."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+def open_udp_socket(addr: ipaddress.IPv4Address | ipaddress.IPv6Address, port: int) -> socket.socket:
+    """A non-blocking UDP socket of addr's family bound to addr:port, or DataplaneError naming the problem."""
+    sock = socket.socket(socket.AF_INET if addr.version == 4 else socket.AF_INET6, socket.SOCK_DGRAM)
     try:
+        if addr.version == 6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind((str(addr), port))
     except OSError as exc:
         sock.close()

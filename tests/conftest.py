@@ -51,10 +51,11 @@ def inside(host: Host) -> Iterator[None]:
         os.close(target)
 
 
-def host_socket(host: Host, kind: int = socket.SOCK_DGRAM, proto: int = 0) -> socket.socket:
-    """An IPv4 socket that lives in the host's namespace."""
+def host_socket(host: Host, kind: int = socket.SOCK_DGRAM, proto: int = 0, family: int = socket.AF_INET
+                ) -> socket.socket:
+    """A socket (IPv4 unless `family` says otherwise) that lives in the host's namespace."""
     with inside(host):
-        return socket.socket(socket.AF_INET, kind, proto)
+        return socket.socket(family, kind, proto)
 
 
 def flannel_peer_and_app(a: Host, b: Host) -> tuple[socket.socket, socket.socket]:

@@ -38,16 +38,20 @@ def _payload() -> bytes:
     return b"".join(hashlib.sha256(i.to_bytes(4, "big")).digest() for i in range(CHUNK // 32))
 
 
-def start_transfer(src: Host, dst: Host, size: int, port: int = 5001) -> Transfer:
-    """Send size bytes from src's overlay address to dst's; both ends hash what they see."""
+def start_transfer(src: Host, dst: Host, size: int, port: int = 5001, *, addrs: tuple[str, str] | None = None
+                   ) -> Transfer:
+    """Send size bytes from src's overlay address to dst's (or between the `addrs` given, IPv4 or IPv6); both
+    ends hash what they see."""
     t = Transfer(size)
-    listener = host_socket(dst, socket.SOCK_STREAM)
+    src_ip, dst_ip = addrs or (str(src.overlay_ip), str(dst.overlay_ip))
+    family = socket.AF_INET6 if ":" in dst_ip else socket.AF_INET
+    listener = host_socket(dst, socket.SOCK_STREAM, family=family)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    listener.bind((str(dst.overlay_ip), port))
+    listener.bind((dst_ip, port))
     listener.listen(1)
     listener.settimeout(60)
-    client = host_socket(src, socket.SOCK_STREAM)
-    client.bind((str(src.overlay_ip), 0))
+    client = host_socket(src, socket.SOCK_STREAM, family=family)
+    client.bind((src_ip, 0))
     client.settimeout(60)
 
     def receive() -> None:
@@ -68,7 +72,7 @@ def start_transfer(src: Host, dst: Host, size: int, port: int = 5001) -> Transfe
     def send() -> None:
         try:
             with client:
-                client.connect((str(dst.overlay_ip), port))
+                client.connect((dst_ip, port))
                 h = hashlib.sha256()
                 block = bytearray(_payload())
                 left = size

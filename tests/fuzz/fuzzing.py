@@ -119,8 +119,8 @@ def wire_shots(rng: random.Random, hosts: Hosts, n: int) -> list[Shot]:
 
     kinds: list[Callable[[], Shot]] = [
         lambda: Shot(rng.randbytes(rng.randrange(0, 20)), "rx_short"),
-        lambda: Shot(_not_ipv4(rng, rng.randrange(20, MAX_PLAIN)), "rx_not_ipv4"),
-        lambda: Shot(_not_ipv4(rng, rng.randrange(1500, 9000)), "rx_not_ipv4"),  # fragmented on the wire
+        lambda: Shot(_not_ipv4(rng, rng.randrange(20, MAX_PLAIN)), "rx_not_ip"),
+        lambda: Shot(_not_ipv4(rng, rng.randrange(1500, 9000)), "rx_not_ip"),  # fragmented on the wire
         lambda: Shot(bytes([0x40 | rng.randrange(5)]) + rng.randbytes(rng.randrange(19, MAX_PLAIN)), "rx_bad_ihl"),
         lambda: Shot(_bad_length(rng, from_b(), a_ip), "rx_bad_length"),
         lambda: Shot(_bad_checksum(_packet(rng, from_b(), a_ip, fragment=True)), "rx_bad_checksum"),
@@ -146,7 +146,7 @@ def tun_shots(rng: random.Random, hosts: Hosts, n: int) -> list[Shot]:
         return _addr(rng, hosts.b_subnet)
 
     kinds: list[Callable[[], Shot]] = [
-        lambda: Shot(_not_ipv4(rng, rng.randrange(1, MAX_PLAIN)), "tx_not_ipv4"),
+        lambda: Shot(_not_ipv4(rng, rng.randrange(1, MAX_PLAIN)), "tx_not_ip"),
         lambda: Shot(_malformed(rng, src, to_b()), "tx_malformed"),
         lambda: Shot(_packet(rng, src, _addr(rng, hosts.unrouted)), "tx_no_route"),
         lambda: Shot(_packet(rng, src, to_b(), ttl=rng.randrange(2)), "tx_ttl_expired"),
