@@ -4,6 +4,19 @@
 Design notes (what is flannel's and why; what is ours and why)
 - Wire format is flannel's udp backend, bit for bit: the UDP payload is the raw inner IPv4 packet, nothing more,
   default port 8285 (pkg/backend/udp). A flannel node and a pyflannel node exchange packets unchanged.
+- Ours: dual stack, beyond flannel (whose udp backend is IPv4 only). The inner packet may be IPv6 and is carried
+  the same way: the raw IPv6 packet is the UDP payload, the receiver tells the families apart by the version
+  nibble, so a flannel node (which never routes IPv6 to the udp backend) never sees one. The underlay may be
+  IPv6 too: a second socket (bound to the node's IPv6 address, same port) beside the IPv4 one; either inner
+  family travels over either underlay, chosen per route by the peer's address family. The RX thread waits on
+  both sockets; TX sends each run of packets through the socket of its peer's family.
+- Ours, IPv6 inner packets: the hop limit is decremented in both directions (no header checksum to fix); on TX,
+  hop limit 1 gets ICMPv6 time exceeded and no route ICMPv6 destination unreachable (no route), both from the
+  destination's address as for IPv4, under the same token bucket, with RFC 4443's exceptions (never about an
+  ICMPv6 error, a multicast destination or a non-first fragment; ipv6.h). flannel0's own link traffic (to
+  multicast, from link-local: neighbour discovery, MLD) is dropped as tx_link_scope and never crosses. There is
+  no Packet Too Big, as there is no IPv4 frag-needed: flannel0's MTU leaves room for the outer headers of the
+  underlay with the larger ones (dataplane.tunnel), so nothing from flannel0 is too big for a peer.
 - TTL is decremented in both directions with an RFC 1624 incremental checksum update, as flannel's proxy does,
   so one overlay hop costs two. Unlike flannel (whose `--ttl` wraps 0 to 255) a packet arriving with TTL 0 or 1
   is dropped and counted.
@@ -16,11 +29,12 @@ Design notes (what is flannel's and why; what is ours and why)
   held back are counted.
 - Ours: the TX side checks what local processes wrote into flannel0 (which the kernel does not: a packet socket
   on flannel0 can write anything): header length, total length and header checksum of every whole packet, and,
-  given this node's subnet, that the inner source is in it (flannel0's own address is). The far end would drop
-  such packets anyway; here they cost no bandwidth and are counted where they came from.
-- Ours: the RX side validates what arrives (version, header length, total length, header checksum) and checks
-  the sender: the outer source address must be the peer that owns the inner source's subnet. flannel accepts any
-  datagram from anyone, which lets any host that can reach port 8285 inject packets into the pod network.
+  given this node's subnets, that the inner source is in the one of its family (flannel0's own addresses are).
+  The far end would drop such packets anyway; here they cost no bandwidth and are counted where they came from.
+- Ours: the RX side validates what arrives (IPv4: version, header length, total length, header checksum; IPv6:
+  a whole header and a payload length that fits) and checks the sender: the outer source address (either family)
+  must be the peer that owns the inner source's subnet (either family). flannel accepts any datagram from anyone,
+  which lets any host that can reach port 8285 inject packets into the pod network.
 - Ours: batches. The TX thread drains the TUN into one contiguous arena and sends with sendmmsg; the RX thread
   uses recvmmsg. With batch 1 and no offloads each direction is one packet per syscall, like flannel's C proxy;
   that mode is the baseline for every speed figure.
@@ -32,17 +46,20 @@ Design notes (what is flannel's and why; what is ours and why)
 - The routing table is a prefix_table.h table, read lock-free: each thread pins the current table in its reader
   slot for one batch (and lets go before it may wait for socket space), so a route change never waits for
   traffic, and traffic never waits for a change. A route change costs O(changed routes); the sender check and
-  the per-peer counters are O(1) lookups in the configured-peer hash (peer_stats.h).
+  the per-peer counters are O(1) lookups in the configured-peer hashes (peer_stats.h, peer6.h). A route to an
+  IPv6 peer holds the peer's slot in peer6.h (a 64-bit leaf cannot hold the address).
 - A thread whose TUN or socket is gone (a deleted flannel0 answers EBADFD to everything and POLLERR to poll)
   stops for good and records why (failure()); it never retries in a loop. A TUN that is merely down refuses
   writes with EIO: a per-packet drop, not a failure.
 - Offloads (each optional, chosen by dataplane.offload before the engine starts):
-  vnet_hdr: the TUN carries a virtio_net_hdr; with TSO the kernel hands over 64 KiB TCP super-packets, which TX
-  splits into MSS-size segments (offload.h gso_split) straight into the send arena.
+  vnet_hdr: the TUN carries a virtio_net_hdr; with TSO (TSO6) the kernel hands over 64 KiB TCP super-packets over
+  IPv4 (IPv6), which TX splits into MSS-size segments (offload.h gso_split, ipv6.h gso_split6) straight into the
+  send arena.
   gso: runs of equal-size segments to one peer leave as one UDP_SEGMENT message; the kernel cuts them into
   datagrams, so each datagram on the wire still carries exactly one inner packet (flannel's format).
   gro: UDP_GRO delivers trains of datagrams from one sender in one receive; RX cuts them at the gso_size.
-  coalesce: consecutive segments of one TCP flow are merged again and written to the TUN as one GSO packet.
+  coalesce: consecutive segments of one TCP flow are merged again and written to the TUN as one GSO packet
+  (IPv4 flows only: IPv6 packets are written one by one).
   A GSO send refused with EIO (egress device without checksum offload) turns GSO off and resends; a coalesced
   write refused with EINVAL (the 6.6.44-era virtio header regression) turns coalescing off and writes segments.
 - Nothing here allocates or touches a Python object per packet; all buffers are allocated at construction.

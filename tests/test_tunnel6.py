@@ -22,6 +22,8 @@ from packets import udp4
 from traffic import start_transfer
 
 from bench.rig import Host, Rig
+from dataplane.errors import DataplaneError
+from dataplane.tunnel import all_peers, parse_config
 
 NETWORK6 = ipaddress.IPv6Network("fd00:10:244::/48")
 MB = 1 << 20
@@ -243,3 +245,18 @@ def test_stranger_flood_over_ipv6_never_gets_a_peer_slot(rig6: Rig, tmp_path: Pa
             s.sendto(_udp6(overlay6(a), overlay6(b), b"x"), (underlay6(b), 8285))
     _wait_for(lambda: tb.stats()["drops"]["rx_unknown_peer"] == before + 20)
     assert list(tb.stats()["peers"]) == [underlay6(a)]
+
+
+def test_peers_file_lines_of_both_families(tmp_path: Path) -> None:
+    """--peers-file takes IPv6 subnets and addresses like --peer, with the overlap check within each family."""
+    peers = tmp_path / "peers"
+    peers.write_text("fd00:10:244:2::/64=2001:2::2  # b\n10.244.2.0/24=2001:2::2\nfd00:10:244:3::/64=198.18.0.3\n")
+    argv = ["--iface-ip", "198.18.0.1", "--iface-ip", "2001:2::1", "--subnet", "10.244.1.0/24",
+            "--subnet", "fd00:10:244:1::/64", "--network", "10.244.0.0/16", "--network", str(NETWORK6),
+            "--peers-file", str(peers)]
+    found = {(str(p.subnet), str(p.addr)) for p in all_peers(parse_config(argv))}
+    assert found == {("fd00:10:244:2::/64", "2001:2::2"), ("10.244.2.0/24", "2001:2::2"),
+                     ("fd00:10:244:3::/64", "198.18.0.3")}
+    peers.write_text("fd00:10:244:2::/64=2001:2::2\nfd00:10:244:2:8000::/65=2001:2::3\n")
+    with pytest.raises(DataplaneError, match=r":2: subnet fd00:10:244:2:8000::/65 overlaps .*:1: fd00:10:244:2::/64"):
+        all_peers(parse_config(argv))
