@@ -44,7 +44,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import NoReturn
+from typing import NoReturn, TypeVar
 
 from dataplane import klog, metrics, offload
 from dataplane.errors import DataplaneError
@@ -135,28 +135,17 @@ def _cidr(text: str, what: str) -> Network:
         raise DataplaneError(f"{what} {text!r} is not an IPv4 or IPv6 CIDR") from None
 
 
-def _once(values: Sequence[object], flag: str, version: int) -> None:
-    if len(values) > 1:
-        raise DataplaneError(f"{flag} given twice for IPv{version}: {values[0]} and {values[1]}")
+V4 = TypeVar("V4")
+V6 = TypeVar("V6")
 
 
-def _addresses(texts: list[str], flag: str) -> tuple[ipaddress.IPv4Address | None, ipaddress.IPv6Address | None]:
-    """A flag's IPv4 and IPv6 values (each given at most once)."""
-    values = [_ip(text, flag) for text in texts]
-    v4 = [v for v in values if isinstance(v, ipaddress.IPv4Address)]
-    v6 = [v for v in values if isinstance(v, ipaddress.IPv6Address)]
-    _once(v4, flag, 4)
-    _once(v6, flag, 6)
-    return next(iter(v4), None), next(iter(v6), None)
-
-
-def _networks(texts: list[str], flag: str) -> tuple[ipaddress.IPv4Network | None, ipaddress.IPv6Network | None]:
-    """A flag's IPv4 and IPv6 CIDRs (each given at most once)."""
-    values = [_cidr(text, flag) for text in texts]
-    v4 = [v for v in values if isinstance(v, ipaddress.IPv4Network)]
-    v6 = [v for v in values if isinstance(v, ipaddress.IPv6Network)]
-    _once(v4, flag, 4)
-    _once(v6, flag, 6)
+def _by_family(values: Sequence[object], kinds: tuple[type[V4], type[V6]], flag: str) -> tuple[V4 | None, V6 | None]:
+    """A flag's IPv4 value and its IPv6 value (`kinds`: their types), each given at most once."""
+    v4 = [v for v in values if isinstance(v, kinds[0])]
+    v6 = [v for v in values if isinstance(v, kinds[1])]
+    for version, found in ((4, v4), (6, v6)):
+        if len(found) > 1:
+            raise DataplaneError(f"{flag} given twice for IPv{version}: {found[0]} and {found[1]}")
     return next(iter(v4), None), next(iter(v6), None)
 
 
@@ -221,9 +210,11 @@ def parse_config(argv: list[str] | None) -> TunnelConfig:
     """Parse and cross-check the flags; DataplaneError for values that parse but do not fit together."""
     args = _parser().parse_args(argv)
     klog.setup(1 if args.verbose else 0)
-    iface_ip, iface_ip6 = _addresses(args.iface_ip, "--iface-ip")
-    network, network6 = _networks(args.network, "--network")
-    subnet, subnet6 = _networks(args.subnet, "--subnet")
+    addresses = (ipaddress.IPv4Address, ipaddress.IPv6Address)
+    networks = (ipaddress.IPv4Network, ipaddress.IPv6Network)
+    iface_ip, iface_ip6 = _by_family([_ip(text, "--iface-ip") for text in args.iface_ip], addresses, "--iface-ip")
+    network, network6 = _by_family([_cidr(text, "--network") for text in args.network], networks, "--network")
+    subnet, subnet6 = _by_family([_cidr(text, "--subnet") for text in args.subnet], networks, "--subnet")
     for version, sub, net in ((4, subnet, network), (6, subnet6, network6)):
         if sub is None and net is not None:
             raise DataplaneError(f"--network {net} has no IPv{version} --subnet")

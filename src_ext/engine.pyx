@@ -53,8 +53,7 @@ Design notes (what is flannel's and why; what is ours and why)
   writes with EIO: a per-packet drop, not a failure.
 - Offloads (each optional, chosen by dataplane.offload before the engine starts):
   vnet_hdr: the TUN carries a virtio_net_hdr; with TSO (TSO6) the kernel hands over 64 KiB TCP super-packets over
-  IPv4 (IPv6), which TX splits into MSS-size segments (offload.h gso_split, ipv6.h gso_split6) straight into the
-  send arena.
+  IPv4 (IPv6), which TX splits into MSS-size segments (offload.h gso_split) straight into the send arena.
   gso: runs of equal-size segments to one peer leave as one UDP_SEGMENT message; the kernel cuts them into
   datagrams, so each datagram on the wire still carries exactly one inner packet (flannel's format).
   gro: UDP_GRO delivers trains of datagrams from one sender in one receive; RX cuts them at the gso_size.
@@ -83,14 +82,15 @@ from prefix_table cimport (
 )
 from offload cimport (
     csum_partial, csum_fold, csum_finish, csum_replace2, ip4_set_check, VNET_HDR_LEN, VNET_F_NEEDS_CSUM,
-    VNET_GSO_NONE, VNET_GSO_TCPV4, VNET_GSO_UDP_L4, GSO_MAX_SEGS, GRO_BUF, vnet_hdr, gro_item, gro_table,
+    VNET_GSO_NONE, VNET_GSO_TCPV4, VNET_GSO_TCPV6, VNET_GSO_UDP_L4, GSO_MAX_SEGS, GRO_BUF, vnet_hdr, gro_item,
+    gro_table,
     vnet_finish_csum, gso_split, gro_reset, gro_add, gro_finish, CMSG_ROOM, cmsg_set_segment, cmsg_parse_rx,
     PEER_SLOTS, PEER_EMPTY, peer_slot, peer_table, peer_find, peer_configured, peer_add,
     PEER6_SLOTS, peer6_slot, peer6_table, peer6_find, peer6_configured,
 )
 from ipv6 cimport (
     IP6_HLEN, IP6_MIN_MTU, ICMP6_DST_UNREACH, ICMP6_PACKET_TOO_BIG, ICMP6_TIME_EXCEEDED, ip6_in_prefix,
-    ip6_link_scope, ip6_error_allowed, ip6_build_error, ip_gso_split, VNET_GSO_TCPV6,
+    ip6_link_scope, ip6_error_allowed, ip6_build_error,
 )
 
 
@@ -229,22 +229,20 @@ cdef dict _peer_counts(peer_table *table, peer6_table *table6):
     """{peer address: {tx_packets, tx_bytes, rx_packets, rx_bytes}} for every peer that has or had a route."""
     cdef int i
     cdef peer_slot *s
-    cdef peer6_slot *s6
     peers = {}
     for i in range(PEER_SLOTS):
         s = &table.slot[i]
         if s.state != PEER_EMPTY:
-            peers[str(ipaddress.IPv4Address(ntohl(s.addr)))] = {
-                "tx_packets": s.tx_packets, "tx_bytes": s.tx_bytes, "rx_packets": s.rx_packets, "rx_bytes": s.rx_bytes,
-            }
+            peers[str(ipaddress.IPv4Address(ntohl(s.addr)))] = _counts(s)
     for i in range(PEER6_SLOTS):
-        s6 = &table6.slot[i]
-        if s6.state != PEER_EMPTY:
-            peers[str(ipaddress.IPv6Address(bytes(s6.addr[:16])))] = {
-                "tx_packets": s6.tx_packets, "tx_bytes": s6.tx_bytes, "rx_packets": s6.rx_packets,
-                "rx_bytes": s6.rx_bytes,
-            }
+        s = &table6.slot[i].peer
+        if s.state != PEER_EMPTY:
+            peers[str(ipaddress.IPv6Address(bytes(table6.slot[i].addr[:16])))] = _counts(s)
     return peers
+
+
+cdef dict _counts(peer_slot *s):
+    return {"tx_packets": s.tx_packets, "tx_bytes": s.tx_bytes, "rx_packets": s.rx_packets, "rx_bytes": s.rx_bytes}
 
 
 cdef class Engine:
@@ -554,7 +552,8 @@ cdef class Engine:
         if whole and csum_fold(csum_partial(p, ihl, 0)) != 0xffff:
             self.counters[D_TX_BAD_CHECKSUM] += 1
             return 0
-        if self.check_tx_source and (not self.has_subnet4 or (ntohl(load32(p + 12)) & self.local_mask) != self.local_net):
+        if self.check_tx_source and (
+                not self.has_subnet4 or (ntohl(load32(p + 12)) & self.local_mask) != self.local_net):
             self.counters[D_TX_SPOOFED_SOURCE] += 1
             return 0
         cdef uint64_t leaf = pt_lookup(t, ntohl(load32(p + 16)))
@@ -618,8 +617,8 @@ cdef class Engine:
             memcpy(self.arena + self.tx_pos, self.rbuf, n)
             self._tx_queue(n, pt_leaf_hop(leaf))
             return
-        nseg = ip_gso_split(self.rbuf, n, hdr.gso_type, hdr.gso_size, self.arena + self.tx_pos,
-                            ARENA + ARENA_SLACK - self.tx_pos, self.seg_len + self.tx_nseg, SPLIT_SEGS)
+        nseg = gso_split(self.rbuf, n, hdr.gso_type, hdr.gso_size, self.arena + self.tx_pos,
+                         ARENA + ARENA_SLACK - self.tx_pos, self.seg_len + self.tx_nseg, SPLIT_SEGS)
         if nseg < 0:
             self.counters[D_TX_MALFORMED] += 1
             return
@@ -770,14 +769,7 @@ cdef class Engine:
     cdef void _tx_count_peer(self, int m) noexcept nogil:
         """What message m carried, counted for its peer."""
         cdef pt_hop hop = self.seg_hop[self.tx_msg_first[m]]
-        cdef peer6_slot *peer6
-        cdef peer_slot *peer
-        if hop.v6:
-            peer6 = &self.peers6.slot[hop.addr]
-            peer_add(&peer6.tx_packets, self.tx_msg_segs[m])
-            peer_add(&peer6.tx_bytes, self.tx_iov[m].iov_len)
-            return
-        peer = peer_find(self.peers, hop.addr)
+        cdef peer_slot *peer = &self.peers6.slot[hop.addr].peer if hop.v6 else peer_find(self.peers, hop.addr)
         if peer:
             peer_add(&peer.tx_packets, self.tx_msg_segs[m])
             peer_add(&peer.tx_bytes, self.tx_iov[m].iov_len)
@@ -885,11 +877,9 @@ cdef class Engine:
         cdef peer_slot *peer
         if src.sin6_family == AF_INET6:
             peer6 = peer6_find(self.peers6, src.sin6_addr.s6_addr)
-            if peer6:
-                peer_add(&peer6.rx_packets, packets)
-                peer_add(&peer6.rx_bytes, nbytes)
-            return
-        peer = peer_find(self.peers, (<const sockaddr_in *>src).sin_addr.s_addr)
+            peer = &peer6.peer if peer6 else NULL
+        else:
+            peer = peer_find(self.peers, (<const sockaddr_in *>src).sin_addr.s_addr)
         if peer:
             peer_add(&peer.rx_packets, packets)
             peer_add(&peer.rx_bytes, nbytes)

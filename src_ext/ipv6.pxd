@@ -1,4 +1,4 @@
-# C declarations of ipv6.h (inner IPv6: prefix checks, hop limit, ICMPv6 errors, TSO6/USO6 splitting).
+# C declarations of ipv6.h (inner IPv6: prefix checks, link-scope traffic, ICMPv6 errors).
 
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 
@@ -10,7 +10,6 @@ cdef extern from "ipv6.h" nogil:
         ICMP6_DST_UNREACH
         ICMP6_PACKET_TOO_BIG
         ICMP6_TIME_EXCEEDED
-        VNET_GSO_TCPV6
     bint ip6_in_prefix(const uint8_t *addr, const uint8_t *net, unsigned plen)
     # To a multicast address, or from a link-local or the unspecified one: flannel0's own link traffic.
     bint ip6_link_scope(const uint8_t *p)
@@ -19,6 +18,3 @@ cdef extern from "ipv6.h" nogil:
     # The error about p, from src to p's source, built at out (IP6_MIN_MTU bytes); its length.
     size_t ip6_build_error(uint8_t *out, const uint8_t *p, size_t n, const uint8_t *src, uint8_t type,
                            uint8_t code, uint32_t param)
-    # gso_split for IPv4 or IPv6 super-packets, by the packet's version.
-    int ip_gso_split(const uint8_t *pkt, size_t len, uint8_t gso_type, uint16_t gso_size,
-                     uint8_t *out, size_t cap, uint16_t *seg_len, int max_segs)

@@ -1,8 +1,9 @@
 /* Offload helpers: the virtio-net header, TSO/USO super-packet splitting (TX) and TCP coalescing (RX).
  *
  * The TUN device, opened with IFF_VNET_HDR, prefixes every packet with a 10-byte struct virtio_net_hdr (legacy
- * layout, host byte order: TUNSETVNETHDRSZ and TUNSETVNETLE are never called). With TUN_F_TSO4 the kernel hands
- * us TCP super-packets of up to 64 KiB and a gso_size (the MSS); gso_split() cuts them into wire-size segments.
+ * layout, host byte order: TUNSETVNETHDRSZ and TUNSETVNETLE are never called). With TUN_F_TSO4/TSO6 the kernel
+ * hands us TCP super-packets (IPv4/IPv6) of up to 64 KiB and a gso_size (the MSS); gso_split() cuts them into
+ * wire-size segments.
  * On the way in, gro_add() merges consecutive segments of one TCP flow so that one write() carries many packets,
  * following the kernel's GRO rules (net/ipv4/tcp_offload.c tcp_gro_receive; the same rules wireguard-go's
  * tcpGRO applies). Everything here is pure C over caller-owned buffers so it can be tested without a TUN.
@@ -20,7 +21,9 @@
 #define VNET_F_NEEDS_CSUM 1
 #define VNET_GSO_NONE 0
 #define VNET_GSO_TCPV4 1
+#define VNET_GSO_TCPV6 4
 #define VNET_GSO_UDP_L4 5        /* USO, Linux >= 6.2 */
+#define IP6_HLEN 40
 
 #define TCP_FIN 0x01
 #define TCP_SYN 0x02
@@ -57,32 +60,38 @@ static inline int vnet_finish_csum(uint8_t *pkt, size_t len, const vnet_hdr *h)
     return 0;
 }
 
-/* L4 checksum over [l4, l4+l4len) with the IPv4 pseudo-header of iph, written at field offset `at`. */
+/* L4 checksum over [l4, l4+l4len) with the pseudo-header of iph (IPv4 or IPv6), written at field offset `at`. */
 static inline void l4_set_check(uint8_t *iph, uint8_t *l4, size_t l4len, uint8_t proto, unsigned at)
 {
     l4[at] = l4[at + 1] = 0;
-    uint16_t c = csum_finish(csum_partial(l4, l4len, csum_pseudo4(iph, proto, (uint16_t)l4len)));
+    uint64_t pseudo = (iph[0] >> 4) == 6 ? csum_pseudo6(iph, proto, (uint32_t)l4len)
+                                         : csum_pseudo4(iph, proto, (uint16_t)l4len);
+    uint16_t c = csum_finish(csum_partial(l4, l4len, pseudo));
     if (proto == 17 && c == 0)
-        c = 0xffff;              /* 0 means "no checksum" for UDP over IPv4 (RFC 768) */
+        c = 0xffff;              /* 0 means "no checksum" for UDP over IPv4 (RFC 768), and is not allowed over IPv6 */
     memcpy(l4 + at, &c, 2);
 }
 
-/* Split a TSO (GSO_TCPV4) or USO (GSO_UDP_L4) super-packet into segments of gso_size payload bytes, written
- * back to back at out. Each segment gets its own IPv4 total length, id (first id + index) and header checksum;
- * TCP segments get their sequence number, FIN/PSH only on the last and CWR only on the first (RFC 3168 6.1.2);
- * every segment gets a full L4 checksum. The header length is derived from the packet, never taken from the
- * virtio header (the kernel may report the whole packet there on forwarding paths).
+/* Split a TSO (GSO_TCPV4, GSO_TCPV6) or USO (GSO_UDP_L4) super-packet into segments of gso_size payload bytes,
+ * written back to back at out. Each segment gets its own IPv4 total length, id (first id + index) and header
+ * checksum, or IPv6 payload length; TCP segments get their sequence number, FIN/PSH only on the last and CWR only
+ * on the first (RFC 3168 6.1.2); every segment gets a full L4 checksum. The header length is derived from the
+ * packet, never taken from the virtio header (the kernel may report the whole packet there on forwarding paths);
+ * IPv6 extension headers are not expected from the local stack's TSO and make the packet malformed.
  * Returns the number of segments (lengths in seg_len), or -1 if the packet is malformed or does not fit. */
 static int gso_split(const uint8_t *pkt, size_t len, uint8_t gso_type, uint16_t gso_size,
                      uint8_t *out, size_t cap, uint16_t *seg_len, int max_segs)
 {
-    if (len < 20 || (pkt[0] >> 4) != 4 || gso_size == 0)
+    if (len < 20 || gso_size == 0)
         return -1;
-    unsigned ihl = (pkt[0] & 0x0f) * 4u, l4hl;
-    uint8_t proto = pkt[9];
+    int v6 = (pkt[0] >> 4) == 6;
+    if (!v6 && (pkt[0] >> 4) != 4)
+        return -1;
+    unsigned ihl = v6 ? IP6_HLEN : (pkt[0] & 0x0f) * 4u, l4hl;
+    uint8_t proto = pkt[v6 ? 6 : 9];
     if (ihl < 20 || len < ihl + 8u)
         return -1;
-    if (gso_type == VNET_GSO_TCPV4 && proto == 6) {
+    if (gso_type == (v6 ? VNET_GSO_TCPV6 : VNET_GSO_TCPV4) && proto == 6) {
         if (len < ihl + 20u)
             return -1;
         l4hl = (pkt[ihl + 12] >> 4) * 4u;
@@ -109,9 +118,13 @@ static int gso_split(const uint8_t *pkt, size_t len, uint8_t gso_type, uint16_t 
         uint8_t *s = out + off, *l4 = s + ihl;
         memcpy(s, pkt, hl);
         memcpy(s + hl, pkt + hl + from, chunk);
-        put16(s + 2, (uint16_t)seglen);
-        put16(s + 4, (uint16_t)(id + i));
-        ip4_set_check(s, ihl);
+        if (v6) {
+            put16(s + 4, (uint16_t)(seglen - IP6_HLEN));
+        } else {
+            put16(s + 2, (uint16_t)seglen);
+            put16(s + 4, (uint16_t)(id + i));
+            ip4_set_check(s, ihl);
+        }
         if (proto == 6) {
             put32(l4 + 4, seq + (uint32_t)from);
             if (i != nseg - 1)

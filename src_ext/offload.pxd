@@ -19,6 +19,7 @@ cdef extern from "offload.h" nogil:
         VNET_F_NEEDS_CSUM
         VNET_GSO_NONE
         VNET_GSO_TCPV4
+        VNET_GSO_TCPV6
         VNET_GSO_UDP_L4
         GSO_MAX_SEGS
         GRO_BUF
@@ -85,8 +86,7 @@ cdef extern from "peer6.h" nogil:
         PEER6_SLOTS
     ctypedef struct peer6_slot:
         uint8_t addr[16]
-        uint32_t state
-        uint64_t tx_packets, tx_bytes, rx_packets, rx_bytes
+        peer_slot peer
     ctypedef struct peer6_table:
         peer6_slot slot[4096]
     # The slot of an IPv6 peer address that has or had a route, or NULL: O(1).

@@ -53,8 +53,8 @@ def split(packet: bytes, gso_type: int, gso_size: int) -> list[bytes]:
     cdef const uint8_t[:] src = packet
     cdef uint16_t lens[SPLIT_SEGS]
     cdef bytearray out = bytearray(len(packet) + SPLIT_SEGS * 120)
-    cdef int n = ip_gso_split(&src[0], len(packet), gso_type, gso_size, <uint8_t *><char *>out, len(out), lens,
-                              SPLIT_SEGS)
+    cdef int n = gso_split(&src[0], len(packet), gso_type, gso_size, <uint8_t *><char *>out, len(out), lens,
+                           SPLIT_SEGS)
     if n < 0:
         raise ValueError("not a splittable super-packet")
     segments, off = [], 0

@@ -24,8 +24,7 @@
 
 typedef struct {
     uint8_t addr[16];
-    uint32_t state;                 /* PEER_EMPTY, PEER_CONFIGURED, PEER_GONE */
-    uint64_t tx_packets, tx_bytes, rx_packets, rx_bytes;
+    peer_slot peer;                 /* state and counters as for an IPv4 peer (its addr unused) */
 } peer6_slot;
 
 typedef struct {
@@ -47,7 +46,7 @@ static inline peer6_slot *peer6_find(peer6_table *t, const uint8_t *addr)
 {
     for (uint32_t h = peer6_hash(addr);; h = (h + 1) & (PEER6_SLOTS - 1)) {
         peer6_slot *s = &t->slot[h];
-        if (__atomic_load_n(&s->state, __ATOMIC_ACQUIRE) == PEER_EMPTY)
+        if (__atomic_load_n(&s->peer.state, __ATOMIC_ACQUIRE) == PEER_EMPTY)
             return NULL;
         if (memcmp(s->addr, addr, 16) == 0)
             return s;
@@ -57,7 +56,7 @@ static inline peer6_slot *peer6_find(peer6_table *t, const uint8_t *addr)
 static inline int peer6_configured(peer6_table *t, const uint8_t *addr)
 {
     peer6_slot *s = peer6_find(t, addr);
-    return s && __atomic_load_n(&s->state, __ATOMIC_RELAXED) == PEER_CONFIGURED;
+    return s && __atomic_load_n(&s->peer.state, __ATOMIC_RELAXED) == PEER_CONFIGURED;
 }
 
 /* Control side: the slot index for addr, taking a free one (marked gone: no route yet) if it has none; -1 when
@@ -71,10 +70,10 @@ static int peer6_reserve(peer6_table *t, const uint8_t *addr)
         return -1;
     for (uint32_t h = peer6_hash(addr);; h = (h + 1) & (PEER6_SLOTS - 1)) {
         s = &t->slot[h];
-        if (s->state == PEER_EMPTY) {
+        if (s->peer.state == PEER_EMPTY) {
             t->used++;
             memcpy(s->addr, addr, 16);
-            __atomic_store_n(&s->state, PEER_GONE, __ATOMIC_RELEASE);
+            __atomic_store_n(&s->peer.state, PEER_GONE, __ATOMIC_RELEASE);
             return (int)h;
         }
     }
@@ -83,7 +82,7 @@ static int peer6_reserve(peer6_table *t, const uint8_t *addr)
 /* Control side: the reserved slot `index` gains its first route (on) or loses its last (off). */
 static inline void peer6_configure(peer6_table *t, int index, int on)
 {
-    __atomic_store_n(&t->slot[index].state, on ? PEER_CONFIGURED : PEER_GONE, __ATOMIC_RELEASE);
+    __atomic_store_n(&t->slot[index].peer.state, on ? PEER_CONFIGURED : PEER_GONE, __ATOMIC_RELEASE);
 }
 
 #endif

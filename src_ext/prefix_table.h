@@ -3,11 +3,12 @@
  *
  * Shape: two multibit tries with 8-bit strides, one per family, published together as one pair of roots (so a
  * reader pins both with one epoch). The IPv4 trie has four levels, the IPv6 one sixteen; the writer is the same
- * code for both (a key is the address's bytes, one level per byte). A node is 256 64-bit entries; an entry is either a leaf
- * (bit 0 set) holding the next hop itself (peer address and port) and the length of the prefix that owns the slot,
- * or a pointer to the node for the next 8 address bits. An IPv4 lookup is at most four dependent loads whatever
- * the number of routes (a /24 lease costs three); an IPv6 /64 lease costs eight. The leaf carrying the hop (instead of an index into a hop array)
- * means a route change never rewrites anything but the slots of that prefix.
+ * code for both (a key is the address's bytes, one level per byte). A node is 256 64-bit entries; an entry is
+ * either a leaf (bit 0 set) holding the next hop itself (peer address and port, or an IPv6 peer's slot) and the
+ * length of the prefix that owns the slot, or a pointer to the node for the next 8 address bits. An IPv4 lookup
+ * is at most four dependent loads whatever the number of routes (a /24 lease costs three); an IPv6 /64 lease
+ * costs eight. The leaf carrying the hop (instead of an index into a hop array) means a route change never
+ * rewrites anything but the slots of that prefix.
  *
  * Prefixes are expanded into slots (controlled prefix expansion). Because every slot records the length of the
  * prefix it came from, routes can be added and removed one at a time in any order: an added prefix takes the
