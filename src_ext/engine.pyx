@@ -57,8 +57,8 @@ Design notes (what is flannel's and why; what is ours and why)
   gso: runs of equal-size segments to one peer leave as one UDP_SEGMENT message; the kernel cuts them into
   datagrams, so each datagram on the wire still carries exactly one inner packet (flannel's format).
   gro: UDP_GRO delivers trains of datagrams from one sender in one receive; RX cuts them at the gso_size.
-  coalesce: consecutive segments of one TCP flow are merged again and written to the TUN as one GSO packet
-  (IPv4 flows only: IPv6 packets are written one by one).
+  coalesce: consecutive segments of one TCP flow (IPv4 or IPv6) are merged again and written to the TUN as one
+  GSO packet.
   A GSO send refused with EIO (egress device without checksum offload) turns GSO off and resends; a coalesced
   write refused with EINVAL (the 6.6.44-era virtio header regression) turns coalescing off and writes segments.
 - Nothing here allocates or touches a Python object per packet; all buffers are allocated at construction.

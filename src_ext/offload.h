@@ -4,9 +4,9 @@
  * layout, host byte order: TUNSETVNETHDRSZ and TUNSETVNETLE are never called). With TUN_F_TSO4/TSO6 the kernel
  * hands us TCP super-packets (IPv4/IPv6) of up to 64 KiB and a gso_size (the MSS); gso_split() cuts them into
  * wire-size segments.
- * On the way in, gro_add() merges consecutive segments of one TCP flow so that one write() carries many packets,
- * following the kernel's GRO rules (net/ipv4/tcp_offload.c tcp_gro_receive; the same rules wireguard-go's
- * tcpGRO applies). Everything here is pure C over caller-owned buffers so it can be tested without a TUN.
+ * On the way in, gro_add() merges consecutive segments of one TCP flow (IPv4 or IPv6) so that one write() carries
+ * many packets, following the kernel's GRO rules (net/ipv4/tcp_offload.c tcp_gro_receive; the same rules
+ * wireguard-go's tcpGRO applies). Everything here is pure C over caller-owned buffers so it can be tested without a TUN.
  */
 #ifndef PYFLANNEL_OFFLOAD_H
 #define PYFLANNEL_OFFLOAD_H
@@ -146,6 +146,7 @@ static int gso_split(const uint8_t *pkt, size_t len, uint8_t gso_type, uint16_t 
 
 #define GRO_BUCKETS 4096          /* flow buckets, power of two */
 #define GRO_BUF 65536             /* one coalesced packet; IPv4 total length caps it at 65535 */
+#define GRO_KEY_WORDS 9           /* both addresses (IPv6: 32 bytes) and both ports */
 
 typedef struct {
     uint8_t *pkt;                 /* the packet: in the caller's receive buffer until a second segment joins */
@@ -165,7 +166,7 @@ typedef struct {
     uint32_t gen;                 /* bucket entries from earlier batches are stale */
     uint32_t bucket_gen[GRO_BUCKETS];
     int32_t bucket_item[GRO_BUCKETS];
-    uint32_t bucket_key[GRO_BUCKETS][3];
+    uint32_t bucket_key[GRO_BUCKETS][GRO_KEY_WORDS];
 } gro_table;
 
 static inline void gro_reset(gro_table *t)
@@ -175,53 +176,62 @@ static inline void gro_reset(gro_table *t)
     t->gen++;
 }
 
-/* A TCP segment that may be merged: plain IPv4 (no options, no fragment), ACK or ACK|PSH only, some payload,
- * and a correct checksum (the merged packet goes up with CHECKSUM_PARTIAL, so nobody would check it later). */
+/* The IP header length of a packet gro_add took as TCP: 20 (IPv4 without options) or 40 (IPv6, no extension
+ * headers); the TCP header follows it. */
+static inline unsigned gro_iphl(const uint8_t *p) { return (p[0] >> 4) == 6 ? IP6_HLEN : 20; }
+
+/* A TCP segment that may be merged: plain IPv4 (no options, no fragment) or IPv6 (TCP right after the header),
+ * ACK or ACK|PSH only, some payload, and a correct checksum (the merged packet goes up with CHECKSUM_PARTIAL, so
+ * nobody would check it later). */
 static int gro_candidate(const uint8_t *p, uint32_t len)
 {
-    if (len < 40 || p[0] != 0x45 || p[9] != 6 || (get16(p + 6) & 0x3fff) != 0)
+    int v6 = (p[0] >> 4) == 6;
+    unsigned hl = gro_iphl(p);
+    if (v6 ? len < 60 || p[6] != 6 : len < 40 || p[0] != 0x45 || p[9] != 6 || (get16(p + 6) & 0x3fff) != 0)
         return 0;
-    unsigned thl = (p[32] >> 4) * 4u;
-    uint8_t flags = p[33];
-    if (thl < 20 || len <= 20 + thl || (flags & ~TCP_PSH) != TCP_ACK)
+    unsigned thl = (p[hl + 12] >> 4) * 4u;
+    uint8_t flags = p[hl + 13];
+    if (thl < 20 || len <= hl + thl || (flags & ~TCP_PSH) != TCP_ACK)
         return 0;
-    return csum_fold(csum_partial(p + 20, len - 20, csum_pseudo4(p, 6, (uint16_t)(len - 20)))) == 0xffff;
+    uint64_t pseudo = v6 ? csum_pseudo6(p, 6, len - hl) : csum_pseudo4(p, 6, (uint16_t)(len - hl));
+    return csum_fold(csum_partial(p + hl, len - hl, pseudo)) == 0xffff;
 }
 
 /* May segment p (a candidate) follow item it? Same flow was checked by the caller. */
 static int gro_can_append(const gro_table *t, const gro_item *it, const uint8_t *p, uint32_t len)
 {
     const uint8_t *q = it->pkt;
-    unsigned thl = (p[32] >> 4) * 4u;
-    uint32_t payload = len - 20 - thl;
+    unsigned hl = gro_iphl(p), thl = (p[hl + 12] >> 4) * 4u;
+    uint32_t payload = len - hl - thl;
     if (!it->open || (it->buf < 0 && t->used_pool == t->npool))
         return 0;
     if (it->len + payload > 65535 || payload > it->mss || it->segs >= GSO_MAX_SEGS)
         return 0;
-    if (get32(p + 28) != get32(q + 28) || get32(p + 24) != it->next_seq)    /* same ACK, contiguous seq */
+    if (get32(p + hl + 8) != get32(q + hl + 8) || get32(p + hl + 4) != it->next_seq)  /* same ACK, contiguous seq */
         return 0;
-    /* ToS, DF/reserved flags and TTL equal; TCP header length and options byte-identical. */
-    if (p[1] != q[1] || p[6] != q[6] || p[8] != q[8] || p[32] != q[32] || memcmp(p + 40, q + 40, thl - 20) != 0)
+    /* IPv4: ToS, DF/reserved flags and TTL equal; IPv6: traffic class, flow label and hop limit equal. TCP
+     * header length and options byte-identical. */
+    if (hl == 20 ? p[1] != q[1] || p[6] != q[6] || p[8] != q[8] : memcmp(p, q, 4) != 0 || p[7] != q[7])
         return 0;
-    return 1;
+    return p[hl + 12] == q[hl + 12] && memcmp(p + hl + 20, q + hl + 20, thl - 20) == 0;
 }
 
 static void gro_append(gro_table *t, gro_item *it, const uint8_t *p, uint32_t len)
 {
-    unsigned thl = (p[32] >> 4) * 4u;
-    uint32_t payload = len - 20 - thl;
+    unsigned hl = gro_iphl(p), thl = (p[hl + 12] >> 4) * 4u;
+    uint32_t payload = len - hl - thl;
     if (it->buf < 0) {
         it->buf = (int16_t)t->used_pool++;
         uint8_t *b = t->pool + (size_t)it->buf * GRO_BUF;
         memcpy(b, it->pkt, it->len);
         it->pkt = b;
     }
-    memcpy(it->pkt + it->len, p + 20 + thl, payload);
+    memcpy(it->pkt + it->len, p + hl + thl, payload);
     it->len += payload;
     it->segs++;
     it->next_seq += payload;
-    if (p[33] & TCP_PSH) {
-        it->pkt[33] |= TCP_PSH;
+    if (p[hl + 13] & TCP_PSH) {
+        it->pkt[hl + 13] |= TCP_PSH;
         it->open = 0;            /* nothing may follow a PSH */
     }
     if (payload < it->mss)
@@ -239,31 +249,44 @@ static int gro_new_item(gro_table *t, uint8_t *p, uint32_t len, int open)
     it->buf = -1;
     it->open = (uint8_t)open;
     if (open) {
-        unsigned thl = (p[32] >> 4) * 4u;
-        it->mss = (uint16_t)(len - 20 - thl);
-        it->next_seq = get32(p + 24) + it->mss;
-        if (p[33] & TCP_PSH)
+        unsigned hl = gro_iphl(p), thl = (p[hl + 12] >> 4) * 4u;
+        it->mss = (uint16_t)(len - hl - thl);
+        it->next_seq = get32(p + hl + 4) + it->mss;
+        if (p[hl + 13] & TCP_PSH)
             it->open = 0;
     }
     return t->nitems++;
+}
+
+/* The flow key of a TCP packet: both addresses and both ports, zero-padded for IPv4. */
+static inline void gro_key(const uint8_t *p, uint32_t key[GRO_KEY_WORDS])
+{
+    memset(key, 0, GRO_KEY_WORDS * 4);
+    if ((p[0] >> 4) == 6) {
+        memcpy(key, p + 8, 32);
+        memcpy(key + 8, p + IP6_HLEN, 4);
+    } else {
+        memcpy(key, p + 12, 8);
+        memcpy(key + 2, p + (p[0] & 0x0f) * 4u, 4);
+    }
 }
 
 /* Add one packet (owned by the caller until the batch is written). Packets of a TCP flow land in the flow's
  * newest item or start a new one, so writes keep each flow's order. Returns -1 when the item list is full. */
 static int gro_add(gro_table *t, uint8_t *p, uint32_t len)
 {
-    int is_tcp = len >= 40 && (p[0] >> 4) == 4 && p[9] == 6 && (size_t)(p[0] & 0x0f) * 4 + 20 <= len;
+    int is_tcp = (p[0] >> 4) == 6 ? len >= 60 && p[6] == 6
+                                  : len >= 40 && (p[0] >> 4) == 4 && p[9] == 6 && (size_t)(p[0] & 0x0f) * 4 + 20 <= len;
     if (!is_tcp)
         return gro_new_item(t, p, len, 0);
-    unsigned ihl = (p[0] & 0x0f) * 4u;
-    uint32_t key[3];
-    memcpy(key, p + 12, 8);
-    memcpy(key + 2, p + ihl, 4);             /* both ports */
-    uint32_t h = (key[0] * 2654435761u) ^ (key[1] * 2246822519u) ^ (key[2] * 3266489917u);
+    uint32_t key[GRO_KEY_WORDS], h = 0;
+    gro_key(p, key);
+    for (int i = 0; i < GRO_KEY_WORDS; i++)
+        h = (h ^ key[i]) * 2654435761u;
     uint32_t b = (h ^ (h >> 15)) & (GRO_BUCKETS - 1);
     /* Linear probing; a full table just stops coalescing new flows. */
     for (int probe = 0; probe < 8; probe++, b = (b + 1) & (GRO_BUCKETS - 1)) {
-        if (t->bucket_gen[b] == t->gen && memcmp(t->bucket_key[b], key, 12) != 0)
+        if (t->bucket_gen[b] == t->gen && memcmp(t->bucket_key[b], key, sizeof(key)) != 0)
             continue;
         int cand = gro_candidate(p, len);
         if (t->bucket_gen[b] == t->gen && cand) {
@@ -276,7 +299,7 @@ static int gro_add(gro_table *t, uint8_t *p, uint32_t len)
         int idx = gro_new_item(t, p, len, cand);
         if (idx >= 0) {
             t->bucket_gen[b] = t->gen;
-            memcpy(t->bucket_key[b], key, 12);
+            memcpy(t->bucket_key[b], key, sizeof(key));
             t->bucket_item[b] = idx;
         }
         return idx;
@@ -285,24 +308,32 @@ static int gro_add(gro_table *t, uint8_t *p, uint32_t len)
 }
 
 /* Fix up a finished item for writing and fill its virtio header: a merged packet gets its IPv4 length and
- * header checksum, the pseudo-header sum as the TCP checksum seed, and GSO_TCPV4 with NEEDS_CSUM so the kernel
- * finishes the checksum; a lone packet goes out untouched behind a zeroed header. */
+ * header checksum (or IPv6 payload length), the pseudo-header sum as the TCP checksum seed, and GSO_TCPV4 (or
+ * GSO_TCPV6) with NEEDS_CSUM so the kernel finishes the checksum; a lone packet goes out untouched behind a
+ * zeroed header. */
 static void gro_finish(gro_item *it, vnet_hdr *h)
 {
     memset(h, 0, sizeof(*h));
     if (it->segs < 2)
         return;
     uint8_t *p = it->pkt;
-    unsigned thl = (p[32] >> 4) * 4u;
-    put16(p + 2, (uint16_t)it->len);
-    ip4_set_check(p, 20);
-    uint16_t seed = csum_fold(csum_pseudo4(p, 6, (uint16_t)(it->len - 20)));
-    memcpy(p + 36, &seed, 2);
+    int v6 = (p[0] >> 4) == 6;
+    unsigned hl = gro_iphl(p), thl = (p[hl + 12] >> 4) * 4u;
+    uint16_t seed;
+    if (v6) {
+        put16(p + 4, (uint16_t)(it->len - IP6_HLEN));
+        seed = csum_fold(csum_pseudo6(p, 6, it->len - IP6_HLEN));
+    } else {
+        put16(p + 2, (uint16_t)it->len);
+        ip4_set_check(p, 20);
+        seed = csum_fold(csum_pseudo4(p, 6, (uint16_t)(it->len - 20)));
+    }
+    memcpy(p + hl + 16, &seed, 2);
     h->flags = VNET_F_NEEDS_CSUM;
-    h->gso_type = VNET_GSO_TCPV4;
-    h->hdr_len = (uint16_t)(20 + thl);
+    h->gso_type = v6 ? VNET_GSO_TCPV6 : VNET_GSO_TCPV4;
+    h->hdr_len = (uint16_t)(hl + thl);
     h->gso_size = it->mss;
-    h->csum_start = 20;
+    h->csum_start = (uint16_t)hl;
     h->csum_offset = 16;
 }
 

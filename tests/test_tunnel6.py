@@ -108,17 +108,19 @@ def test_ping_both_families_both_ways(rig6: Rig, tmp_path: Path, underlay: int) 
 @pytest.mark.parametrize(("underlay", "offload"), [(6, "auto"), (6, "off"), (4, "auto"), (4, "off")])
 def test_tcp_transfers_of_both_families_arrive_intact(rig6: Rig, tmp_path: Path, underlay: int, offload: str
                                                       ) -> None:
-    ta, _ = _pair(rig6, tmp_path, underlay, "--offload", offload)
+    ta, tb = _pair(rig6, tmp_path, underlay, "--offload", offload)
     a, b = rig6.hosts
-    before = ta.stats()
     for addrs in ((str(a.overlay_ip), str(b.overlay_ip)), (overlay6(a), overlay6(b))):
+        before, before_b = ta.stats(), tb.stats()
         transfer = start_transfer(a, b, 32 * MB, addrs=addrs)
         transfer.join()
         assert transfer.received_bytes == 32 * MB and transfer.received == transfer.sent, addrs
-    after = ta.stats()
-    if offload == "auto":
+    after, after_b = ta.stats(), tb.stats()
+    if offload == "auto":   # what the IPv6 transfer did
         assert after["offloads"]["tso6"] and after["offloads"]["gso"], "TSO6 and GSO on this kernel"
         assert after["tun_super_packets"] > before["tun_super_packets"], "IPv6 TCP came as super-packets"
+        assert after_b["tun_coalesced_writes"] > before_b["tun_coalesced_writes"], "and went in coalesced"
+        assert after_b["coalesce_fallbacks"] == 0
     else:
         assert after["tun_super_packets"] == 0 and not after["offloads"]["tso6"]
     assert after["drops"]["tx_malformed"] == 0 and after["drops"]["tx_send_error"] == 0
