@@ -16,10 +16,10 @@ from pathlib import Path
 from types import FrameType
 from typing import NoReturn
 
-from bench import report
-from bench.measure import MeasurementError, Result, measure
-from bench.modes import MODES, ModeUnavailable, setup
-from bench.rig import Rig
+from pyflannel.bench import report
+from pyflannel.bench.measure import MeasurementError, Result, measure
+from pyflannel.bench.modes import MODES, ModeUnavailable, setup
+from pyflannel.bench.rig import Rig
 
 PROG = "flannel-bench"
 

@@ -11,7 +11,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from bench.modes import Endpoints, Tunnel
+from pyflannel.bench.modes import Endpoints, Tunnel
 
 PORT = 5201
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -93,7 +93,7 @@ def _wait_for_server(path: Endpoints, timeout: float = 10) -> None:
 
 
 def _iperf(path: Endpoints, proto: str, streams: int, seconds: int) -> dict:  # type: ignore[type-arg]
-    r = path.client.run(sys.executable, "-m", "bench.iperf_client", path.server_addr, str(PORT), proto, str(streams),
+    r = path.client.run(sys.executable, "-m", "pyflannel.bench.iperf_client", path.server_addr, str(PORT), proto, str(streams),
                         str(seconds), path.client_addr, check=False, timeout=seconds + 60)
     try:
         result = json.loads(r.stdout)

@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from dataplane._engine import GSO_TCPV4, PrefixTable, checksum, coalesce, split
-from dataplane.tunnel import all_peers, parse_config
+from pyflannel.dataplane._engine import GSO_TCPV4, PrefixTable, checksum, coalesce, split
+from pyflannel.dataplane.tunnel import all_peers, parse_config
 
 LOOKUPS = 100_000
 Benchmark = Any  # pytest-benchmark's fixture type is not exported

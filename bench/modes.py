@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.rig import NETWORK, Host, Rig
-from daemon.backend import routes, vxlan_device
+from pyflannel.bench.rig import NETWORK, Host, Rig
+from pyflannel.daemon.backend import routes, vxlan_device
 
 MODES = ("none", "host-gw", "vxlan", "udp", "udp-batch", "udp-basic")
 TUNNEL = str(Path(sys.executable).with_name("flannel-tunnel"))

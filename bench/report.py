@@ -10,7 +10,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from bench.measure import Result
+from pyflannel.bench.measure import Result
 
 FIELDS = [f.name for f in fields(Result)]
 

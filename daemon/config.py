@@ -11,8 +11,8 @@ import ipaddress
 from dataclasses import dataclass, field
 from typing import Any
 
-from daemon import safejson
-from daemon.errors import ConfigError
+from pyflannel.daemon import safejson
+from pyflannel.daemon.errors import ConfigError
 
 BACKENDS = ("udp", "vxlan", "host-gw")
 MAX_BYTES, MAX_DEPTH = 1 << 20, 32

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import NoReturn
 
-from daemon.errors import FlannelError
+from pyflannel.daemon.errors import FlannelError
 
 PROG = "flanneld"
 

@@ -35,21 +35,21 @@ from typing import Any, TypeVar
 
 import uvloop
 
-from daemon import config, flags, iptables, subnet_env, subnets
-from daemon.backend import hostgw, routes, udp, vxlan
-from daemon.backend.base import Context, Network
-from daemon.errors import ConfigError, FlannelError
-from daemon.health import DaemonCollector, Status
-from daemon.interface import select
-from daemon.kube import KubeManager
-from daemon.lease import Lease, LeaseAttrs
-from daemon.outage import Outage
-from daemon.peers import PeerTable, follow
-from daemon.registry import Registry, Unavailable
-from daemon.registry.etcd import EtcdRegistry
-from daemon.registry.local import LocalRegistry
-from dataplane import klog, metrics
-from dataplane.errors import DataplaneError
+from pyflannel.daemon import config, flags, iptables, subnet_env, subnets
+from pyflannel.daemon.backend import hostgw, routes, udp, vxlan
+from pyflannel.daemon.backend.base import Context, Network
+from pyflannel.daemon.errors import ConfigError, FlannelError
+from pyflannel.daemon.health import DaemonCollector, Status
+from pyflannel.daemon.interface import select
+from pyflannel.daemon.kube import KubeManager
+from pyflannel.daemon.lease import Lease, LeaseAttrs
+from pyflannel.daemon.outage import Outage
+from pyflannel.daemon.peers import PeerTable, follow
+from pyflannel.daemon.registry import Registry, Unavailable
+from pyflannel.daemon.registry.etcd import EtcdRegistry
+from pyflannel.daemon.registry.local import LocalRegistry
+from pyflannel.dataplane import klog, metrics
+from pyflannel.dataplane.errors import DataplaneError
 
 VERSION = "v0.1.0-pyflannel"
 BACKENDS: dict[str, Callable[[Context], Awaitable[Network]]] = {

@@ -16,7 +16,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from daemon import cni
+from pyflannel.daemon import cni
 
 
 def main(argv: list[str] | None = None) -> int:

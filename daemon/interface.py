@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from pyroute2 import IPRoute
 
-from daemon.errors import FlannelError
+from pyflannel.daemon.errors import FlannelError
 
 
 @dataclass(frozen=True)

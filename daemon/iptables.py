@@ -19,7 +19,7 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 
-from daemon.errors import FlannelError
+from pyflannel.daemon.errors import FlannelError
 
 TIMEOUT = 30  # seconds for one iptables call
 MASQ = "flanneld masq"

@@ -23,13 +23,13 @@ from typing import Any
 from kubernetes_asyncio import client, config, watch
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from daemon import config as netconf
-from daemon import safejson
-from daemon.config import NetworkConfig
-from daemon.errors import FlannelError
-from daemon.lease import MAX_DEPTH, MAX_VALUE, SUBNET_TTL, BadRecord, Lease, LeaseAttrs, check_subnet
-from daemon.peers import Changes, Entry
-from daemon.registry import Compacted, Unavailable
+from pyflannel.daemon import config as netconf
+from pyflannel.daemon import safejson
+from pyflannel.daemon.config import NetworkConfig
+from pyflannel.daemon.errors import FlannelError
+from pyflannel.daemon.lease import MAX_DEPTH, MAX_VALUE, SUBNET_TTL, BadRecord, Lease, LeaseAttrs, check_subnet
+from pyflannel.daemon.peers import Changes, Entry
+from pyflannel.daemon.registry import Compacted, Unavailable
 
 log = logging.getLogger(__name__)
 PODCIDR_WAIT = 30.0

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-from daemon import safejson
+from pyflannel.daemon import safejson
 
 SUBNET_TTL = 24 * 3600  # seconds; flannel's subnetTTL
 MAX_VALUE = 16 * 1024  # bytes; flannel's own lease values are under 300

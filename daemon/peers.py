@@ -20,9 +20,9 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from daemon.lease import BadRecord, Event, EventType, Lease
-from daemon.outage import Outage
-from daemon.registry import Compacted, Unavailable
+from pyflannel.daemon.lease import BadRecord, Event, EventType, Lease
+from pyflannel.daemon.outage import Outage
+from pyflannel.daemon.registry import Compacted, Unavailable
 
 log = logging.getLogger(__name__)
 BACKOFF_MIN, BACKOFF_MAX = 0.1, 5.0

@@ -12,7 +12,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from daemon.errors import FlannelError
+from pyflannel.daemon.errors import FlannelError
 
 MAX_BYTES = 64 * 1024
 

@@ -23,14 +23,14 @@ import time
 from collections.abc import AsyncGenerator
 from typing import Any, Protocol
 
-from daemon import config
-from daemon.config import NetworkConfig
-from daemon.errors import FlannelError
-from daemon.lease import MAX_VALUE, SUBNET_TTL, BadRecord, Lease, LeaseAttrs, parse_subnet_key, subnet_key
-from daemon.lease import decode as decode_lease
-from daemon.outage import Outage
-from daemon.peers import Changes, Entry, Source
-from daemon.registry import ConfigMissing, LeaseChanged, LeaseExists, Record, Registry, Unavailable
+from pyflannel.daemon import config
+from pyflannel.daemon.config import NetworkConfig
+from pyflannel.daemon.errors import FlannelError
+from pyflannel.daemon.lease import MAX_VALUE, SUBNET_TTL, BadRecord, Lease, LeaseAttrs, parse_subnet_key, subnet_key
+from pyflannel.daemon.lease import decode as decode_lease
+from pyflannel.daemon.outage import Outage
+from pyflannel.daemon.peers import Changes, Entry, Source
+from pyflannel.daemon.registry import ConfigMissing, LeaseChanged, LeaseExists, Record, Registry, Unavailable
 
 log = logging.getLogger(__name__)
 

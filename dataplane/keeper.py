@@ -24,10 +24,10 @@ from typing import Any
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from dataplane.errors import DataplaneError
-from dataplane.offload import Offloads
-from dataplane.pump import DEFAULT_BATCH, DEFAULT_PORT, Pump, open_pump
-from dataplane.tun import ensure_configured, present
+from pyflannel.dataplane.errors import DataplaneError
+from pyflannel.dataplane.offload import Offloads
+from pyflannel.dataplane.pump import DEFAULT_BATCH, DEFAULT_PORT, Pump, open_pump
+from pyflannel.dataplane.tun import ensure_configured, present
 
 log = logging.getLogger(__name__)
 

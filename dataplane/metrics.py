@@ -21,8 +21,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
-from dataplane._engine import COUNTERS
-from dataplane.errors import DataplaneError
+from pyflannel.dataplane._engine import COUNTERS
+from pyflannel.dataplane.errors import DataplaneError
 
 Stats = Callable[[], "dict[str, Any] | None"]  # the engine's stats(), or None while there is no engine
 Check = Callable[[], "str | None"]  # what is wrong, or None

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, fields, replace
 
-from dataplane.errors import DataplaneError
+from pyflannel.dataplane.errors import DataplaneError
 
 ENV_DISABLE = "PYFLANNEL_DISABLE_OFFLOADS"
 

@@ -21,11 +21,11 @@ from typing import Any
 
 from pyroute2 import IPRoute
 
-from dataplane._engine import Engine, PrefixTable
-from dataplane.errors import DataplaneError
-from dataplane.offload import Offloads
-from dataplane.tun import Network, TunDevice, configure_tun, ensure_configured, open_tun, present
-from dataplane.udp import enable_offloads, open_udp_socket
+from pyflannel.dataplane._engine import Engine, PrefixTable
+from pyflannel.dataplane.errors import DataplaneError
+from pyflannel.dataplane.offload import Offloads
+from pyflannel.dataplane.tun import Network, TunDevice, configure_tun, ensure_configured, open_tun, present
+from pyflannel.dataplane.udp import enable_offloads, open_udp_socket
 
 DEFAULT_PORT = 8285
 DEFAULT_BATCH = 64

@@ -20,8 +20,8 @@ import pytun
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from dataplane.errors import DataplaneError
-from dataplane.offload import Offloads
+from pyflannel.dataplane.errors import DataplaneError
+from pyflannel.dataplane.offload import Offloads
 
 ENCAP_OVERHEAD = 28  # outer IPv4 header + UDP header (flannel's encapOverhead)
 ENCAP_OVERHEAD6 = 48  # outer IPv6 header + UDP header

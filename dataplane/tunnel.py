@@ -46,11 +46,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import NoReturn, TypeVar
 
-from dataplane import klog, metrics, offload
-from dataplane.errors import DataplaneError
-from dataplane.keeper import Keeper, PumpSpec
-from dataplane.pump import DEFAULT_BATCH, DEFAULT_PORT
-from dataplane.tun import ENCAP_OVERHEAD, ENCAP_OVERHEAD6, underlay_mtu
+from pyflannel.dataplane import klog, metrics, offload
+from pyflannel.dataplane.errors import DataplaneError
+from pyflannel.dataplane.keeper import Keeper, PumpSpec
+from pyflannel.dataplane.pump import DEFAULT_BATCH, DEFAULT_PORT
+from pyflannel.dataplane.tun import ENCAP_OVERHEAD, ENCAP_OVERHEAD6, underlay_mtu
 
 log = logging.getLogger("flannel-tunnel")
 

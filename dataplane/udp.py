@@ -13,8 +13,8 @@ import ipaddress
 import socket
 from dataclasses import replace
 
-from dataplane.errors import DataplaneError
-from dataplane.offload import Offloads
+from pyflannel.dataplane.errors import DataplaneError
+from pyflannel.dataplane.offload import Offloads
 
 BUFFER_BYTES = 8 << 20
 # include/uapi/linux/udp.h, asm-generic/socket.h

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from bench.rig import Host, Rig
+from pyflannel.bench.rig import Host, Rig
 
 KLOG = re.compile(r"[IWEF]\d{4} \d\d:\d\d:\d\d\.\d{6} +\d+ [\w.]+:\d+\] (.*)")  # the message is group 1
 TUNNEL = str(Path(sys.executable).with_name("flannel-tunnel"))

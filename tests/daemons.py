@@ -17,7 +17,7 @@ from conftest import host_socket
 from packets import Parsed, parse_ipv4
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.rig import Host, Rig
+from pyflannel.bench.rig import Host, Rig
 
 PREFIX = "/coreos.com/network"
 NET = '{"Network":"10.244.0.0/16","Backend":{"Type":"%s"}}'

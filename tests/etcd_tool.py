@@ -21,8 +21,8 @@ import json
 
 from aetcd import rpc
 
-from daemon.registry import Unavailable
-from daemon.registry.etcd import EtcdRegistry, Security, _Client, _prefix_end, endpoints
+from pyflannel.daemon.registry import Unavailable
+from pyflannel.daemon.registry.etcd import EtcdRegistry, Security, _Client, _prefix_end, endpoints
 
 
 async def race(endpoint: str) -> dict[str, int]:

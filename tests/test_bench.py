@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from bench import cli, modes, report
-from bench.measure import Result
-from bench.rig import Rig, leftover_namespaces
+from pyflannel.bench import cli, modes, report
+from pyflannel.bench.measure import Result
+from pyflannel.bench.rig import Rig, leftover_namespaces
 
 BENCH = str(Path(sys.executable).with_name("flannel-bench"))
 

@@ -16,8 +16,8 @@ import pytest
 from daemons import start_flanneld, wait_for, wait_for_env
 from traffic import start_transfer
 
-from bench.rig import Host, Rig
-from daemon import cni
+from pyflannel.bench.rig import Host, Rig
+from pyflannel.daemon import cni
 
 BIN = Path(sys.executable).parent
 PLUGIN = str(BIN / "flannel")

@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 from daemons import FLANNELD
 
-from daemon import config, flags, flanneld, iptables, subnet_env, subnets
-from daemon.errors import ConfigError, FlannelError
-from daemon.lease import Lease, LeaseAttrs, parse_subnet_key, subnet_key
-from daemon.registry import LeaseExists, Record
-from daemon.registry.local import LocalRegistry
-from dataplane import klog
+from pyflannel.daemon import config, flags, flanneld, iptables, subnet_env, subnets
+from pyflannel.daemon.errors import ConfigError, FlannelError
+from pyflannel.daemon.lease import Lease, LeaseAttrs, parse_subnet_key, subnet_key
+from pyflannel.daemon.registry import LeaseExists, Record
+from pyflannel.daemon.registry.local import LocalRegistry
+from pyflannel.dataplane import klog
 
 Net = ipaddress.IPv4Network
 IP = ipaddress.IPv4Address

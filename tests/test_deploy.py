@@ -14,8 +14,8 @@ from typing import Any
 import kubernetes_validate
 import yaml
 
-from daemon import cni, config, flags, subnet_env
-from dataplane import tunnel
+from pyflannel.daemon import cni, config, flags, subnet_env
+from pyflannel.dataplane import tunnel
 
 DEPLOY = Path(__file__).parent.parent / "daemon" / "deploy"
 

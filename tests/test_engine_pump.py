@@ -16,10 +16,10 @@ from conftest import host_socket, inside, start_tunnel
 from packets import parse_ipv4, udp4
 from traffic import start_transfer
 
-from bench.rig import NETWORK, Rig
-from dataplane import offload
-from dataplane.pump import Pump, open_pump
-from dataplane.tun import TXQUEUELEN
+from pyflannel.bench.rig import NETWORK, Rig
+from pyflannel.dataplane import offload
+from pyflannel.dataplane.pump import Pump, open_pump
+from pyflannel.dataplane.tun import TXQUEUELEN
 
 ETH_P_IP = 0x0800
 MB = 1 << 20

@@ -8,7 +8,7 @@ import socket
 
 import pytest
 
-from dataplane._engine import Engine, PrefixTable
+from pyflannel.dataplane._engine import Engine, PrefixTable
 
 
 @pytest.mark.parametrize(

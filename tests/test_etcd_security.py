@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from daemons import FLANNELD, NET, PREFIX, Certs, Etcd, make_certs, start_flanneld, wait_for, wait_for_env
 
-from bench.rig import Rig
+from pyflannel.bench.rig import Rig
 
 
 @pytest.fixture

@@ -33,7 +33,7 @@ from daemons import (
     wait_for_env,
 )
 
-from bench.rig import Rig
+from pyflannel.bench.rig import Rig
 
 
 @pytest.fixture

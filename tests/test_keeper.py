@@ -9,7 +9,7 @@ import time
 import pytest
 from conftest import Tunnel
 
-from bench.rig import Host, Rig
+from pyflannel.bench.rig import Host, Rig
 
 ROUTE = "route to 10.244.0.0/16 re-added"
 
@@ -67,8 +67,8 @@ def test_what_is_taken_from_flannel0_is_put_back(rig: Rig, tunnels: tuple[Tunnel
 
 KEEPER_SCRIPT = """
 import ipaddress, subprocess
-from dataplane.keeper import Keeper, PumpSpec
-from dataplane.offload import wanted
+from pyflannel.dataplane.keeper import Keeper, PumpSpec
+from pyflannel.dataplane.offload import wanted
 keeper = Keeper(PumpSpec(iface_ip=ipaddress.IPv4Address("198.18.0.1"), port=8285, tun_name="flannel%d",
                          subnet=ipaddress.IPv4Network("10.244.1.0/24"), network=ipaddress.IPv4Network("10.244.0.0/16"),
                          mtu=1400, wanted=wanted("auto")))

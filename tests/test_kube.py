@@ -17,7 +17,7 @@ from conftest import host_socket
 from daemons import FLANNELD, assert_all_pairs_reach, send_and_catch, unreachable, wait_for, wait_for_env
 from fake_kube import FakeKube
 
-from bench.rig import Host, Rig
+from pyflannel.bench.rig import Host, Rig
 
 P = "flannel.alpha.coreos.com/"
 

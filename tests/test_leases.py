@@ -11,15 +11,15 @@ from pathlib import Path
 import pytest
 from kubernetes_asyncio.client import V1Node, V1NodeSpec, V1ObjectMeta
 
-from daemon import config
-from daemon.errors import FlannelError
-from daemon.kube import KubeManager
-from daemon.lease import BadRecord, EventType, Lease, LeaseAttrs, decode
-from daemon.outage import Outage
-from daemon.peers import Entry, PeerTable, follow
-from daemon.registry import Record, local
-from daemon.registry.local import LocalRegistry
-from daemon.subnets import LeaseTaken, OwnLease, RegistryManager, RegistrySource
+from pyflannel.daemon import config
+from pyflannel.daemon.errors import FlannelError
+from pyflannel.daemon.kube import KubeManager
+from pyflannel.daemon.lease import BadRecord, EventType, Lease, LeaseAttrs, decode
+from pyflannel.daemon.outage import Outage
+from pyflannel.daemon.peers import Entry, PeerTable, follow
+from pyflannel.daemon.registry import Record, local
+from pyflannel.daemon.registry.local import LocalRegistry
+from pyflannel.daemon.subnets import LeaseTaken, OwnLease, RegistryManager, RegistrySource
 
 NET = ipaddress.IPv4Network("10.244.0.0/16")
 OK = b'{"PublicIP":"198.18.0.7","PublicIPv6":null}'

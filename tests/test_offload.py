@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from packets import checksum as ref_checksum
 from packets import ipv4
 
-from dataplane._engine import GSO_TCPV4, GSO_UDP_L4, checksum, coalesce, finish_checksum, split
+from pyflannel.dataplane._engine import GSO_TCPV4, GSO_UDP_L4, checksum, coalesce, finish_checksum, split
 
 ACK, PSH, FIN, CWR = 0x10, 0x08, 0x01, 0x80
 SRC, DST = "10.244.1.2", "10.244.2.3"

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from packets import checksum as ref_checksum
 from test_offload import tcp_super as tcp_super4
 
-from dataplane._engine import GSO_TCPV4, GSO_TCPV6, GSO_UDP_L4, coalesce, split
+from pyflannel.dataplane._engine import GSO_TCPV4, GSO_TCPV6, GSO_UDP_L4, coalesce, split
 
 ACK, PSH, FIN, CWR = 0x10, 0x08, 0x01, 0x80
 SRC = ipaddress.IPv6Address("fd00:10:244:1::2").packed

@@ -14,7 +14,7 @@ from conftest import Tunnel, flannel_peer_and_app, host_socket, start_tunnel
 from packets import parse_ipv4, udp4
 from traffic import start_transfer
 
-from bench.rig import Rig
+from pyflannel.bench.rig import Rig
 
 GB = 1 << 30
 MB = 1 << 20

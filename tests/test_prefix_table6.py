@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from dataplane._engine import PrefixTable
+from pyflannel.dataplane._engine import PrefixTable
 
 
 def test_families_are_separate_tries() -> None:

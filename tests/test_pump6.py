@@ -14,10 +14,10 @@ import pytest
 from conftest import host_socket, inside
 from test_tunnel6 import _udp6, overlay6, subnet6, underlay6
 
-from bench.rig import NETWORK, Rig
-from dataplane import offload
-from dataplane.keeper import Keeper, PumpSpec
-from dataplane.pump import Pump, open_pump
+from pyflannel.bench.rig import NETWORK, Rig
+from pyflannel.dataplane import offload
+from pyflannel.dataplane.keeper import Keeper, PumpSpec
+from pyflannel.dataplane.pump import Pump, open_pump
 
 NETWORK6 = ipaddress.IPv6Network("fd00:10:244::/48")
 

@@ -32,7 +32,7 @@ from daemons import (
     wait_for_env,
 )
 
-from bench.rig import Host, Rig
+from pyflannel.bench.rig import Host, Rig
 
 
 @pytest.fixture

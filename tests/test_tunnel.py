@@ -14,7 +14,7 @@ from conftest import Tunnel, host_socket, inside
 from packets import ipv4, udp4
 from traffic import start_transfer
 
-from bench.rig import Rig
+from pyflannel.bench.rig import Rig
 
 MTU = 1500 - 28
 MB = 1 << 20

@@ -21,9 +21,9 @@ from conftest import TUNNEL, Tunnel, host_socket
 from packets import udp4
 from traffic import start_transfer
 
-from bench.rig import Host, Rig
-from dataplane.errors import DataplaneError
-from dataplane.tunnel import all_peers, parse_config
+from pyflannel.bench.rig import Host, Rig
+from pyflannel.dataplane.errors import DataplaneError
+from pyflannel.dataplane.tunnel import all_peers, parse_config
 
 NETWORK6 = ipaddress.IPv6Network("fd00:10:244::/48")
 MB = 1 << 20

@@ -11,7 +11,7 @@ import pytest
 from conftest import TUNNEL, host_socket, start_tunnel
 from daemons import http, scrape, wait_for
 
-from bench.rig import Rig
+from pyflannel.bench.rig import Rig
 
 BASE = ["--iface-ip", "198.18.0.1", "--subnet", "10.244.1.0/24", "--network", "10.244.0.0/16"]
 

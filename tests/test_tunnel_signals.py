@@ -13,7 +13,7 @@ from pathlib import Path
 
 from conftest import start_tunnel
 
-from bench.rig import Host, Rig
+from pyflannel.bench.rig import Host, Rig
 
 SETUP_SIGNALS = [signal.SIGUSR1, signal.SIGHUP, signal.SIGUSR2, signal.SIGALRM, signal.SIGRTMIN + 3]
 

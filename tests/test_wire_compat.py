@@ -7,7 +7,7 @@ from pathlib import Path
 from conftest import flannel_peer_and_app, start_tunnel
 from packets import parse_ipv4, udp4
 
-from bench.rig import Rig
+from pyflannel.bench.rig import Rig
 
 
 def test_raw_ipv4_in_udp_both_ways(rig: Rig, tmp_path: Path) -> None:

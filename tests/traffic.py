@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from conftest import host_socket
 
-from bench.rig import Host
+from pyflannel.bench.rig import Host
 
 CHUNK = 1 << 16
 

@@ -8,9 +8,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from daemon.config import NetworkConfig
-from daemon.interface import ExternalInterface
-from daemon.lease import Event, Lease, LeaseAttrs
+from pyflannel.daemon.config import NetworkConfig
+from pyflannel.daemon.interface import ExternalInterface
+from pyflannel.daemon.lease import Event, Lease, LeaseAttrs
 
 Acquire = Callable[[LeaseAttrs], Awaitable[Lease]]
 

@@ -12,10 +12,10 @@ import logging
 
 from pyroute2 import IPRoute
 
-from daemon.backend import routes
-from daemon.backend.base import Context, Idle
-from daemon.errors import FlannelError
-from daemon.lease import Event, EventType, Lease, LeaseAttrs
+from pyflannel.daemon.backend import routes
+from pyflannel.daemon.backend.base import Context, Idle
+from pyflannel.daemon.errors import FlannelError
+from pyflannel.daemon.lease import Event, EventType, Lease, LeaseAttrs
 
 log = logging.getLogger(__name__)
 RECHECK_SECONDS = 10

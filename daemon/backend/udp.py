@@ -18,14 +18,14 @@ import logging
 import os
 from typing import Any
 
-from daemon.backend.base import Context, Idle
-from daemon.errors import FlannelError
-from daemon.lease import Event, EventType, Lease, LeaseAttrs
-from dataplane import offload
-from dataplane.errors import DataplaneError
-from dataplane.keeper import Keeper, PumpSpec
-from dataplane.pump import DEFAULT_PORT
-from dataplane.tun import ENCAP_OVERHEAD
+from pyflannel.daemon.backend.base import Context, Idle
+from pyflannel.daemon.errors import FlannelError
+from pyflannel.daemon.lease import Event, EventType, Lease, LeaseAttrs
+from pyflannel.dataplane import offload
+from pyflannel.dataplane.errors import DataplaneError
+from pyflannel.dataplane.keeper import Keeper, PumpSpec
+from pyflannel.dataplane.pump import DEFAULT_PORT
+from pyflannel.dataplane.tun import ENCAP_OVERHEAD
 
 log = logging.getLogger(__name__)
 CHECK_SECONDS = 1.0

@@ -14,10 +14,10 @@ from typing import Any, TypeVar
 
 from pyroute2 import IPRoute
 
-from daemon.backend import vxlan_device
-from daemon.backend.base import Context, Idle
-from daemon.errors import FlannelError
-from daemon.lease import Event, EventType, Lease, LeaseAttrs
+from pyflannel.daemon.backend import vxlan_device
+from pyflannel.daemon.backend.base import Context, Idle
+from pyflannel.daemon.errors import FlannelError
+from pyflannel.daemon.lease import Event, EventType, Lease, LeaseAttrs
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -40,9 +40,9 @@ import aetcd
 import grpc
 from aetcd import rpc
 
-from daemon.errors import FlannelError
-from daemon.lease import MAX_VALUE
-from daemon.registry import Compacted, ConfigMissing, LeaseChanged, LeaseExists, Record, Unavailable
+from pyflannel.daemon.errors import FlannelError
+from pyflannel.daemon.lease import MAX_VALUE
+from pyflannel.daemon.registry import Compacted, ConfigMissing, LeaseChanged, LeaseExists, Record, Unavailable
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -29,9 +29,9 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from daemon import config
-from daemon.errors import FlannelError
-from daemon.registry import Compacted, LeaseChanged, LeaseExists, Record, Unavailable
+from pyflannel.daemon import config
+from pyflannel.daemon.errors import FlannelError
+from pyflannel.daemon.registry import Compacted, LeaseChanged, LeaseExists, Record, Unavailable
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)

@@ -23,7 +23,7 @@ from fuzzing import ETH_P_IP, Hosts, Shot, expected, send, tun_sender, tun_shots
 from pyroute2 import IPRoute
 from traffic import start_transfer
 
-from bench.rig import Host, Rig
+from pyflannel.bench.rig import Host, Rig
 
 PACKETS = int(os.environ.get("PYFLANNEL_FUZZ_PACKETS", "200000"))
 POOL = 4096
