@@ -5,7 +5,8 @@
     uso       ... and UDP super-packets of both families (TUN_F_USO4|TUN_F_USO6, Linux >= 6.2)
     gso       UDP_SEGMENT sends on the underlay sockets, IPv4 and IPv6 (Linux >= 4.18)
     gro       UDP_GRO receives on the underlay sockets (Linux >= 5.12 for a reliable getsockopt probe)
-    coalesce  TCP segments of one flow merged into one GSO write to the TUN (needs the virtio header)
+    coalesce  TCP segments (with uso, UDP datagrams too) of one flow, either family, merged into one GSO write to
+              the TUN (needs the virtio header)
 
 `--offload off` turns all of them off; `--offload auto` (the default) enables each one the kernel accepts.
 PYFLANNEL_DISABLE_OFFLOADS=gso,coalesce (any of the names above, comma-separated) turns single ones off, for

@@ -22,6 +22,7 @@ from packets import udp4
 from traffic import start_transfer
 
 from pyflannel.bench.rig import Host, Rig
+from pyflannel.dataplane._engine import steered_queue
 from pyflannel.dataplane.errors import DataplaneError
 from pyflannel.dataplane.tunnel import all_peers, parse_config
 
@@ -124,6 +125,28 @@ def test_tcp_transfers_of_both_families_arrive_intact(rig6: Rig, tmp_path: Path,
     else:
         assert after["tun_super_packets"] == 0 and not after["offloads"]["tso6"]
     assert after["drops"]["tx_malformed"] == 0 and after["drops"]["tx_send_error"] == 0
+
+
+def test_two_queues_spread_ipv6_flows_over_an_ipv6_underlay(rig6: Rig, tmp_path: Path) -> None:
+    """With two queues, each queue's IPv6 socket is in a steered SO_REUSEPORT group: inner IPv6 TCP flows
+    that the hash puts on different queues are received by both queues' engines, intact."""
+    ta, tb = _pair(rig6, tmp_path, 6, "--queues", "2")
+    a, b = rig6.hosts
+    src, dst = ipaddress.IPv6Address(overlay6(a)).packed, ipaddress.IPv6Address(overlay6(b)).packed
+    ports: dict[int, int] = {}
+    for sport in range(41000, 42000, 2):
+        header = struct.pack("!IHBB", 6 << 28, 20, 6, 64) + src + dst + struct.pack("!HH", sport, 5201 + len(ports))
+        ports.setdefault(steered_queue(header, 2), sport)
+    assert set(ports) == {0, 1}
+    transfers = [start_transfer(a, b, 16 * MB, 5201 + i, addrs=(overlay6(a), overlay6(b)), src_port=ports[q])
+                 for i, q in enumerate(ports)]
+    for t in transfers:
+        t.join()
+        assert (t.received_bytes, t.received) == (16 * MB, t.sent)
+    queues = tb.stats()["queues"]
+    assert len(queues) == 2 and all(q["rx_packets"] > 1000 for q in queues), [q["rx_packets"] for q in queues]
+    assert ta.stats()["peers"][underlay6(b)]["tx_packets"] > 2000, "per-peer counters summed over both queues"
+    assert tb.stop_and_log() and ta.stop() == 0
 
 
 def test_hop_limit_one_gets_time_exceeded(rig6: Rig, tmp_path: Path) -> None:
