@@ -53,7 +53,7 @@ micro: setup
 # interpreter keeps memory until exit on purpose). Any UBSan report aborts the test run. The normal build is put
 # back afterwards, whatever the result.
 SANITIZE := -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer
-DEBUG_TESTS := tests/test_prefix_table.py tests/test_offload.py tests/test_engine_unit.py
+DEBUG_TESTS := tests/test_prefix_table.py tests/test_prefix_table6.py tests/test_offload.py tests/test_offload6.py tests/test_engine_unit.py
 
 debug: setup
 	CFLAGS="$(SANITIZE) -O1 -g" LDFLAGS="$(SANITIZE)" $(BIN)/pip install -q --no-deps -e .

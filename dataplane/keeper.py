@@ -27,38 +27,42 @@ from pyroute2.netlink.exceptions import NetlinkError
 from pyflannel.dataplane.errors import DataplaneError
 from pyflannel.dataplane.offload import Offloads
 from pyflannel.dataplane.pump import DEFAULT_BATCH, DEFAULT_PORT, Pump, open_pump
-from pyflannel.dataplane.tun import ensure_configured
+from pyflannel.dataplane.tun import ensure_configured, present
 
 log = logging.getLogger(__name__)
 
 Routes = Mapping[str, tuple[str, int]]
-"""Overlay subnet (CIDR text) -> (peer underlay address, UDP port)."""
+"""Overlay subnet (CIDR text, IPv4 or IPv6) -> (peer underlay address, IPv4 or IPv6, UDP port)."""
 
 
 @dataclass(frozen=True)
 class PumpSpec:
     """The arguments of dataplane.pump.open_pump, kept so that the same pump can be opened again."""
 
-    iface_ip: ipaddress.IPv4Address
+    iface_ip: ipaddress.IPv4Address | None
     port: int
     tun_name: str
-    subnet: ipaddress.IPv4Network
-    network: ipaddress.IPv4Network
+    subnet: ipaddress.IPv4Network | None
+    network: ipaddress.IPv4Network | None
     mtu: int
     wanted: Offloads
     batch: int = DEFAULT_BATCH
     check_source: bool = True
     queues: int = 1
+    iface_ip6: ipaddress.IPv6Address | None = None
+    subnet6: ipaddress.IPv6Network | None = None
+    network6: ipaddress.IPv6Network | None = None
 
     def open(self) -> Pump:
         return open_pump(iface_ip=self.iface_ip, port=self.port, tun_name=self.tun_name, subnet=self.subnet,
                          network=self.network, mtu=self.mtu, wanted=self.wanted, batch=self.batch,
-                         check_source=self.check_source, queues=self.queues)
+                         check_source=self.check_source, queues=self.queues, iface_ip6=self.iface_ip6,
+                         subnet6=self.subnet6, network6=self.network6)
 
 
 def _key(subnet: str) -> str:
     """One spelling per subnet (host bits masked, as the prefix table does), so diffs compare like with like."""
-    return str(ipaddress.IPv4Network(subnet, strict=False))
+    return str(ipaddress.ip_network(subnet, strict=False))
 
 
 def _engine_problem(pump: Pump) -> str | None:
@@ -202,7 +206,9 @@ class Keeper:
         self._recreate(reason)
 
     def _repair(self, ipr: IPRoute, name: str) -> None:
-        fixed = ensure_configured(ipr, self._index, subnet=self.spec.subnet, network=self.spec.network)
+        spec = self.spec
+        fixed = ensure_configured(ipr, self._index, subnets=present(spec.subnet, spec.subnet6),
+                                  networks=present(spec.network, spec.network6))
         if fixed:
             log.warning("%s: %s", name, ", ".join(fixed))
 

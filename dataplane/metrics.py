@@ -43,6 +43,8 @@ _EXPORTED: dict[str, tuple[str, str, str]] = {
     "coalesce_fallbacks": ("offload_events", "event", "coalesce_fallback"),
     "icmp_unreachable_sent": ("icmp_unreachable", "outcome", "sent"),
     "icmp_unreachable_rate_limited": ("icmp_unreachable", "outcome", "rate_limited"),
+    "icmp6_unreachable_sent": ("icmp6_errors", "type", "unreachable"),
+    "icmp6_time_exceeded_sent": ("icmp6_errors", "type", "time_exceeded"),
     "rx_socket_overflow": ("drops", "reason", "rx_socket_overflow"),
 }
 assert set(_EXPORTED) == set(COUNTERS), "every engine counter is exported"
@@ -53,7 +55,9 @@ _HELP = {
     "offload_events": "Kernel offload use: GSO sends, TSO super-packets read, GRO trains, coalesced writes, and "
                       "fallbacks when the kernel refused one.",
     "icmp_unreachable": "ICMP net-unreachable replies for destinations with no lease, sent or suppressed by the "
-                        "rate limit.",
+                        "rate limit (which ICMPv6 errors share).",
+    "icmp6_errors": "ICMPv6 errors sent into flannel0, by type: unreachable (no lease for the destination), "
+                    "time_exceeded (hop limit).",
     "drops": "Packets the engine dropped, by reason (rx_socket_overflow: dropped by the kernel in the socket "
              "buffer).",
 }

@@ -1,10 +1,12 @@
 """Which kernel offloads to use: asked for by --offload and PYFLANNEL_DISABLE_OFFLOADS, then probed.
 
     tso       the TUN hands over TCP super-packets (IFF_VNET_HDR + TUNSETOFFLOAD TUN_F_CSUM|TUN_F_TSO4)
-    uso       ... and UDP super-packets (TUN_F_USO4|TUN_F_USO6, Linux >= 6.2)
-    gso       UDP_SEGMENT sends on the underlay socket (Linux >= 4.18)
-    gro       UDP_GRO receives on the underlay socket (Linux >= 5.12 for a reliable getsockopt probe)
-    coalesce  TCP segments of one flow merged into one GSO write to the TUN (needs the virtio header)
+    tso6      ... and IPv6 TCP super-packets (TUN_F_TSO6)
+    uso       ... and UDP super-packets of both families (TUN_F_USO4|TUN_F_USO6, Linux >= 6.2)
+    gso       UDP_SEGMENT sends on the underlay sockets, IPv4 and IPv6 (Linux >= 4.18)
+    gro       UDP_GRO receives on the underlay sockets (Linux >= 5.12 for a reliable getsockopt probe)
+    coalesce  TCP segments (with uso, UDP datagrams too) of one flow, either family, merged into one GSO write to
+              the TUN (needs the virtio header)
 
 `--offload off` turns all of them off; `--offload auto` (the default) enables each one the kernel accepts.
 PYFLANNEL_DISABLE_OFFLOADS=gso,coalesce (any of the names above, comma-separated) turns single ones off, for
@@ -24,6 +26,7 @@ ENV_DISABLE = "PYFLANNEL_DISABLE_OFFLOADS"
 @dataclass(frozen=True)
 class Offloads:
     tso: bool = False
+    tso6: bool = False
     uso: bool = False
     gso: bool = False
     gro: bool = False
@@ -32,7 +35,7 @@ class Offloads:
     @property
     def vnet_hdr(self) -> bool:
         """Whether the TUN must carry virtio headers."""
-        return self.tso or self.uso or self.coalesce
+        return self.tso or self.tso6 or self.uso or self.coalesce
 
     def describe(self) -> str:
         on = [f.name for f in fields(self) if getattr(self, f.name)]
@@ -40,7 +43,7 @@ class Offloads:
 
 
 NONE = Offloads()
-ALL = Offloads(tso=True, uso=True, gso=True, gro=True, coalesce=True)
+ALL = Offloads(tso=True, tso6=True, uso=True, gso=True, gro=True, coalesce=True)
 
 
 def wanted(mode: str, disable: str | None = None) -> Offloads:

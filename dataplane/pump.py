@@ -1,8 +1,13 @@
 """Pump: owns the packet engines and their threads, and is the control side's handle on the routes.
 
-One engine per queue: a TX and an RX thread on that queue's TUN fd and UDP socket, all reading one prefix table
-(each thread through its own reader slot). The kernel keeps each flow on one queue (dataplane.tun, dataplane.udp),
-so the engines never share a flow and need nothing from each other but the table and the ICMP rate limit.
+One engine per queue: a TX and an RX thread on that queue's TUN fd and UDP sockets (one per underlay family),
+all reading one prefix table (each thread through its own reader slot). The kernel keeps each flow on one queue
+(dataplane.tun, dataplane.udp), so the engines never share a flow and need nothing from each other but the table
+and the ICMP rate limit.
+
+Dual stack: the overlay may have an IPv4 subnet, an IPv6 one (subnet6/network6), or both, and the underlay an
+IPv4 socket, an IPv6 one, or both; routes of either family may lead to peers of either family (the wire format
+stays flannel's: the raw inner packet is the UDP payload, whatever the families).
 
 The engine threads are started as Python threads only to have something to join; each one immediately enters
 the C loop with the GIL released and stays there until stop(), or until its TUN or socket is gone: then it
@@ -22,13 +27,16 @@ from typing import Any
 from pyroute2 import IPRoute
 
 from pyflannel.dataplane._engine import COUNTERS, MAX_QUEUES, Engine, PrefixTable
+from pyflannel.dataplane.errors import DataplaneError
 from pyflannel.dataplane.offload import Offloads
-from pyflannel.dataplane.tun import TunDevice, configure_tun, ensure_configured, open_tun
+from pyflannel.dataplane.tun import Network, TunDevice, configure_tun, ensure_configured, open_tun, present
 from pyflannel.dataplane.udp import enable_offloads, open_udp_sockets
 
 DEFAULT_PORT = 8285
 DEFAULT_BATCH = 64
 QUEUES_CAP = 4  # the default number of queues is one per online CPU, up to this many
+IPv4 = ipaddress.IPv4Address
+IPv6 = ipaddress.IPv6Address
 
 
 def default_queues() -> int:
@@ -37,7 +45,8 @@ def default_queues() -> int:
 
 
 class Pump:
-    """Moves packets between a TUN device and UDP sockets (one per TUN queue); routes map overlay subnets to peers.
+    """Moves packets between a TUN device and UDP sockets (per TUN queue, one per underlay family); routes map
+    overlay subnets to peers.
 
     It owns them: close() stops the engines and closes them, which removes the TUN device."""
 
@@ -46,29 +55,44 @@ class Pump:
         tun: TunDevice,
         socks: list[socket.socket],
         *,
-        subnet: ipaddress.IPv4Network,
-        network: ipaddress.IPv4Network,
+        subnet: ipaddress.IPv4Network | None,
+        network: ipaddress.IPv4Network | None,
         offloads: Offloads,
         batch: int = DEFAULT_BATCH,
         check_source: bool = True,
+        socks6: list[socket.socket] | None = None,
+        subnet6: ipaddress.IPv6Network | None = None,
+        network6: ipaddress.IPv6Network | None = None,
     ) -> None:
-        """`offloads` must be what the TUN and socket were actually set up with (dataplane.tun, dataplane.udp).
-        With check_source, packets that local processes write into flannel0 with an inner source outside this
-        node's `subnet` (which holds flannel0's address) are dropped (tx_spoofed_source), as the far end would."""
-        if len(socks) != len(tun.queues):
-            raise ValueError(f"{len(tun.queues)} TUN queues but {len(socks)} sockets")
+        """`offloads` must be what the TUN and sockets were actually set up with (dataplane.tun, dataplane.udp);
+        `socks` are the IPv4 underlay sockets and `socks6` the IPv6 ones, one per TUN queue or none (one family at
+        least). With check_source, packets that local processes write into flannel0 with an inner source outside
+        this node's `subnet` or `subnet6` (which hold flannel0's addresses) are dropped (tx_spoofed_source), as
+        the far end would."""
+        socks6 = socks6 or []
+        if not socks and not socks6:
+            raise ValueError("no underlay socket")
+        for family in (socks, socks6):
+            if family and len(family) != len(tun.queues):
+                raise ValueError(f"{len(tun.queues)} TUN queues but {len(family)} sockets of a family")
         self.tun = tun
         self.socks = socks
+        self.socks6 = socks6
         self.subnet = subnet
         self.network = network
+        self.subnet6 = subnet6
+        self.network6 = network6
         self.routes = PrefixTable()
         self.offloads = offloads
         self._engines: list[Engine] = []
-        for queue, (fd, sock) in enumerate(zip(tun.fds, socks, strict=True)):
+        for queue, fd in enumerate(tun.fds):
             self._engines.append(Engine(
-                fd, sock.fileno(), self.routes, batch=batch, check_source=check_source, local_subnet=str(subnet),
-                vnet_hdr=offloads.vnet_hdr, gso=offloads.gso, gro=offloads.gro, coalesce=offloads.coalesce,
-                uso=offloads.uso, queue=queue, icmp_shared_with=self._engines[0] if self._engines else None,
+                fd, socks[queue].fileno() if socks else -1, self.routes, batch=batch, check_source=check_source,
+                local_subnet=None if subnet is None else str(subnet), vnet_hdr=offloads.vnet_hdr, gso=offloads.gso,
+                gro=offloads.gro, coalesce=offloads.coalesce, uso=offloads.uso,
+                sock6_fd=socks6[queue].fileno() if socks6 else -1,
+                local_subnet6=None if subnet6 is None else str(subnet6),
+                queue=queue, icmp_shared_with=self._engines[0] if self._engines else None,
             ))
         self._threads: list[threading.Thread] = []
 
@@ -86,7 +110,18 @@ class Pump:
                 thread.start()
                 self._threads.append(thread)
         with IPRoute() as ipr:
-            ensure_configured(ipr, ipr.link_lookup(ifname=self.tun.name)[0], subnet=self.subnet, network=self.network)
+            ensure_configured(ipr, ipr.link_lookup(ifname=self.tun.name)[0], subnets=self.subnets,
+                              networks=self.networks)
+
+    @property
+    def subnets(self) -> list[Network]:
+        """This node's overlay subnets (flannel0's addresses), IPv4 first."""
+        return present(self.subnet, self.subnet6)
+
+    @property
+    def networks(self) -> list[Network]:
+        """The overlay networks routed into flannel0, IPv4 first."""
+        return present(self.network, self.network6)
 
     def alive(self) -> bool:
         """Every engine thread is running."""
@@ -118,12 +153,12 @@ class Pump:
             self.stop()
         finally:
             self.tun.close()
-            for sock in self.socks:
+            for sock in self.socks + self.socks6:
                 sock.close()
 
     def set_route(self, subnet: str, peer: str, port: int = DEFAULT_PORT) -> None:
-        """Send traffic for subnet to peer:port (add or replace)."""
-        self.routes.set(subnet, peer, port)
+        """Send traffic for subnet (IPv4 or IPv6) to peer:port (add or replace; the peer IPv4 or IPv6)."""
+        self.update_routes(set=[(subnet, peer, port)])
 
     def del_route(self, subnet: str) -> None:
         """Forget the route for exactly this subnet; KeyError if there is none."""
@@ -131,45 +166,65 @@ class Pump:
 
     def update_routes(self, set: Iterable[tuple[str, str, int]] = (), delete: Iterable[str] = ()) -> None:
         """Forget the `delete` subnets, then add or replace the `set` (subnet, peer, port) routes, all published
-        to the engine at once (one batch of lease events, or every peer at startup); changes nothing on an error."""
-        self.routes.update(set=set, delete=delete)
+        to the engine at once (one batch of lease events, or every peer at startup); changes nothing on an error
+        (ValueError also for a peer of a family this pump has no underlay socket for)."""
+        routes = list(set)
+        for _, peer, _ in routes:
+            if ipaddress.ip_address(peer).version == 6 and not self.socks6:
+                raise ValueError(f"peer {peer}: no IPv6 underlay socket (open_pump's iface_ip6)")
+            if ipaddress.ip_address(peer).version == 4 and not self.socks:
+                raise ValueError(f"peer {peer}: no IPv4 underlay socket (open_pump's iface_ip)")
+        self.routes.update(set=routes, delete=delete)
 
     def stats(self) -> dict[str, Any]:
         """Engine counters (dataplane._engine.COUNTERS, DROPS) summed over the queues, and per queue under
-        "queues" (a list, in queue order); every offload in use: tso and uso as the TUN accepted them, the others
-        as still on in every queue (GSO and coalescing switch themselves off in a queue whose send or write the
-        kernel refuses at run time); per peer under "peers" (one table, counted by all queues)."""
+        "queues" (a list, in queue order); every offload in use: tso, tso6 and uso as the TUN accepted them, the
+        others as still on in every queue (GSO and coalescing switch themselves off in a queue whose send or
+        write the kernel refuses at run time); per peer under "peers" (one table, counted by all queues)."""
         queues = [engine.stats() for engine in self._engines]
         out: dict[str, Any] = {name: sum(q[name] for q in queues) for name in COUNTERS}
         out["drops"] = {reason: sum(q["drops"][reason] for q in queues) for reason in queues[0]["drops"]}
-        out["offloads"] = {"tso": self.offloads.tso, "uso": self.offloads.uso,
+        out["offloads"] = {"tso": self.offloads.tso, "tso6": self.offloads.tso6, "uso": self.offloads.uso,
                            **{name: all(q["offloads"][name] for q in queues) for name in queues[0]["offloads"]}}
         out["peers"] = queues[0]["peers"]
         out["queues"] = [{name: q[name] for name in COUNTERS} | {"drops": q["drops"]} for q in queues]
         return out
 
 
-def open_pump(*, iface_ip: ipaddress.IPv4Address, port: int, tun_name: str, subnet: ipaddress.IPv4Network,
-              network: ipaddress.IPv4Network, mtu: int, wanted: Offloads, batch: int = DEFAULT_BATCH,
-              check_source: bool = True, queues: int = 1) -> Pump:
-    """The udp dataplane as flannel's udp backend sets it up: the socket bound to iface_ip:port, the TUN device
-    configured for subnet, network and mtu, and the offloads both accept out of `wanted`; with several queues,
-    that many TUN queues and sockets. Not started yet; DataplaneError (nothing left open) if the host refuses
-    any step."""
-    socks = open_udp_sockets(iface_ip, port, queues)
+def open_pump(*, iface_ip: IPv4 | None, port: int, tun_name: str, subnet: ipaddress.IPv4Network | None,
+              network: ipaddress.IPv4Network | None, mtu: int, wanted: Offloads, batch: int = DEFAULT_BATCH,
+              check_source: bool = True, iface_ip6: IPv6 | None = None, subnet6: ipaddress.IPv6Network | None = None,
+              network6: ipaddress.IPv6Network | None = None, queues: int = 1) -> Pump:
+    """The udp dataplane as flannel's udp backend sets it up: a socket bound to iface_ip:port and/or one bound to
+    iface_ip6:port (the underlay families), the TUN device configured for subnet/network and/or subnet6/network6
+    (the overlay families) and mtu, and the offloads all accept out of `wanted`; with several queues, that many
+    TUN queues and sockets of each family. Not started yet; DataplaneError (nothing left open) if the host
+    refuses any step or nothing is given of either pair."""
+    if iface_ip is None and iface_ip6 is None:
+        raise DataplaneError("no underlay address: give an IPv4 or an IPv6 one")
+    if (subnet is None) != (network is None) or (subnet6 is None) != (network6 is None) or not (subnet or subnet6):
+        raise DataplaneError("each overlay family needs both its subnet and its network, and one family is needed")
+    opened: list[socket.socket] = []
     try:
+        socks = [] if iface_ip is None else _keep(opened, open_udp_sockets(iface_ip, port, queues))
+        socks6 = [] if iface_ip6 is None else _keep(opened, open_udp_sockets(iface_ip6, port, queues))
         tun = open_tun(tun_name, wanted, queues)
         try:
-            configure_tun(tun, subnet=subnet, network=network, mtu=mtu)
+            configure_tun(tun, subnets=present(subnet, subnet6), networks=present(network, network6), mtu=mtu)
             offloads = tun.offloads
-            for sock in socks:
-                offloads = enable_offloads(sock, offloads)
+            for s in opened:
+                offloads = enable_offloads(s, offloads)
             return Pump(tun, socks, subnet=subnet, network=network, offloads=offloads, batch=batch,
-                        check_source=check_source)
+                        check_source=check_source, socks6=socks6, subnet6=subnet6, network6=network6)
         except BaseException:
             tun.close()
             raise
     except BaseException:
-        for sock in socks:
-            sock.close()
+        for s in opened:
+            s.close()
         raise
+
+
+def _keep(opened: list[socket.socket], socks: list[socket.socket]) -> list[socket.socket]:
+    opened.extend(socks)
+    return socks

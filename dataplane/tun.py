@@ -20,20 +20,23 @@ from typing import Any
 
 import pytun
 from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
 
 from pyflannel.dataplane.errors import DataplaneError
 from pyflannel.dataplane.offload import Offloads
 
 ENCAP_OVERHEAD = 28  # outer IPv4 header + UDP header (flannel's encapOverhead)
+ENCAP_OVERHEAD6 = 48  # outer IPv6 header + UDP header
 # flannel0's transmit queue in packets. Measured with udp-batch (bench/RESULTS.md): 500 (the default) 12,162
 # retransmits, 1000 1,046, 5000 none, and +4% throughput.
 TXQUEUELEN = 5000
 
 # include/uapi/linux/if_tun.h
 TUNSETOFFLOAD = 0x400454D0
-TUN_F_CSUM, TUN_F_TSO4, TUN_F_USO4, TUN_F_USO6 = 0x01, 0x02, 0x20, 0x40
+TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_USO4, TUN_F_USO6 = 0x01, 0x02, 0x04, 0x20, 0x40
 IFF_UP = 0x1  # include/uapi/linux/if.h
 RT_TABLE_MAIN = 254
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 @dataclass
@@ -75,11 +78,7 @@ def open_tun(name: str, wanted: Offloads, queues: int = 1) -> TunDevice:
         raise
     fd = tun.fds[0]
     if wanted.vnet_hdr:
-        # USO is asked for together with TSO: the kernel takes both USO flags or neither, and only from 6.2.
-        base = TUN_F_CSUM | (TUN_F_TSO4 if wanted.tso else 0)
-        uso = wanted.uso and _tunsetoffload(fd, base | TUN_F_USO4 | TUN_F_USO6)
-        tso = wanted.tso and (uso or _tunsetoffload(fd, base))
-        tun.offloads = replace(wanted, tso=tso, uso=uso)
+        tun.offloads = _negotiate(fd, wanted)
     return tun
 
 
@@ -91,6 +90,20 @@ def _open_queue(name: str, flags: int) -> pytun.TunTapDevice:
     fd = queue.fileno()
     fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)
     return queue
+
+
+def _negotiate(fd: int, wanted: Offloads) -> Offloads:
+    """The richest set of TUN offloads out of `wanted` that the kernel takes: USO goes with TSO (the kernel takes
+    both USO flags or neither, and only from 6.2), then TSO6 is given up, then TSO."""
+    def flags(tso: bool, tso6: bool) -> int:
+        return TUN_F_CSUM | (TUN_F_TSO4 if tso else 0) | (TUN_F_TSO6 if tso6 else 0)
+
+    if wanted.uso and _tunsetoffload(fd, flags(wanted.tso, wanted.tso6) | TUN_F_USO4 | TUN_F_USO6):
+        return wanted
+    for tso, tso6 in ((wanted.tso, wanted.tso6), (wanted.tso, False), (False, False)):
+        if _tunsetoffload(fd, flags(tso, tso6)):
+            return replace(wanted, tso=tso, tso6=tso6, uso=False)
+    return replace(wanted, tso=False, tso6=False, uso=False)
 
 
 def _refuse_existing(name: str) -> None:
@@ -122,10 +135,11 @@ def _pytun_reason(exc: pytun.Error) -> str:
     return text
 
 
-def configure_tun(tun: TunDevice, *, subnet: ipaddress.IPv4Network, network: ipaddress.IPv4Network, mtu: int) -> None:
-    """Address = subnet network address /32, the given MTU, link up; DataplaneError if another device already
-    routes the network. The network route itself comes with ensure_configured, once the engine forwards, so
-    the kernel never sends traffic into a device nobody reads.
+def configure_tun(tun: TunDevice, *, subnets: list[Network], networks: list[Network], mtu: int) -> None:
+    """For each subnet (one IPv4, one IPv6, or both) its network address as a /32 or /128, the given MTU, link
+    up; DataplaneError if another device already routes one of the networks. The network routes themselves come
+    with ensure_configured, once the engine forwards, so the kernel never sends traffic into a device nobody
+    reads.
 
     The transmit queue is TXQUEUELEN packets instead of the kernel's 500: a burst that the TX thread has not
     yet drained (a sender looping sendto, the segments of TCP without TSO) overflowed 500 and was dropped.
@@ -136,33 +150,50 @@ def configure_tun(tun: TunDevice, *, subnet: ipaddress.IPv4Network, network: ipa
     with IPRoute() as ipr:
         index = ipr.link_lookup(ifname=tun.name)[0]
         ipr.link("set", index=index, mtu=mtu, txqlen=TXQUEUELEN)
-        _ensure_link(ipr, index, subnet)
-        _ensure_route(ipr, index, network, add=False)
+        _ensure_link(ipr, index, subnets)
+        for network in networks:
+            _ensure_route(ipr, index, network, add=False)
     if tun.offloads.coalesce and not _coalesced_write_works(tun.fds[0]):
         tun.offloads = replace(tun.offloads, coalesce=False)
 
 
-def ensure_configured(ipr: IPRoute, index: int, *, subnet: ipaddress.IPv4Network,
-                      network: ipaddress.IPv4Network) -> list[str]:
-    """Bring the link up and add its /32 address and the network route, each only if missing; returns what it
-    did. Setting a link down makes the kernel delete the routes through it, and nothing puts them back when the
-    link comes up again: this does, and is cheap enough to run every second."""
-    return _ensure_link(ipr, index, subnet) + _ensure_route(ipr, index, network, add=True)
+def ensure_configured(ipr: IPRoute, index: int, *, subnets: list[Network], networks: list[Network]) -> list[str]:
+    """Bring the link up and add its addresses and network routes, each only if missing; returns what it did.
+    Setting a link down makes the kernel delete the routes through it, and nothing puts them back when the link
+    comes up again: this does, and is cheap enough to run every second."""
+    done = _ensure_link(ipr, index, subnets)
+    for network in networks:
+        done += _ensure_route(ipr, index, network, add=True)
+    return done
 
 
-def _ensure_link(ipr: IPRoute, index: int, subnet: ipaddress.IPv4Network) -> list[str]:
+def present(*nets: Network | None) -> list[Network]:
+    """The subnets (or networks) of the families in use, IPv4 first."""
+    return [net for net in nets if net is not None]
+
+
+def _family(net: Network | ipaddress.IPv4Address | ipaddress.IPv6Address) -> int:
+    return socket.AF_INET if net.version == 4 else socket.AF_INET6
+
+
+def _ensure_link(ipr: IPRoute, index: int, subnets: list[Network]) -> list[str]:
     done = []
     if not ipr.get_links(index)[0]["flags"] & IFF_UP:
         ipr.link("set", index=index, state="up")
         done.append("was down, brought it up")
-    address = str(subnet.network_address)
-    if not any(a.get_attr("IFA_ADDRESS") == address for a in ipr.get_addr(family=socket.AF_INET, index=index)):
-        ipr.addr("add", index=index, address=address, prefixlen=32)
-        done.append(f"address {address}/32 re-added")
+    for subnet in subnets:
+        address, plen = str(subnet.network_address), subnet.max_prefixlen
+        if not any(a.get_attr("IFA_ADDRESS") == address for a in ipr.get_addr(family=_family(subnet), index=index)):
+            try:
+                ipr.addr("add", index=index, address=address, prefixlen=plen, family=_family(subnet))
+            except NetlinkError as exc:
+                raise DataplaneError(f"cannot add {address}/{plen} to the TUN device: {exc.args[-1]}"
+                                     + (" (is IPv6 disabled?)" if subnet.version == 6 else "")) from None
+            done.append(f"address {address}/{plen} re-added")
     return done
 
 
-def _ensure_route(ipr: IPRoute, index: int, network: ipaddress.IPv4Network, *, add: bool) -> list[str]:
+def _ensure_route(ipr: IPRoute, index: int, network: Network, *, add: bool) -> list[str]:
     routes = _routes_to(ipr, network)
     if any(r.get("oif") == index for r in routes):
         return []
@@ -172,13 +203,13 @@ def _ensure_route(ipr: IPRoute, index: int, network: ipaddress.IPv4Network, *, a
         raise DataplaneError(f"{network} is already routed through {other}: is another tunnel running?")
     if not add:
         return []
-    ipr.route("add", dst=str(network), oif=index, scope=0)
+    ipr.route("add", dst=str(network), oif=index, scope=0, family=_family(network))
     return [f"route to {network} re-added"]
 
 
-def _routes_to(ipr: IPRoute, network: ipaddress.IPv4Network) -> list[Any]:
+def _routes_to(ipr: IPRoute, network: Network) -> list[Any]:
     """The main table's routes for exactly `network` (any device)."""
-    return [r for r in ipr.get_routes(family=socket.AF_INET, table=RT_TABLE_MAIN)
+    return [r for r in ipr.get_routes(family=_family(network), table=RT_TABLE_MAIN)
             if r.get("dst") == str(network.network_address) and r["dst_len"] == network.prefixlen]
 
 
@@ -197,10 +228,10 @@ def _coalesced_write_works(fd: int) -> bool:
     return True
 
 
-def underlay_mtu(iface_ip: ipaddress.IPv4Address) -> int:
+def underlay_mtu(iface_ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> int:
     """MTU of the interface that holds iface_ip; DataplaneError if no interface has it."""
     with IPRoute() as ipr:
-        for addr in ipr.get_addr(family=2):
+        for addr in ipr.get_addr(family=_family(iface_ip)):
             if addr.get("IFA_ADDRESS") == str(iface_ip):
                 link = ipr.get_links(addr["index"])[0]
                 return int(link.get("IFLA_MTU"))

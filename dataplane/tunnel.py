@@ -4,6 +4,11 @@
                    [--port 8285] [--tun flannel0] [--offload auto|off] [--batch N] [--queues N]
                    [--no-source-check] [--stats-file PATH] [--metrics-addr HOST:PORT]
 
+Dual stack: --iface-ip, --subnet and --network each take IPv4 or IPv6 and may be given once per family (an IPv6
+--iface-ip opens a second socket, an IPv6 --subnet/--network gives flannel0 an IPv6 address and route); a --peer's
+subnet needs the --network of its family, its address the --iface-ip of its family. flannel0's MTU is the
+smallest the underlays allow (IPv4: MTU - 28, IPv6: MTU - 48).
+
 It sets up flannel0 as flanneld's udp backend would, forwards until SIGINT/SIGTERM, and removes what it created.
 Every second a Keeper (dataplane.keeper) checks flannel0: deleted, it is recreated with every route; set down or
 stripped of its address or network route, these are put back; one log line each.
@@ -37,15 +42,16 @@ import signal
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
-from typing import NoReturn
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import NoReturn, TypeVar
 
 from pyflannel.dataplane import klog, metrics, offload
 from pyflannel.dataplane._engine import MAX_QUEUES
 from pyflannel.dataplane.errors import DataplaneError
 from pyflannel.dataplane.keeper import Keeper, PumpSpec
 from pyflannel.dataplane.pump import DEFAULT_BATCH, DEFAULT_PORT, QUEUES_CAP, default_queues
-from pyflannel.dataplane.tun import ENCAP_OVERHEAD, underlay_mtu
+from pyflannel.dataplane.tun import ENCAP_OVERHEAD, ENCAP_OVERHEAD6, underlay_mtu
 
 log = logging.getLogger("flannel-tunnel")
 
@@ -58,17 +64,24 @@ WATCHED = STOP | {signal.SIGHUP, signal.SIGUSR1} | IGNORED
 CHECK_INTERVAL = 1.0  # seconds between dataplane checks (a deleted flannel0 is back within about this)
 
 
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
 @dataclass(frozen=True)
 class Peer:
-    subnet: ipaddress.IPv4Network
-    addr: ipaddress.IPv4Address
+    subnet: Network
+    addr: Address
 
 
 @dataclass(frozen=True)
 class TunnelConfig:
-    iface_ip: ipaddress.IPv4Address
-    subnet: ipaddress.IPv4Network
-    network: ipaddress.IPv4Network
+    iface_ip: ipaddress.IPv4Address | None
+    subnet: ipaddress.IPv4Network | None
+    network: ipaddress.IPv4Network | None
+    iface_ip6: ipaddress.IPv6Address | None
+    subnet6: ipaddress.IPv6Network | None
+    network6: ipaddress.IPv6Network | None
     peers: tuple[Peer, ...]
     """From --peer flags only; all_peers() adds the --peers-file."""
     peers_file: str | None
@@ -90,9 +103,12 @@ class _Parser(argparse.ArgumentParser):
 
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description="Standalone flannel udp tunnel between hosts with static peers.")
-    p.add_argument("--iface-ip", required=True, help="underlay address to bind the UDP socket to")
-    p.add_argument("--subnet", required=True, help="this host's overlay subnet, e.g. 10.244.1.0/24")
-    p.add_argument("--network", required=True, help="the whole overlay network, e.g. 10.244.0.0/16")
+    p.add_argument("--iface-ip", required=True, action="append",
+                   help="underlay address to bind the UDP socket to (once per family)")
+    p.add_argument("--subnet", required=True, action="append",
+                   help="this host's overlay subnet, e.g. 10.244.1.0/24 (once per family)")
+    p.add_argument("--network", required=True, action="append",
+                   help="the whole overlay network, e.g. 10.244.0.0/16 (once per family)")
     p.add_argument("--peer", action="append", default=[], metavar="CIDR=IP", help="a peer's subnet and address")
     p.add_argument("--peers-file", metavar="PATH", help="more peers, one CIDR=IP a line; SIGHUP re-reads it")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help="UDP port, the same on every host (8285)")
@@ -109,31 +125,54 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _ip(text: str, what: str) -> ipaddress.IPv4Address:
+def _ip(text: str, what: str) -> Address:
     try:
-        return ipaddress.IPv4Address(text)
+        return ipaddress.ip_address(text)
     except ValueError:
-        raise DataplaneError(f"{what} {text!r} is not an IPv4 address") from None
+        raise DataplaneError(f"{what} {text!r} is not an IPv4 or IPv6 address") from None
 
 
-def _cidr(text: str, what: str) -> ipaddress.IPv4Network:
+def _cidr(text: str, what: str) -> Network:
     try:
-        return ipaddress.IPv4Network(text, strict=False)
+        return ipaddress.ip_network(text, strict=False)
     except ValueError:
-        raise DataplaneError(f"{what} {text!r} is not an IPv4 CIDR") from None
+        raise DataplaneError(f"{what} {text!r} is not an IPv4 or IPv6 CIDR") from None
 
 
-def _peer(text: str, network: ipaddress.IPv4Network, where: str = "--peer") -> Peer:
+V4 = TypeVar("V4")
+V6 = TypeVar("V6")
+
+
+def _by_family(values: Sequence[object], kinds: tuple[type[V4], type[V6]], flag: str) -> tuple[V4 | None, V6 | None]:
+    """A flag's IPv4 value and its IPv6 value (`kinds`: their types), each given at most once."""
+    v4 = [v for v in values if isinstance(v, kinds[0])]
+    v6 = [v for v in values if isinstance(v, kinds[1])]
+    for version, found in ((4, v4), (6, v6)):
+        if len(found) > 1:
+            raise DataplaneError(f"{flag} given twice for IPv{version}: {found[0]} and {found[1]}")
+    return next(iter(v4), None), next(iter(v6), None)
+
+
+def _peer(text: str, cfg: TunnelConfig, where: str = "--peer") -> Peer:
     cidr, sep, addr = text.partition("=")
     if not sep:
         raise DataplaneError(f"{where} {text!r} must look like CIDR=IP")
     peer = Peer(_cidr(cidr.strip(), f"{where} subnet"), _ip(addr.strip(), f"{where} address"))
-    if not peer.subnet.subnet_of(network):
+    network = cfg.network if peer.subnet.version == 4 else cfg.network6
+    if network is None:
+        raise DataplaneError(f"{where} subnet {peer.subnet}: no IPv{peer.subnet.version} --network")
+    if not _inside(peer.subnet, network):
         raise DataplaneError(f"{where} subnet {peer.subnet} is outside --network {network}")
+    if (cfg.iface_ip if peer.addr.version == 4 else cfg.iface_ip6) is None:
+        raise DataplaneError(f"{where} address {peer.addr}: no IPv{peer.addr.version} --iface-ip to reach it from")
     return peer
 
 
-def _file_peers(path: str, network: ipaddress.IPv4Network) -> list[tuple[str, Peer]]:
+def _inside(subnet: Network, network: Network) -> bool:
+    return subnet.version == network.version and subnet.subnet_of(network)  # type: ignore[arg-type]
+
+
+def _file_peers(path: str, cfg: TunnelConfig) -> list[tuple[str, Peer]]:
     """The peers in a --peers-file, each with where it came from: one CIDR=IP a line; blank lines and # comments
     are skipped."""
     try:
@@ -141,7 +180,7 @@ def _file_peers(path: str, network: ipaddress.IPv4Network) -> list[tuple[str, Pe
             lines = f.read().splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         raise DataplaneError(f"cannot read --peers-file {path}: {getattr(exc, 'strerror', None) or exc}") from None
-    return [(f"{path}:{n}:", _peer(text, network, f"{path}:{n}:"))
+    return [(f"{path}:{n}:", _peer(text, cfg, f"{path}:{n}:"))
             for n, line in enumerate(lines, 1) if (text := line.partition("#")[0].strip())]
 
 
@@ -149,15 +188,17 @@ def all_peers(cfg: TunnelConfig) -> tuple[Peer, ...]:
     """--peer flags plus the --peers-file as it is now, checked for overlaps; DataplaneError if they do not fit."""
     sourced = [("--peer", peer) for peer in cfg.peers]
     if cfg.peers_file is not None:
-        sourced += _file_peers(cfg.peers_file, cfg.network)
-    _refuse_overlaps([("--subnet", cfg.subnet)] + [(where, peer.subnet) for where, peer in sourced])
+        sourced += _file_peers(cfg.peers_file, cfg)
+    for version, own in ((4, cfg.subnet), (6, cfg.subnet6)):
+        mine: list[tuple[str, Network]] = [] if own is None else [("--subnet", own)]
+        _refuse_overlaps(mine + [(where, peer.subnet) for where, peer in sourced if peer.subnet.version == version])
     return tuple(peer for _, peer in sourced)
 
 
-def _refuse_overlaps(subnets: list[tuple[str, ipaddress.IPv4Network]]) -> None:
-    """DataplaneError naming the first pair that overlaps, the later one first. Sorted by start, a subnet
-    overlaps an earlier one only if it starts before the furthest end seen so far: n log n, for thousands of
-    peers at startup."""
+def _refuse_overlaps(subnets: list[tuple[str, Network]]) -> None:
+    """DataplaneError naming the first pair (of one family) that overlaps, the later one first. Sorted by
+    start, a subnet overlaps an earlier one only if it starts before the furthest end seen so far: n log n, for
+    thousands of peers at startup."""
     ordered = sorted(range(len(subnets)), key=lambda i: (int(subnets[i][1].network_address), -subnets[i][1].prefixlen))
     widest: int | None = None
     for i in ordered:
@@ -173,10 +214,18 @@ def parse_config(argv: list[str] | None) -> TunnelConfig:
     """Parse and cross-check the flags; DataplaneError for values that parse but do not fit together."""
     args = _parser().parse_args(argv)
     klog.setup(1 if args.verbose else 0)
-    network = _cidr(args.network, "--network")
-    subnet = _cidr(args.subnet, "--subnet")
-    if not subnet.subnet_of(network):
-        raise DataplaneError(f"--subnet {subnet} is outside --network {network}")
+    addresses = (ipaddress.IPv4Address, ipaddress.IPv6Address)
+    networks = (ipaddress.IPv4Network, ipaddress.IPv6Network)
+    iface_ip, iface_ip6 = _by_family([_ip(text, "--iface-ip") for text in args.iface_ip], addresses, "--iface-ip")
+    network, network6 = _by_family([_cidr(text, "--network") for text in args.network], networks, "--network")
+    subnet, subnet6 = _by_family([_cidr(text, "--subnet") for text in args.subnet], networks, "--subnet")
+    for version, sub, net in ((4, subnet, network), (6, subnet6, network6)):
+        if sub is None and net is not None:
+            raise DataplaneError(f"--network {net} has no IPv{version} --subnet")
+        if sub is not None and net is None:
+            raise DataplaneError(f"--subnet {sub} has no IPv{version} --network")
+        if sub is not None and net is not None and not _inside(sub, net):
+            raise DataplaneError(f"--subnet {sub} is outside --network {net}")
     if not 0 < args.port < 65536:
         raise DataplaneError(f"--port {args.port} is out of range 1-65535")
     if not 1 <= args.batch <= 128:
@@ -184,11 +233,14 @@ def parse_config(argv: list[str] | None) -> TunnelConfig:
     queues = default_queues() if args.queues is None else args.queues
     if not 1 <= queues <= MAX_QUEUES:
         raise DataplaneError(f"--queues {queues} is out of range 1-{MAX_QUEUES}")
-    return TunnelConfig(
-        iface_ip=_ip(args.iface_ip, "--iface-ip"),
+    cfg = TunnelConfig(
+        iface_ip=iface_ip,
         subnet=subnet,
         network=network,
-        peers=tuple(_peer(text, network) for text in args.peer),
+        iface_ip6=iface_ip6,
+        subnet6=subnet6,
+        network6=network6,
+        peers=(),
         peers_file=args.peers_file,
         port=args.port,
         tun=args.tun,
@@ -199,6 +251,7 @@ def parse_config(argv: list[str] | None) -> TunnelConfig:
         stats_file=args.stats_file,
         metrics_addr=None if args.metrics_addr is None else _host_port(args.metrics_addr, "--metrics-addr"),
     )
+    return replace(cfg, peers=tuple(_peer(text, cfg) for text in args.peer))
 
 
 def _host_port(text: str, flag: str) -> tuple[str, int]:
@@ -216,18 +269,22 @@ def run(cfg: TunnelConfig, peers: tuple[Peer, ...]) -> None:
     """Bring the tunnel up, forward until SIGINT/SIGTERM, take it down. The signals are blocked by main()."""
     if os.geteuid() != 0:
         raise DataplaneError("must run as root (creating flannel0 needs CAP_NET_ADMIN)")
-    mtu = underlay_mtu(cfg.iface_ip) - ENCAP_OVERHEAD
+    mtu = min(underlay_mtu(ip) - (ENCAP_OVERHEAD if ip.version == 4 else ENCAP_OVERHEAD6)
+              for ip in (cfg.iface_ip, cfg.iface_ip6) if ip is not None)
     keeper = Keeper(PumpSpec(iface_ip=cfg.iface_ip, port=cfg.port, tun_name=cfg.tun, subnet=cfg.subnet,
                              network=cfg.network, mtu=mtu, wanted=cfg.offloads, batch=cfg.batch,
-                             check_source=cfg.check_source, queues=cfg.queues))
+                             check_source=cfg.check_source, queues=cfg.queues, iface_ip6=cfg.iface_ip6,
+                             subnet6=cfg.subnet6, network6=cfg.network6))
     server = None
     if cfg.metrics_addr is not None:  # before flannel0, so that a port in use leaves nothing behind
         server = metrics.serve(*cfg.metrics_addr, metrics.registry(metrics.EngineCollector(keeper.stats)),
                                {"/healthz": (lambda: keeper.failure, 500, "flannel-tunnel is running")})
     try:
         pump = keeper.start(_routes(cfg, peers))
-        log.info("%s up: subnet %s, mtu %d, %d peers, udp %s:%d, batch %d, queues %d, offloads: %s", cfg.tun,
-                 cfg.subnet, mtu, len(peers), cfg.iface_ip, cfg.port, cfg.batch, cfg.queues, pump.offloads.describe())
+        log.info("%s up: subnet %s, mtu %d, %d peers, udp %s port %d, batch %d, queues %d, offloads: %s", cfg.tun,
+                 " ".join(map(str, pump.subnets)), mtu, len(peers),
+                 " ".join(str(ip) for ip in (cfg.iface_ip, cfg.iface_ip6) if ip is not None), cfg.port, cfg.batch,
+                 cfg.queues, pump.offloads.describe())
         sig = _serve(cfg, keeper)
         keeper.pump.stop()
         _write_stats(cfg.stats_file, keeper)

@@ -1,8 +1,10 @@
-"""The underlay UDP sockets the engine sends and receives on (flannel binds one to the interface address).
+"""The underlay UDP sockets the engine sends and receives on (flannel binds one to the interface address): for an
+IPv4 underlay, an IPv6 underlay, or both.
 
-With several queues there is one socket per queue, all bound to the same address and port with SO_REUSEPORT, and
-a reuseport program (dataplane._engine.attach_steering, src_ext/steering.h) picks the socket of each arriving
-datagram by its inner flow, so that one flow always reaches the same engine thread.
+With several queues there is one socket per queue and family, those of a family all bound to the same address
+and port with SO_REUSEPORT, and a reuseport program (dataplane._engine.attach_steering, src_ext/steering.h) picks
+the socket of each arriving datagram by its inner flow, so that one flow always reaches the same engine thread
+(the program sees the UDP payload, the inner packet, whichever the underlay family).
 
 Besides binding, this is where the socket-side offloads are probed and switched on (UDP_SEGMENT for sends,
 UDP_GRO for receives), where the buffers are enlarged (the default 208 KiB drops bursts, and drops become TCP
@@ -26,8 +28,9 @@ UDP_SEGMENT, UDP_GRO, SO_RXQ_OVFL = 103, 104, 40
 SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33
 
 
-def open_udp_sockets(addr: ipaddress.IPv4Address, port: int, queues: int = 1) -> list[socket.socket]:
-    """`queues` non-blocking UDP sockets bound to addr:port, steered by flow when there are several, or
+def open_udp_sockets(addr: ipaddress.IPv4Address | ipaddress.IPv6Address, port: int,
+                     queues: int = 1) -> list[socket.socket]:
+    """`queues` non-blocking UDP sockets of addr's family bound to addr:port, steered by flow when there are several, or
     DataplaneError naming the problem (nothing left open)."""
     if queues == 1:
         return [_open_socket(addr, port)]
@@ -49,10 +52,13 @@ def open_udp_sockets(addr: ipaddress.IPv4Address, port: int, queues: int = 1) ->
     return socks
 
 
-def _open_socket(addr: ipaddress.IPv4Address, port: int, *, reuseport: bool = False) -> socket.socket:
-    """A non-blocking UDP socket bound to addr:port, or DataplaneError naming the problem."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+def _open_socket(addr: ipaddress.IPv4Address | ipaddress.IPv6Address, port: int, *,
+                 reuseport: bool = False) -> socket.socket:
+    """A non-blocking UDP socket of addr's family bound to addr:port, or DataplaneError naming the problem."""
+    sock = socket.socket(socket.AF_INET if addr.version == 4 else socket.AF_INET6, socket.SOCK_DGRAM)
     try:
+        if addr.version == 6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         if reuseport:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((str(addr), port))

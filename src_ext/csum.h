@@ -65,6 +65,14 @@ static inline uint64_t csum_pseudo4(const uint8_t *iph, uint8_t proto, uint16_t 
     return csum_add64(csum_add64(addrs[0], addrs[1]), tail);
 }
 
+/* IPv6 pseudo-header sum (RFC 8200 8.1): both addresses of iph, the upper-layer length, the next header. */
+static inline uint64_t csum_pseudo6(const uint8_t *iph, uint8_t proto, uint32_t l4len)
+{
+    const uint8_t tail[8] = { (uint8_t)(l4len >> 24), (uint8_t)(l4len >> 16), (uint8_t)(l4len >> 8), (uint8_t)l4len,
+                              0, 0, 0, proto };
+    return csum_partial(tail, 8, csum_partial(iph + 8, 32, 0));
+}
+
 /* RFC 1624 incremental update: a 16-bit field (network order) changed from old to new. */
 static inline uint16_t csum_replace2(uint16_t check, uint16_t old, uint16_t new_)
 {

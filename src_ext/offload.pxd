@@ -1,4 +1,4 @@
-# C declarations of offload.h (virtio header, GSO split, TCP coalescing), cmsg.h, csum.h and peer_stats.h.
+# C declarations of offload.h (virtio header, GSO split, TCP coalescing), cmsg.h, csum.h, peer_stats.h and peer6.h.
 
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int16_t, int32_t
 
@@ -19,6 +19,7 @@ cdef extern from "offload.h" nogil:
         VNET_F_NEEDS_CSUM
         VNET_GSO_NONE
         VNET_GSO_TCPV4
+        VNET_GSO_TCPV6
         VNET_GSO_UDP_L4
         GSO_MAX_SEGS
         GRO_BUF
@@ -79,3 +80,21 @@ cdef extern from "peer_stats.h" nogil:
     void peer_add(uint64_t *counter, uint64_t n)
     # Control side: the address gained its first route (on) or lost its last one.
     void peer_configure(peer_table *t, uint32_t addr, int on)
+
+
+cdef extern from "peer6.h" nogil:
+    enum:
+        PEER6_SLOTS
+    ctypedef struct peer6_slot:
+        uint8_t addr[16]
+        peer_slot peer
+    ctypedef struct peer6_table:
+        peer6_slot slot[4096]
+    # The slot of an IPv6 peer address that has or had a route, or NULL: O(1).
+    peer6_slot *peer6_find(peer6_table *t, const uint8_t *addr)
+    # Whether a route leads to this address now.
+    bint peer6_configured(peer6_table *t, const uint8_t *addr)
+    # Control side: the address's slot index (what a route's leaf holds), reserved if new; -1 when full.
+    int peer6_reserve(peer6_table *t, const uint8_t *addr)
+    # Control side: the reserved slot gained its first route (on) or lost its last one.
+    void peer6_configure(peer6_table *t, int index, int on)

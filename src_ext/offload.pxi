@@ -5,6 +5,7 @@ from libc.stdlib cimport calloc, free
 
 GSO_TCPV4 = VNET_GSO_TCPV4
 GSO_UDP_L4 = VNET_GSO_UDP_L4
+GSO_TCPV6 = VNET_GSO_TCPV6
 
 
 cdef gro_table *new_gro_table(int max_items, int npool) noexcept:
@@ -47,7 +48,8 @@ def finish_checksum(packet: bytes, csum_start: int, csum_offset: int) -> bytes:
 
 
 def split(packet: bytes, gso_type: int, gso_size: int) -> list[bytes]:
-    """Segments of a TSO/USO super-packet, as the TX thread sends them; ValueError if it is malformed."""
+    """Segments of a TSO/USO super-packet (IPv4 or IPv6), as the TX thread sends them; ValueError if it is
+    malformed."""
     cdef const uint8_t[:] src = packet
     cdef uint16_t lens[SPLIT_SEGS]
     cdef bytearray out = bytearray(len(packet) + SPLIT_SEGS * 120)

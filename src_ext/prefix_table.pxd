@@ -7,13 +7,18 @@ cdef extern from "prefix_table.h" nogil:
     ctypedef struct pt_hop:
         uint32_t addr
         uint16_t port
+        uint8_t v6
     ctypedef struct pt_table:
         pass
     ctypedef struct pt_op:
-        uint32_t net
+        uint8_t key[16]
         uint8_t plen
         uint8_t dele "del"
+        uint8_t family
         uint64_t leaf
+    enum:
+        PT_V4
+        PT_V6
     ctypedef struct pt_handle:
         pass
     enum:
@@ -24,8 +29,9 @@ cdef extern from "prefix_table.h" nogil:
     uint64_t pt_leaf(pt_hop hop, unsigned plen)
     bint pt_routed(uint64_t leaf)
     pt_hop pt_leaf_hop(uint64_t leaf)
-    # The leaf for a host-order address; test it with pt_routed.
+    # The leaf for a host-order IPv4 address, or for an IPv6 address (16 bytes); test it with pt_routed.
     uint64_t pt_lookup(const pt_table *t, uint32_t addr)
+    uint64_t pt_lookup6(const pt_table *t, const uint8_t *addr)
     # Reader side: pin the current table in `slot` (one per thread) for one batch, then release it; never waits.
     const pt_table *pt_acquire(pt_handle *h, int slot)
     void pt_release(pt_handle *h, int slot)

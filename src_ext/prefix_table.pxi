@@ -1,7 +1,8 @@
-# PrefixTable: the Python face of prefix_table.h and of the configured-peer hash (peer_stats.h). The routes also
-# live in a dict (the source of truth for iteration, deletes and for finding the route a deleted prefix hands its
-# addresses back to); each batch of changes is applied to the C table in O(changed routes), with the GIL
-# released, and published at once, so the engine threads see the routing before or after a whole batch.
+# PrefixTable: the Python face of prefix_table.h and of the configured-peer hashes (peer_stats.h for IPv4 peers,
+# peer6.h for IPv6 ones). The routes also live in a dict (the source of truth for iteration, deletes and for
+# finding the route a deleted prefix hands its addresses back to); each batch of changes is applied to the C table
+# in O(changed routes), with the GIL released, and published at once, so the engine threads see the routing
+# before or after a whole batch. Prefixes and peers may each be IPv4 or IPv6, in any combination.
 
 import ipaddress
 import threading
@@ -10,29 +11,36 @@ from collections.abc import Iterable, Iterator
 from libc.stdlib cimport malloc, calloc, free
 
 from prefix_table cimport (
-    pt_hop, pt_table, pt_op, pt_handle, PT_NONE, pt_leaf, pt_routed, pt_leaf_hop, pt_lookup, pt_acquire,
-    pt_release, pt_init, pt_apply, pt_destroy, PT_READERS,
+    pt_hop, pt_table, pt_op, pt_handle, PT_NONE, PT_V4, PT_V6, pt_leaf, pt_routed, pt_leaf_hop, pt_lookup,
+    pt_lookup6, pt_acquire, pt_release, pt_init, pt_apply, pt_destroy, PT_READERS,
 )
-from offload cimport peer_table, peer_configure
+from offload cimport peer_table, peer_configure, peer6_table, peer6_reserve, peer6_configure
 
 cdef enum:
     READER_PYTHON = PT_READERS - 2   # the reader slot of lookup() and count_matches(), under the table's lock
 
-MASKS = tuple((0xFFFFFFFF << (32 - plen)) & 0xFFFFFFFF for plen in range(33))
+# Keys are (version, network int, prefix length); hops are (version, peer address int, port).
+MASKS = {
+    4: tuple(((1 << 32) - 1) ^ ((1 << (32 - plen)) - 1) for plen in range(33)),
+    6: tuple(((1 << 128) - 1) ^ ((1 << (128 - plen)) - 1) for plen in range(129)),
+}
 
 
 cdef class PrefixTable:
-    """IPv4 prefixes of any length (/0-/32) mapped to UDP peers; the longest matching prefix wins."""
+    """IPv4 and IPv6 prefixes of any length mapped to UDP peers (each peer IPv4 or IPv6); the longest matching
+    prefix of the address's family wins."""
 
     cdef pt_handle _h
     cdef peer_table *_peers
-    cdef dict _routes       # (network int, prefix length) -> (peer address int, port)
-    cdef dict _peer_routes  # peer address int -> how many routes lead to it
+    cdef peer6_table *_peers6
+    cdef dict _routes       # (version, network int, prefix length) -> (version, peer address int, port)
+    cdef dict _peer_routes  # (version, peer address int) -> how many routes lead to it
     cdef object _lock       # one writer, or one Python-side reader, at a time
 
     def __cinit__(self):
         self._peers = <peer_table *>calloc(1, sizeof(peer_table))
-        if pt_init(&self._h) < 0 or self._peers == NULL:
+        self._peers6 = <peer6_table *>calloc(1, sizeof(peer6_table))
+        if pt_init(&self._h) < 0 or self._peers == NULL or self._peers6 == NULL:
             raise MemoryError()
         self._routes = {}
         self._peer_routes = {}
@@ -41,6 +49,7 @@ cdef class PrefixTable:
     def __dealloc__(self):
         pt_destroy(&self._h)
         free(self._peers)
+        free(self._peers6)
 
     def set(self, prefix: str, peer: str, port: int) -> None:
         """Add or replace the route for prefix (host bits are masked, as flannel does)."""
@@ -59,20 +68,25 @@ cdef class PrefixTable:
             self._apply(dels, sets)
 
     def lookup(self, addr: str) -> tuple[str, int] | None:
-        """The peer for addr by longest-prefix match, through the C table the engine uses."""
-        cdef uint32_t a = int(ipaddress.IPv4Address(addr))
+        """The peer for addr (IPv4 or IPv6) by longest-prefix match, through the C table the engine uses."""
+        ip = ipaddress.ip_address(addr)
+        cdef bytes packed = ip.packed
         cdef uint64_t leaf
+        cdef const pt_table *t
         with self._lock:
-            leaf = pt_lookup(pt_acquire(&self._h, READER_PYTHON), a)
+            t = pt_acquire(&self._h, READER_PYTHON)
+            leaf = pt_lookup(t, int(ip)) if ip.version == 4 else pt_lookup6(t, packed)
             pt_release(&self._h, READER_PYTHON)
         if not pt_routed(leaf):
             return None
         cdef pt_hop hop = pt_leaf_hop(leaf)
+        if hop.v6:
+            return str(ipaddress.IPv6Address(bytes(self._peers6.slot[hop.addr].addr[:16]))), ntohs(hop.port)
         return str(ipaddress.IPv4Address(ntohl(hop.addr))), ntohs(hop.port)
 
     def count_matches(self, const uint32_t[:] addrs) -> int:
-        """How many of these host-order addresses have a route: the engine's C lookup over a whole array, with
-        no Python per address (what bench/micro.py measures)."""
+        """How many of these host-order IPv4 addresses have a route: the engine's C lookup over a whole array,
+        with no Python per address (what bench/micro.py measures)."""
         cdef const pt_table *t
         cdef Py_ssize_t i, n = addrs.shape[0]
         cdef uint64_t hits = 0
@@ -80,6 +94,20 @@ cdef class PrefixTable:
             t = pt_acquire(&self._h, READER_PYTHON)
             for i in range(n):
                 hits += pt_routed(pt_lookup(t, addrs[i]))
+            pt_release(&self._h, READER_PYTHON)
+        return hits
+
+    def count_matches6(self, const uint8_t[:] addrs) -> int:
+        """The same for IPv6: addrs holds 16-byte addresses back to back."""
+        cdef const pt_table *t
+        cdef Py_ssize_t i, n = addrs.shape[0] // 16
+        cdef uint64_t hits = 0
+        if n == 0:
+            return 0
+        with self._lock, nogil:
+            t = pt_acquire(&self._h, READER_PYTHON)
+            for i in range(n):
+                hits += pt_routed(pt_lookup6(t, &addrs[16 * i]))
             pt_release(&self._h, READER_PYTHON)
         return hits
 
@@ -91,14 +119,17 @@ cdef class PrefixTable:
 
     def __iter__(self) -> Iterator[tuple[str, str, int]]:
         """(prefix, peer, port) for every route, in no particular order."""
-        for (net, plen), (peer, port) in list(self._routes.items()):
-            yield f"{ipaddress.IPv4Address(net)}/{plen}", str(ipaddress.IPv4Address(peer)), port
+        for key, (version, peer, port) in list(self._routes.items()):
+            yield _text(key), str(_address(version, peer)), port
 
     cdef pt_handle *_handle(self):
         return &self._h
 
     cdef peer_table *_peer_table(self):
         return self._peers
+
+    cdef peer6_table *_peer6_table(self):
+        return self._peers6
 
     cdef void _apply(self, list dels, list sets) except *:
         """Change the dict and the C table together: both, or (on any error) neither."""
@@ -111,14 +142,14 @@ cdef class PrefixTable:
         try:
             for key in dels:
                 if key not in self._routes:
-                    raise KeyError(f"{ipaddress.IPv4Address(key[0])}/{key[1]}")
+                    raise KeyError(_text(key))
                 undo.append((key, self._routes.pop(key)))
                 _set_op(&ops[i], key, True, self._cover(key))
                 i += 1
             for key, hop in sets:
                 undo.append((key, self._routes.get(key)))
                 self._routes[key] = hop
-                _set_op(&ops[i], key, False, _leaf(hop, key[1]))
+                _set_op(&ops[i], key, False, self._leaf(hop, key[2]))
                 i += 1
             with nogil:
                 rc = pt_apply(&self._h, ops, n)
@@ -137,54 +168,80 @@ cdef class PrefixTable:
 
     cdef uint64_t _cover(self, tuple key) except? 0:
         """The leaf of the longest route strictly shorter than key that contains it (PT_NONE if none)."""
-        net, plen = key
+        version, net, plen = key
+        masks = MASKS[version]
         for shorter in range(plen - 1, -1, -1):
-            hop = self._routes.get((net & MASKS[shorter], shorter))
+            hop = self._routes.get((version, net & masks[shorter], shorter))
             if hop is not None:
-                return _leaf(hop, shorter)
+                return self._leaf(hop, shorter)
         return PT_NONE
 
+    cdef uint64_t _leaf(self, tuple hop, int plen) except? 0:
+        """The leaf of a route to hop; an IPv6 peer gets (or has) its slot in the IPv6 peer table."""
+        cdef pt_hop h
+        h.port = htons(hop[2])
+        h.v6 = hop[0] == 6
+        if h.v6:
+            slot = peer6_reserve(self._peers6, hop[1].to_bytes(16, "big"))
+            if slot < 0:
+                raise ValueError(f"more than {PEER6_SLOTS // 2} IPv6 peer addresses over this engine's life")
+            h.addr = slot
+        else:
+            h.addr = htonl(hop[1])
+        return pt_leaf(h, plen)
+
     cdef void _count_peers(self, list undo) except *:
-        """Keep the configured-peer hash in step with the routes: a peer is in it while any route leads to it."""
+        """Keep the configured-peer hashes in step with the routes: a peer is in it while any route leads to it."""
         before = {}
         for key, old in undo:
             before.setdefault(key, old)
         for key in before:   # gains first, so a peer that keeps a route is never briefly gone
             if (hop := self._routes.get(key)) is not None:
-                self._peer_routes[hop[0]] = count = self._peer_routes.get(hop[0], 0) + 1
+                self._peer_routes[hop[:2]] = count = self._peer_routes.get(hop[:2], 0) + 1
                 if count == 1:
-                    peer_configure(self._peers, htonl(hop[0]), 1)
+                    self._configure(hop, True)
         for old in before.values():
             if old is not None:
-                self._peer_routes[old[0]] -= 1
-                if self._peer_routes[old[0]] == 0:
-                    del self._peer_routes[old[0]]
-                    peer_configure(self._peers, htonl(old[0]), 0)
+                self._peer_routes[old[:2]] -= 1
+                if self._peer_routes[old[:2]] == 0:
+                    del self._peer_routes[old[:2]]
+                    self._configure(old, False)
 
-
-cdef inline uint64_t _leaf(tuple hop, int plen) except? 0:
-    cdef pt_hop h
-    h.addr = htonl(hop[0])
-    h.port = htons(hop[1])
-    return pt_leaf(h, plen)
+    cdef void _configure(self, tuple hop, bint on) except *:
+        if hop[0] == 6:
+            peer6_configure(self._peers6, peer6_reserve(self._peers6, hop[1].to_bytes(16, "big")), on)
+        else:
+            peer_configure(self._peers, htonl(hop[1]), on)
 
 
 cdef inline void _set_op(pt_op *op, tuple key, bint delete, uint64_t leaf) except *:
-    op.net = key[0]
-    op.plen = key[1]
+    cdef bytes packed = key[1].to_bytes(4 if key[0] == 4 else 16, "big")
+    memset(op.key, 0, 16)
+    memcpy(op.key, <const char *>packed, len(packed))
+    op.family = PT_V4 if key[0] == 4 else PT_V6
+    op.plen = key[2]
     op.dele = delete
     op.leaf = leaf
 
 
-def _key(prefix: str) -> tuple[int, int]:
-    net = ipaddress.IPv4Network(prefix, strict=False)
-    return int(net.network_address), net.prefixlen
+def _key(prefix: str) -> tuple[int, int, int]:
+    net = ipaddress.ip_network(prefix, strict=False)
+    return net.version, int(net.network_address), net.prefixlen
 
 
-def _peer(peer: str, port: int) -> tuple[int, int]:
+def _address(version: int, value: int) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    return ipaddress.IPv4Address(value) if version == 4 else ipaddress.IPv6Address(value)
+
+
+def _text(key: tuple[int, int, int]) -> str:
+    return f"{_address(key[0], key[1])}/{key[2]}"
+
+
+def _peer(peer: str, port: int) -> tuple[int, int, int]:
     if not 0 < port < 65536:
         raise ValueError(f"port {port} out of range 1-65535")
-    return int(ipaddress.IPv4Address(peer)), int(port)
+    addr = ipaddress.ip_address(peer)
+    return addr.version, int(addr), int(port)
 
 
 cdef extern from * nogil:
@@ -205,6 +262,8 @@ ctypedef struct _race_reader:
     pt_handle *h
     const uint32_t *probes
     Py_ssize_t nprobes
+    const uint8_t *probes6       # 16-byte IPv6 addresses back to back
+    Py_ssize_t nprobes6
     uint32_t peer_a, peer_b      # network order: the only peers the racing writer uses
     int stop
     uint64_t rounds, wrong
@@ -222,12 +281,17 @@ cdef void *_race_read(void *arg) noexcept nogil:
             leaf = pt_lookup(t, r.probes[i])
             if pt_routed(leaf) and pt_leaf_hop(leaf).addr != r.peer_a and pt_leaf_hop(leaf).addr != r.peer_b:
                 r.wrong += 1
+        for i in range(r.nprobes6):
+            leaf = pt_lookup6(t, r.probes6 + 16 * i)
+            if pt_routed(leaf) and pt_leaf_hop(leaf).addr != r.peer_a and pt_leaf_hop(leaf).addr != r.peer_b:
+                r.wrong += 1
         pt_release(r.h, READER_TEST)
         r.rounds += 1
     return NULL
 
 
-def _testhelper_race(PrefixTable table, batches: list, const uint32_t[:] probes, str peer_a, str peer_b) -> tuple:
+def _testhelper_race(PrefixTable table, batches: list, const uint32_t[:] probes, str peer_a, str peer_b,
+                     const uint8_t[:] probes6 = None) -> tuple:
     """Apply each (set, delete) batch while a C thread keeps looking the probes up, as an engine thread does;
     (lookup rounds done, leaves seen with a peer other than peer_a/peer_b). Under AddressSanitizer (make debug)
     a node freed while a reader could still hold it is reported."""
@@ -237,6 +301,9 @@ def _testhelper_race(PrefixTable table, batches: list, const uint32_t[:] probes,
     r.h = &table._h
     r.probes = &probes[0]
     r.nprobes = probes.shape[0]
+    if probes6 is not None and probes6.shape[0] >= 16:
+        r.probes6 = &probes6[0]
+        r.nprobes6 = probes6.shape[0] // 16
     r.peer_a = htonl(int(ipaddress.IPv4Address(peer_a)))
     r.peer_b = htonl(int(ipaddress.IPv4Address(peer_b)))
     if pthread_create(&thread, NULL, _race_read, &r) != 0:

@@ -1,6 +1,6 @@
 # The system calls and kernel structures the engine uses, declared nogil. Only what the engine needs.
 
-from libc.stdint cimport uint16_t, uint32_t
+from libc.stdint cimport uint8_t, uint16_t, uint32_t
 
 
 cdef extern from "<sys/uio.h>" nogil:
@@ -65,3 +65,14 @@ cdef extern from "<sys/eventfd.h>" nogil:
 
 cdef extern from "<sched.h>" nogil:
     int sched_yield()
+
+
+cdef extern from "<netinet/in.h>" nogil:
+    struct in6_addr:
+        uint8_t s6_addr[16]
+    struct sockaddr_in6:
+        unsigned short sin6_family
+        uint16_t sin6_port
+        uint32_t sin6_flowinfo
+        in6_addr sin6_addr
+        uint32_t sin6_scope_id

@@ -1,7 +1,8 @@
 """Dual stack and IPv6-only networks, as flannel runs them: three nodes with an IPv4 and an IPv6 underlay
 (2001:2::/48) on etcd and on the embedded registry, each with vxlan (flannel.1 and flannel-v6.1) and host-gw,
-switched by restarting the daemons on a new config; both families ping and carry a SHA-256-checked transfer;
-flannel's etcd layout byte for byte; hostile IPv6 records refused by reason; and an IPv6-only network."""
+and beyond flannel with udp (flannel0 carrying both families, each over the underlay of its family), switched by
+restarting the daemons on a new config; both families ping and carry a SHA-256-checked transfer; flannel's etcd
+layout byte for byte; hostile IPv6 records refused by reason; and an IPv6-only network (vxlan, then udp)."""
 
 from __future__ import annotations
 
@@ -35,7 +36,8 @@ from pyflannel.bench.rig import Host, Rig
 DUAL = ('{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/48",'
         '"Backend":{"Type":"%s"}}')
 V6_ONLY = '{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:10:244::/48","Backend":{"Type":"%s"}}'
-MTU = {"host-gw": 1500, "vxlan": 1430}  # vxlan: the smaller of flannel.1's 1450 and flannel-v6.1's 1430
+# vxlan: the smaller of flannel.1's 1450 and flannel-v6.1's 1430; udp: flannel0's 1500 - 48 (outer IPv6 + UDP)
+MTU = {"host-gw": 1500, "vxlan": 1430, "udp": 1452}
 SIZE = 3 << 20
 
 
@@ -206,15 +208,26 @@ def test_dual_stack_on_the_embedded_registry_host_gw_then_vxlan(tmp_path: Path) 
             _assert_env(tmp_path / f"{node.ns}.env", "vxlan")
         _both_families_carry_traffic(nodes, envs)
 
-        # Until the engine carries IPv6, the udp backend refuses a network with IPv6: one line, exit 1.
-        udp = tmp_path / "udp.json"
-        udp.write_text(DUAL % "udp")
-        r = nodes[0].run(FLANNELD, "--local-registry",
-                         str(tmp_path / "udp.db"), "--net-config-path", str(udp), "--iface", "eth0",
-                         "--subnet-file", str(tmp_path / "udp.env"), check=False)
-        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
-        assert r.stderr.splitlines()[-1] == ("flanneld: error: the udp backend does not carry IPv6 yet (EnableIPv6 "
-                                             "is set): use vxlan or host-gw for a network with IPv6")
+        embedded_registry(tmp_path, DUAL % "udp")
+        envs = _restart(rig, started, registry, tmp_path)
+        _assert_udp(nodes, envs, tmp_path, ipv4=True)
+
+
+def _assert_udp(nodes: list[Host], envs: list[dict[str, str]], tmp_path: Path, *, ipv4: bool) -> None:
+    """The udp backend on every node: its lease carries PublicIPv6, flannel0 has the subnets' addresses and the
+    network route of IPv6, the engine listens on the IPv6 underlay address (and the IPv4 one for dual stack), and
+    both families (or IPv6 alone) carry traffic."""
+    rows = dict(sqlite3.connect(tmp_path / "leases.db").execute("SELECT key, CAST(value AS TEXT) FROM leases"))
+    for node, env in zip(nodes, envs, strict=True):
+        _assert_env(tmp_path / f"{node.ns}.env", "udp", ipv4=ipv4)
+        assert json.loads(rows[_key(env)])["PublicIPv6"] == underlay6(node)
+        addrs = node.run("ip", "addr", "show", "flannel0").stdout
+        assert f"inet6 {_v6(env).network_address}/128" in addrs and (f"inet {_v4(env).network_address}/32" in addrs
+                                                                      if ipv4 else " inet " not in addrs), addrs
+        assert "fd00:10:244::/48 dev flannel0" in node.run("ip", "-6", "route").stdout
+        sockets = node.run("ss", "-Hulnp").stdout
+        assert f"[{underlay6(node)}]:8285" in sockets and (f"{node.underlay}:8285" in sockets) == ipv4, sockets
+    _both_families_carry_traffic(nodes, envs, ipv4=ipv4)
 
 
 def test_ipv6_only_network(tmp_path: Path) -> None:
@@ -241,8 +254,9 @@ def test_ipv6_only_network(tmp_path: Path) -> None:
         assert proc.wait(20) == 0
         env_file = tmp_path / f"{nodes[2].ns}.env"
         env_file.unlink()
-        again = wait_for_env(env_file, start_flanneld(nodes[2], registry, env_file, iface=("--iface",
-                                                                                         underlay6(nodes[2]))))
+        proc = start_flanneld(nodes[2], registry, env_file, iface=("--iface", underlay6(nodes[2])))
+        again = wait_for_env(env_file, proc)
+        started[2] = (proc, again)
         assert again["FLANNEL_IPV6_SUBNET"] == envs[2]["FLANNEL_IPV6_SUBNET"]
         assert len(sqlite3.connect(db).execute("SELECT key FROM leases").fetchall()) == 3
         bad = nodes[0].run(FLANNELD, *registry, "--iface", "eth0",
@@ -251,3 +265,6 @@ def test_ipv6_only_network(tmp_path: Path) -> None:
         assert bad.stderr.splitlines()[-1] == ("flanneld: error: --public-ipv6 'fe80::1' is not a global or "
                                                "unique-local IPv6 address")
         assert json.loads(rows[_key(envs[0])])["PublicIP"] == "0.0.0.0"
+
+        registry = embedded_registry(tmp_path, V6_ONLY % "udp")
+        _assert_udp(nodes, _restart(rig, started, registry, tmp_path), tmp_path, ipv4=False)

@@ -4,6 +4,7 @@ stops and survives a deleted flannel0 as with one queue."""
 
 from __future__ import annotations
 
+import ipaddress
 import itertools
 import socket
 import struct
@@ -28,6 +29,12 @@ def _tcp_header(src: str, dst: str, sport: int, dport: int) -> bytes:
     return ipv4(src, dst, 6, struct.pack("!HHII", sport, dport, 1, 0) + bytes(12))
 
 
+def _ipv6(src: str, dst: str, next_header: int, payload: bytes) -> bytes:
+    """An inner IPv6 packet: enough for the steering program (addresses, next header, ports)."""
+    addrs = ipaddress.IPv6Address(src).packed + ipaddress.IPv6Address(dst).packed
+    return struct.pack("!IHBB", 6 << 28, len(payload), next_header, 64) + addrs + payload
+
+
 def _receiving_socket(socks: list[socket.socket]) -> int:
     """The index of the one socket a datagram arrived on (each is drained)."""
     got = []
@@ -43,9 +50,9 @@ def _receiving_socket(socks: list[socket.socket]) -> int:
 
 
 def test_the_kernel_steers_each_flow_where_the_engine_says(rig: Rig) -> None:
-    """The reuseport program and the engine's own hash (steered_queue) agree for TCP and UDP flows both ways,
-    fragments, ICMP, non-IPv4 and short datagrams, with 2 and 3 sockets; flows with even source ports (what
-    connect() picks) spread over every socket."""
+    """The reuseport program and the engine's own hash (steered_queue) agree for TCP and UDP flows both ways
+    (inner IPv4 and IPv6), fragments, ICMP, ICMPv6, non-IP and short datagrams, with 2 and 3 sockets; flows with
+    even source ports (what connect() picks) spread over every socket, for either inner family."""
     a, b = rig.hosts
     x, y = str(a.overlay_ip), str(b.overlay_ip)
     flows = [_tcp_header(x, y, sport, 5201) for sport in range(40000, 40032, 2)]
@@ -53,7 +60,15 @@ def test_the_kernel_steers_each_flow_where_the_engine_says(rig: Rig) -> None:
     flows += [udp4(x, y, sport, 53, b"q") for sport in range(33000, 33016)]
     fragment = bytearray(udp4(x, y, 1, 2, b"more"))
     fragment[6] = 0x20  # MF: a first fragment, whose ports the others lack
-    others = [bytes(fragment), ipv4(x, y, 1, bytes(8)), b"\x60" + bytes(39), b"\x45\x00", b""]
+    x6, y6 = "fd00:10:244:1::2", "fd00:10:244:2::3"
+    def tcp(sport: int, dport: int) -> bytes:
+        return struct.pack("!HHII", sport, dport, 1, 0) + bytes(12)
+
+    flows6 = [_ipv6(x6, y6, 6, tcp(sport, 5201)) for sport in range(40000, 40032, 2)]
+    flows6 += [_ipv6(y6, x6, 6, tcp(5201, sport)) for sport in range(40000, 40032, 2)]
+    flows6 += [_ipv6(x6, y6, 17, struct.pack("!HHHH", sport, 53, 9, 0) + b"q") for sport in range(33000, 33016)]
+    others = [bytes(fragment), ipv4(x, y, 1, bytes(8)), _ipv6(x6, y6, 58, bytes(8)), _ipv6(x6, y6, 44, bytes(16)),
+              _ipv6(x6, y6, 6, b"\x9c")[:42], b"\x60" + bytes(30), b"\x20" + bytes(39), b"\x45\x00", b""]
     for queues in (2, 3):
         socks = []
         with inside(b):
@@ -66,17 +81,18 @@ def test_the_kernel_steers_each_flow_where_the_engine_says(rig: Rig) -> None:
         attach_steering(socks[0].fileno(), queues)
         seen = []
         with host_socket(a) as sender:
-            for packet in flows + others:
+            for packet in flows + flows6 + others:
                 sender.sendto(packet, (str(b.underlay), STEER_PORT))
                 time.sleep(0.002)
                 seen.append(_receiving_socket(socks))
         for sock in socks:
             sock.close()
-        assert seen == [steered_queue(packet, queues) for packet in flows + others]
+        assert seen == [steered_queue(packet, queues) for packet in flows + flows6 + others]
         n = len(range(40000, 40032, 2))
-        assert seen[:n] == seen[n:2 * n], "a flow's replies are steered like the flow"
-        assert set(seen[:n]) == set(range(queues)), "even source ports spread over every queue"
-        assert seen[-3:] == [0, 0, 0], "not IPv4, or too short to read: queue 0"
+        for first in (0, len(flows)):
+            assert seen[first:first + n] == seen[first + n:first + 2 * n], "a flow's replies are steered like it"
+            assert set(seen[first:first + n]) == set(range(queues)), "even source ports spread over every queue"
+        assert seen[-5:] == [0, 0, 0, 0, 0], "no ports to read, not IP, or too short to read: queue 0"
 
 
 def _source_ports(a: Host, b: Host, port: int, queues: int, per_queue: int) -> list[int]:

@@ -34,7 +34,7 @@ def test_1gb_with_offloads_on(rig: Rig, tmp_path: Path) -> None:
     t.join()
     assert t.received_bytes == GB and t.received == t.sent
     sa, sb = ta.stats(), tb.stats()
-    every = {"tso": True, "uso": True, "vnet_hdr": True, "gso": True, "gro": True, "coalesce": True}
+    every = {"tso": True, "tso6": True, "uso": True, "vnet_hdr": True, "gso": True, "gro": True, "coalesce": True}
     assert sa["offloads"] == sb["offloads"] == every
     assert sa["tun_super_packets"] > 0, "TSO handed over super-packets"
     assert sa["tx_gso_messages"] > 0, "UDP_SEGMENT sends happened"

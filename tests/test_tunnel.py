@@ -118,7 +118,7 @@ def _garbage(a_overlay: str, b_overlay: str) -> dict[str, list[bytes]]:
     bad_csum[10] ^= 0xFF
     return {
         "rx_short": [b"", b"\x45", os.urandom(19)],
-        "rx_not_ipv4": [b"\x60" + os.urandom(39), b"\x00" * 40],
+        "rx_not_ip": [b"\x70" + os.urandom(39), b"\x00" * 40],
         "rx_bad_ihl": [b"\x44" + good[1:], b"\x41" + good[1:]],
         "rx_bad_length": [good[:-3], good[:2] + struct.pack("!H", 19) + good[4:], good[:2] + b"\xff\xff" + good[4:]],
         "rx_bad_checksum": [bytes(bad_csum)],

@@ -26,9 +26,9 @@ def _run(argv: list[str], prefix: list[str] | None = None) -> subprocess.Complet
         (["--subnet", "10.244.1.0/24"], "the following arguments are required"),
         ([*BASE, "--bogus"], "unrecognized arguments: --bogus"),
         (["--iface-ip", "198.18.0.1", "--subnet", "10.244.1.0/33", "--network", "10.244.0.0/16"],
-         "--subnet '10.244.1.0/33' is not an IPv4 CIDR"),
+         "--subnet '10.244.1.0/33' is not an IPv4 or IPv6 CIDR"),
         (["--iface-ip", "nope", "--subnet", "10.244.1.0/24", "--network", "10.244.0.0/16"],
-         "--iface-ip 'nope' is not an IPv4 address"),
+         "--iface-ip 'nope' is not an IPv4 or IPv6 address"),
         (["--iface-ip", "198.18.0.1", "--subnet", "10.9.1.0/24", "--network", "10.244.0.0/16"],
          "--subnet 10.9.1.0/24 is outside --network 10.244.0.0/16"),
         ([*BASE, "--peer", "10.245.2.0/24=198.18.0.2"], "--peer subnet 10.245.2.0/24 is outside --network"),
@@ -55,7 +55,7 @@ def test_unknown_offload_name_in_the_environment() -> None:
     r = subprocess.run([TUNNEL, *BASE], capture_output=True, text=True, timeout=30,
                        env={**os.environ, "PYFLANNEL_DISABLE_OFFLOADS": "gso,warp"})
     assert r.returncode == 2 and r.stderr.count("\n") == 1
-    assert "PYFLANNEL_DISABLE_OFFLOADS: unknown offload 'warp' (known: coalesce, gro, gso, tso, uso)" in r.stderr
+    assert "PYFLANNEL_DISABLE_OFFLOADS: unknown offload 'warp' (known: coalesce, gro, gso, tso, tso6, uso)" in r.stderr
 
 
 def test_peers_file_errors_at_start_exit_2(tmp_path: Path) -> None:

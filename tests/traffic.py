@@ -38,10 +38,10 @@ def _payload() -> bytes:
     return b"".join(hashlib.sha256(i.to_bytes(4, "big")).digest() for i in range(CHUNK // 32))
 
 
-def start_transfer(src: Host, dst: Host, size: int, port: int = 5001, addrs: tuple[str, str] | None = None,
+def start_transfer(src: Host, dst: Host, size: int, port: int = 5001, *, addrs: tuple[str, str] | None = None,
                    src_port: int = 0) -> Transfer:
-    """Send size bytes from src's overlay address (and src_port, any if 0) to dst's (or between the two `addrs`,
-    of either family); both ends hash what they see."""
+    """Send size bytes from src's overlay address (and src_port, any if 0) to dst's (or between the `addrs` given,
+    IPv4 or IPv6); both ends hash what they see."""
     t = Transfer(size)
     src_ip, dst_ip = addrs or (str(src.overlay_ip), str(dst.overlay_ip))
     family = socket.AF_INET6 if ":" in dst_ip else socket.AF_INET

@@ -1,22 +1,23 @@
 """The udp backend: flannel0 and the pyflannel packet engine (flannel pkg/backend/udp).
 
-Design notes. As flannel: lease attributes are only PublicIP; the TUN is named by the kernel from `flannel%d`
-(normally flannel0), with the lease's network address as a /32, MTU = external MTU - 28 and a route for the whole
-network; the UDP socket is bound to the external interface's address on Backend.Port (default 8285), and every
-node must use the same port because leases do not carry it; BackendType is not checked on peers' leases. Ours:
-the engine batches and uses kernel offloads (PYFLANNEL_OFFLOAD=off turns them off, PYFLANNEL_DISABLE_OFFLOADS
-single ones, see dataplane.offload), runs one TX/RX thread pair per TUN queue (PYFLANNEL_UDP_QUEUES, default one
-per online CPU up to 4: a host setting, so not a flag of flannel's), and it checks that packets come from the
-peer owning their source subnet.
+Design notes. As flannel: lease attributes are only PublicIP (and PublicIPv6, below); the TUN is named by the kernel
+from `flannel%d` (normally flannel0), with the lease's network address as a /32, MTU = external MTU - 28 and a route
+for the whole network; the UDP socket is bound to the external interface's address on Backend.Port (default 8285),
+and every node must use the same port because leases do not carry it; BackendType is not checked on peers' leases.
+Ours: the engine batches and uses kernel offloads (PYFLANNEL_OFFLOAD=off turns them off, PYFLANNEL_DISABLE_OFFLOADS
+single ones, see dataplane.offload), runs one TX/RX thread pair per TUN queue (PYFLANNEL_UDP_QUEUES, default one per
+online CPU up to 4: a host setting, so not a flag of flannel's), and it checks that packets come from the peer
+owning their source subnet.
 A dataplane.keeper.Keeper owns the engine: a batch of lease events is one route-table update, and every second
 the keeper repairs flannel0 (deleted, set down, its address or route removed) or a dead engine, with every
 route; /healthz reports what it could not repair.
 
-IPv6 (EnableIPv6) is refused with one line until the engine carries it: flannel's udp backend never did. The
-event handling is already per family (Lease.routes: each subnet with the peer's address of that family); wiring
-it needs the engine to take an IPv6 subnet and network at open (open_pump(subnet6=..., network6=...), flannel0
-getting the IPv6 /128 and the IPv6 network route) and IPv6 subnets with IPv6 peer addresses in its route table
-(Keeper.update), over a socket bound to the interface's address of each family.
+IPv6 (EnableIPv6), beyond flannel, whose udp backend is IPv4 only: dual-stack and IPv6-only networks. The lease
+carries PublicIPv6 beside PublicIP (as host-gw's), each family's subnet is routed to the peer's address of the
+same family (Lease.routes), so the engine gets a socket per family in use, bound to the interface's address of
+that family (the same port), flannel0 the IPv6 subnet's /128 and the IPv6 network route, and MTU = external MTU
+- 48 (outer IPv6 and UDP headers) when IPv6 is in use, the larger overhead of the two. A flannel node never sees
+IPv6 from us: it routes no IPv6 to its udp backend.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from pyflannel.dataplane._engine import MAX_QUEUES
 from pyflannel.dataplane.errors import DataplaneError
 from pyflannel.dataplane.keeper import Keeper, PumpSpec
 from pyflannel.dataplane.pump import DEFAULT_PORT, default_queues
-from pyflannel.dataplane.tun import ENCAP_OVERHEAD
+from pyflannel.dataplane.tun import ENCAP_OVERHEAD, ENCAP_OVERHEAD6
 
 log = logging.getLogger(__name__)
 CHECK_SECONDS = 1.0
@@ -79,16 +80,17 @@ class UdpNetwork(Idle):
 
 
 async def register(ctx: Context) -> UdpNetwork:
-    pool, addr = ctx.config.ipv4, ctx.ext.addr
-    if ctx.config.ipv6 is not None or pool is None or addr is None:
-        raise FlannelError("the udp backend does not carry IPv6 yet (EnableIPv6 is set): use vxlan or host-gw "
-                           "for a network with IPv6")
-    lease = await ctx.acquire(LeaseAttrs(public_ip=ctx.ext.public_ip))
-    if lease.subnet is None:
-        raise FlannelError(f"lease {lease} has no IPv4 subnet")
-    spec = PumpSpec(iface_ip=addr, port=int(ctx.config.backend_option("port", DEFAULT_PORT)), tun_name="flannel%d",
-                    subnet=lease.subnet, network=pool.network,  # type: ignore[arg-type]
-                    mtu=ctx.ext.mtu - ENCAP_OVERHEAD,
+    """The lease (PublicIP and PublicIPv6 for the families in use), then flannel0 and the engine for them; the
+    interface has an address of each family the network uses (interface.select made sure)."""
+    pool, pool6, ext = ctx.config.ipv4, ctx.config.ipv6, ctx.ext
+    lease = await ctx.acquire(LeaseAttrs(public_ip=ext.public_ip, public_ipv6=ext.public_ipv6))
+    if (pool is not None and lease.subnet is None) or (pool6 is not None and lease.ipv6_subnet is None):
+        raise FlannelError(f"lease {lease} lacks the subnet of a family the network uses")
+    spec = PumpSpec(iface_ip=ext.addr, port=int(ctx.config.backend_option("port", DEFAULT_PORT)), tun_name="flannel%d",
+                    subnet=lease.subnet, network=pool and pool.network,  # type: ignore[arg-type]
+                    iface_ip6=ext.addr6, subnet6=lease.ipv6_subnet,
+                    network6=pool6 and pool6.network,  # type: ignore[arg-type]
+                    mtu=ext.mtu - (ENCAP_OVERHEAD6 if pool6 else ENCAP_OVERHEAD),
                     wanted=offload.wanted(os.environ.get("PYFLANNEL_OFFLOAD", "auto")), queues=_queues())
     try:
         return await asyncio.to_thread(_start, spec, lease)
@@ -100,8 +102,9 @@ def _start(spec: PumpSpec, lease: Lease) -> UdpNetwork:
     """flannel0, the socket and the engine threads (blocking netlink calls: run in a worker thread)."""
     keeper = Keeper(spec)
     pump = keeper.start()
-    log.info("%s up: mtu %d, udp %s:%d, queues %d, offloads: %s", pump.tun.name, spec.mtu, spec.iface_ip, spec.port,
-             pump.queues, pump.offloads.describe())
+    log.info("%s up: mtu %d, udp %s port %d, queues %d, offloads: %s", pump.tun.name, spec.mtu,
+             " ".join(str(ip) for ip in (spec.iface_ip, spec.iface_ip6) if ip is not None), spec.port, pump.queues,
+             pump.offloads.describe())
     return UdpNetwork(lease, spec.mtu, keeper, spec.port)
 
 

@@ -7,9 +7,11 @@ and sent round and round: building packets in Python is far slower than sending 
 Wire side: datagrams to flannel-tunnel's port from the peer's address and from a stranger's: random bytes,
 short ones, bad header lengths, bad total lengths, bad checksums, TTL 0/1, spoofed inner sources, unknown outer
 sources, inner fragments (valid, forwarded), datagrams big enough to be fragmented on the wire, and UDP_SEGMENT
-trains of any of these. TUN side: packets written into flannel0 through an AF_PACKET socket, as a pod with
-CAP_NET_RAW could: not IPv4, malformed, no route, TTL 0/1, valid, and packets whose checksum or total length
-is wrong, whose counter is left open (the engine may forward or drop them) but which must still be counted once.
+trains of any of these; and inner IPv6 ones: short, bad payload lengths, hop limit 0/1, spoofed, unknown, valid.
+TUN side: packets written into flannel0 through an AF_PACKET socket, as a pod with CAP_NET_RAW could: neither
+IPv4 nor IPv6, malformed, no route, TTL or hop limit 0/1, spoofed, valid, of both families, and packets whose
+checksum or total length is wrong, whose counter is left open (the engine may forward or drop them) but which
+must still be counted once.
 
 Forwarded packets are non-first fragments, to which no host answers (no ICMP error is sent for them), so the
 fuzz does not make the kernels send traffic of their own through the tunnel and spoil the accounting.
@@ -43,6 +45,10 @@ class Hosts:
     b_subnet: ipaddress.IPv4Network  # b is a's real peer
     fake_subnet: ipaddress.IPv4Network  # routed by a to another address of b's, where nothing listens
     unrouted: ipaddress.IPv4Network  # inside the network, no route on a
+    a_subnet6: ipaddress.IPv6Network  # the same four for the IPv6 overlay
+    b_subnet6: ipaddress.IPv6Network
+    fake_subnet6: ipaddress.IPv6Network
+    unrouted6: ipaddress.IPv6Network
 
 
 @dataclass(frozen=True)
@@ -60,7 +66,7 @@ class Shot:
         return -(-len(self.data) // self.segment) if self.segment else 1
 
 
-def _addr(rng: random.Random, net: ipaddress.IPv4Network) -> bytes:
+def _addr(rng: random.Random, net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> bytes:
     return (net.network_address + rng.randrange(1, net.num_addresses - 1)).packed
 
 
@@ -82,8 +88,34 @@ def _packet(rng: random.Random, src: bytes, dst: bytes, *, ttl: int | None = Non
     return header(rng, src, dst, payload, ttl=ttl, fragment=fragment) + rng.randbytes(payload)
 
 
-def _not_ipv4(rng: random.Random, size: int) -> bytes:
-    return bytes([rng.choice([v for v in range(16) if v != 4]) << 4 | rng.randrange(16)]) + rng.randbytes(size - 1)
+def _not_ip(rng: random.Random, size: int) -> bytes:
+    version = rng.choice([v for v in range(16) if v not in (4, 6)])
+    return bytes([version << 4 | rng.randrange(16)]) + rng.randbytes(size - 1)
+
+
+def header6(rng: random.Random, src: bytes, dst: bytes, payload: int, *, hlim: int | None = None,
+            length: int | None = None) -> bytes:
+    """An IPv6 header and the fragment header of a non-first fragment (to which no host answers) ahead of
+    `payload` bytes; `length` overrides the payload length (a lie about the size)."""
+    fragment = struct.pack("!BBHI", rng.randrange(256), 0, rng.randrange(1, 8192) << 3 | rng.randrange(2),
+                           rng.randrange(1 << 32))
+    return struct.pack("!IHBB", 6 << 28 | rng.randrange(1 << 28), 8 + payload if length is None else length, 44,
+                       rng.randrange(2, 256) if hlim is None else hlim) + src + dst + fragment
+
+
+def _packet6(rng: random.Random, src: bytes, dst: bytes, *, hlim: int | None = None) -> bytes:
+    payload = rng.randrange(0, MAX_PLAIN - 60)
+    return header6(rng, src, dst, payload, hlim=hlim) + rng.randbytes(payload)
+
+
+def _bad_length6(rng: random.Random, src: bytes, dst: bytes) -> bytes:
+    """A payload length beyond the datagram."""
+    payload = rng.randrange(0, 1000)
+    return header6(rng, src, dst, payload, length=8 + payload + rng.randrange(1, 2000)) + rng.randbytes(payload)
+
+
+def _short6(rng: random.Random, longest: int) -> bytes:
+    return bytes([0x60 | rng.randrange(16)]) + rng.randbytes(rng.randrange(0, longest))
 
 
 def _bad_checksum(packet: bytes) -> bytes:
@@ -113,14 +145,18 @@ def _bad_length(rng: random.Random, src: bytes, dst: bytes) -> bytes:
 def wire_shots(rng: random.Random, hosts: Hosts, n: int) -> list[Shot]:
     """n shots for a's UDP port; source 0 is a's peer b, source 1 a stranger on b's wire."""
     a_ip = (hosts.a_subnet.network_address + 1).packed
+    a_ip6 = (hosts.a_subnet6.network_address + 1).packed
 
     def from_b() -> bytes:
         return _addr(rng, hosts.b_subnet)
 
+    def from_b6() -> bytes:
+        return _addr(rng, hosts.b_subnet6)
+
     kinds: list[Callable[[], Shot]] = [
         lambda: Shot(rng.randbytes(rng.randrange(0, 20)), "rx_short"),
-        lambda: Shot(_not_ipv4(rng, rng.randrange(20, MAX_PLAIN)), "rx_not_ipv4"),
-        lambda: Shot(_not_ipv4(rng, rng.randrange(1500, 9000)), "rx_not_ipv4"),  # fragmented on the wire
+        lambda: Shot(_not_ip(rng, rng.randrange(20, MAX_PLAIN)), "rx_not_ip"),
+        lambda: Shot(_not_ip(rng, rng.randrange(1500, 9000)), "rx_not_ip"),  # fragmented on the wire
         lambda: Shot(bytes([0x40 | rng.randrange(5)]) + rng.randbytes(rng.randrange(19, MAX_PLAIN)), "rx_bad_ihl"),
         lambda: Shot(_bad_length(rng, from_b(), a_ip), "rx_bad_length"),
         lambda: Shot(_bad_checksum(_packet(rng, from_b(), a_ip, fragment=True)), "rx_bad_checksum"),
@@ -128,6 +164,12 @@ def wire_shots(rng: random.Random, hosts: Hosts, n: int) -> list[Shot]:
         lambda: Shot(_packet(rng, _addr(rng, hosts.fake_subnet), a_ip, fragment=True), "rx_spoofed_source"),
         lambda: Shot(_packet(rng, from_b(), a_ip, fragment=True), "rx_unknown_peer", source=1),
         lambda: Shot(_packet(rng, from_b(), a_ip, fragment=True), "rx_packets"),
+        lambda: Shot(_short6(rng, 39), "rx_short"),
+        lambda: Shot(_bad_length6(rng, from_b6(), a_ip6), "rx_bad_length"),
+        lambda: Shot(_packet6(rng, from_b6(), a_ip6, hlim=rng.randrange(2)), "rx_ttl_expired"),
+        lambda: Shot(_packet6(rng, _addr(rng, hosts.fake_subnet6), a_ip6), "rx_spoofed_source"),
+        lambda: Shot(_packet6(rng, from_b6(), a_ip6), "rx_unknown_peer", source=1),
+        lambda: Shot(_packet6(rng, from_b6(), a_ip6), "rx_packets"),
     ]
     shots = []
     for _ in range(n):
@@ -141,12 +183,16 @@ def wire_shots(rng: random.Random, hosts: Hosts, n: int) -> list[Shot]:
 def tun_shots(rng: random.Random, hosts: Hosts, n: int) -> list[Shot]:
     """n packets for flannel0, as local processes on a would send them."""
     src = (hosts.a_subnet.network_address + 1).packed
+    src6 = (hosts.a_subnet6.network_address + 1).packed
 
     def to_b() -> bytes:
         return _addr(rng, hosts.b_subnet)
 
+    def to_b6() -> bytes:
+        return _addr(rng, hosts.b_subnet6)
+
     kinds: list[Callable[[], Shot]] = [
-        lambda: Shot(_not_ipv4(rng, rng.randrange(1, MAX_PLAIN)), "tx_not_ipv4"),
+        lambda: Shot(_not_ip(rng, rng.randrange(1, MAX_PLAIN)), "tx_not_ip"),
         lambda: Shot(_malformed(rng, src, to_b()), "tx_malformed"),
         lambda: Shot(_packet(rng, src, _addr(rng, hosts.unrouted)), "tx_no_route"),
         lambda: Shot(_packet(rng, src, to_b(), ttl=rng.randrange(2)), "tx_ttl_expired"),
@@ -154,6 +200,12 @@ def tun_shots(rng: random.Random, hosts: Hosts, n: int) -> list[Shot]:
         lambda: Shot(_bad_checksum(_packet(rng, src, to_b(), fragment=True)), "tx_bad_checksum"),
         lambda: Shot(_bad_length(rng, src, to_b()), "tx_malformed"),
         lambda: Shot(_packet(rng, _addr(rng, hosts.fake_subnet), to_b(), fragment=True), "tx_spoofed_source"),
+        lambda: Shot(_short6(rng, 39), "tx_malformed"),
+        lambda: Shot(_bad_length6(rng, src6, to_b6()), "tx_malformed"),
+        lambda: Shot(_packet6(rng, src6, _addr(rng, hosts.unrouted6)), "tx_no_route"),
+        lambda: Shot(_packet6(rng, src6, to_b6(), hlim=rng.randrange(2)), "tx_ttl_expired"),
+        lambda: Shot(_packet6(rng, src6, to_b6()), "tx_packets"),
+        lambda: Shot(_packet6(rng, _addr(rng, hosts.fake_subnet6), to_b6()), "tx_spoofed_source"),
     ]
     return [rng.choice(kinds)() for _ in range(n)]
 
