@@ -36,6 +36,7 @@ def rig6() -> Iterator[Rig]:
 
 def _spec(rig: Rig, offloads: str) -> PumpSpec:
     a, _ = rig.hosts
+    assert isinstance(a.underlay, ipaddress.IPv4Address) and isinstance(a.subnet, ipaddress.IPv4Network)
     return PumpSpec(iface_ip=a.underlay, iface_ip6=ipaddress.IPv6Address(underlay6(a)), port=8285,
                     tun_name="flannel0", subnet=a.subnet, network=NETWORK, subnet6=subnet6(a), network6=NETWORK6,
                     mtu=1400, wanted=offload.wanted(offloads))
@@ -76,6 +77,7 @@ def test_both_families_to_an_ipv6_peer_in_flannels_wire_format(rig6: Rig, offloa
 
 def test_a_peer_of_a_family_without_a_socket_is_refused(rig6: Rig) -> None:
     a, _ = rig6.hosts
+    assert isinstance(a.underlay, ipaddress.IPv4Address) and isinstance(a.subnet, ipaddress.IPv4Network)
     with inside(a):
         pump: Pump = open_pump(iface_ip=a.underlay, port=8285, tun_name="flannel0", subnet=a.subnet,
                                network=NETWORK, mtu=1400, wanted=offload.NONE)

@@ -6,7 +6,7 @@ for the whole network; the UDP socket is bound to the external interface's addre
 and every node must use the same port because leases do not carry it; BackendType is not checked on peers' leases.
 Ours: the engine batches and uses kernel offloads (PYFLANNEL_OFFLOAD=off turns them off, PYFLANNEL_DISABLE_OFFLOADS
 single ones, see dataplane.offload), runs one TX/RX thread pair per TUN queue (PYFLANNEL_UDP_QUEUES, default one per
-online CPU up to 4: a host setting, so not a flag of flannel's), and it checks that packets come from the peer
+two online CPUs up to 4: a host setting, so not a flag of flannel's), and it checks that packets come from the peer
 owning their source subnet.
 A dataplane.keeper.Keeper owns the engine: a batch of lease events is one route-table update, and every second
 the keeper repairs flannel0 (deleted, set down, its address or route removed) or a dead engine, with every
