@@ -117,7 +117,8 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"kernel offloads (auto); {offload.ENV_DISABLE}=gso,gro,... turns single ones off")
     p.add_argument("--batch", type=int, default=DEFAULT_BATCH, help=f"packets per syscall, 1-128 ({DEFAULT_BATCH})")
     p.add_argument("--queues", type=int, default=None,
-                   help=f"TUN queues, a TX and an RX thread each, 1-{MAX_QUEUES} (one per two CPUs, up to {QUEUES_CAP})")
+                   help=f"TUN queues, a TX and an RX thread each, 1-{MAX_QUEUES} (one per two CPUs, up to "
+                        f"{QUEUES_CAP})")
     p.add_argument("--no-source-check", action="store_true", help="accept packets whose sender is not their peer")
     p.add_argument("--stats-file", help="where SIGUSR1 writes the counters as JSON")
     p.add_argument("--metrics-addr", metavar="HOST:PORT", help="serve Prometheus /metrics and /healthz there")
