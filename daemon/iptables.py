@@ -129,17 +129,25 @@ def payload(backend: Backend, rs: RuleSet) -> str:
     q = _join
     lines = [f"*{rs.table}", f":{rs.chain} - [0:0]", f"-F {rs.chain}"]
     lines += [f"-A {rs.chain} {q(rule)}" for rule in rs.rules]
-    if _exists(backend, rs, rs.parent, rs.jump()):
-        lines.append(f"-D {rs.parent} {q(rs.jump())}")
+    lines += _unjump(backend, rs)
     lines += [f"-A {rs.parent} {q(rs.jump())}", "COMMIT", ""]
     return "\n".join(lines)
 
 
-def apply(backend: Backend, rs: RuleSet) -> None:
+def _unjump(backend: Backend, rs: RuleSet) -> list[str]:
+    """The line deleting the built-in chain's jump to ours, if there is one (-D of a missing rule fails)."""
+    return [f"-D {rs.parent} {_join(rs.jump())}"] if _exists(backend, rs, rs.parent, rs.jump()) else []
+
+
+def _restore(backend: Backend, rs: RuleSet, payload: str, failed: str) -> None:
     tool = backend.tool("restore", rs.version)
-    r = _run([tool, "--noflush", "--wait"], payload(backend, rs))
+    r = _run([tool, "--noflush", "--wait"], payload)
     if r.returncode != 0:
-        raise IptablesError(f"{tool} failed for {rs.chain}: {r.stderr.strip().splitlines()[-1:]}")
+        raise IptablesError(f"{tool} {failed} {rs.chain}: {r.stderr.strip().splitlines()[-1:]}")
+
+
+def apply(backend: Backend, rs: RuleSet) -> None:
+    _restore(backend, rs, payload(backend, rs), "failed for")
 
 
 def remove_all(backend: Backend) -> None:
@@ -151,13 +159,8 @@ def remove_all(backend: Backend) -> None:
         for rs in (RuleSet(*POSTRTG, (), version), RuleSet(*FWD, (), version)):
             if _run([backend.tool(version=version), "-t", rs.table, "-S", rs.chain]).returncode != 0:
                 continue
-            lines = [f"*{rs.table}", f"-F {rs.chain}", f"-X {rs.chain}", "COMMIT", ""]
-            if _exists(backend, rs, rs.parent, rs.jump()):
-                lines.insert(1, f"-D {rs.parent} {_join(rs.jump())}")
-            tool = backend.tool("restore", version)
-            r = _run([tool, "--noflush", "--wait"], "\n".join(lines))
-            if r.returncode != 0:
-                raise IptablesError(f"{tool} could not remove {rs.chain}: {r.stderr.strip().splitlines()[-1:]}")
+            lines = [f"*{rs.table}", *_unjump(backend, rs), f"-F {rs.chain}", f"-X {rs.chain}", "COMMIT", ""]
+            _restore(backend, rs, "\n".join(lines), "could not remove")
 
 
 def ensure(backend: Backend, rs: RuleSet) -> bool:

@@ -91,9 +91,7 @@ def supports_fully_random() -> bool:
 
 
 def apply(t: Table) -> None:
-    r = _nft(["-f", "-"], t.script())
-    if r.returncode != 0:
-        raise IptablesError(f"nft could not install table {t.family} {t.name}: {_last_line(r.stderr)}")
+    _must(["-f", "-"], t.script(), f"install table {t.family} {t.name}")
 
 
 def ensure(t: Table) -> bool:
@@ -119,9 +117,7 @@ def remove_all() -> None:
         return
     for family, name in TABLES:
         if _nft(["list", "table", family, name]).returncode == 0:
-            r = _nft(["delete", "table", family, name])
-            if r.returncode != 0:
-                raise IptablesError(f"nft could not delete table {family} {name}: {_last_line(r.stderr)}")
+            _must(["delete", "table", family, name], None, f"delete table {family} {name}")
 
 
 def _nft(args: list[str], stdin: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -133,6 +129,8 @@ def _nft(args: list[str], stdin: str | None = None) -> subprocess.CompletedProce
         raise IptablesError(f"nft did not finish within {TIMEOUT} s") from None
 
 
-def _last_line(text: str) -> str:
-    lines = text.strip().splitlines()
-    return lines[-1] if lines else "no message"
+def _must(args: list[str], stdin: str | None, what: str) -> None:
+    r = _nft(args, stdin)
+    if r.returncode != 0:
+        lines = r.stderr.strip().splitlines()
+        raise IptablesError(f"nft could not {what}: {lines[-1] if lines else 'no message'}")
