@@ -172,10 +172,10 @@ class Pump:
         (ValueError also for a peer of a family this pump has no underlay socket for)."""
         routes = list(set)
         for _, peer, _ in routes:
-            if ipaddress.ip_address(peer).version == 6 and not self.socks6:
-                raise ValueError(f"peer {peer}: no IPv6 underlay socket (open_pump's iface_ip6)")
-            if ipaddress.ip_address(peer).version == 4 and not self.socks:
-                raise ValueError(f"peer {peer}: no IPv4 underlay socket (open_pump's iface_ip)")
+            version = ipaddress.ip_address(peer).version
+            if not (self.socks6 if version == 6 else self.socks):
+                suffix = "6" if version == 6 else ""
+                raise ValueError(f"peer {peer}: no IPv{version} underlay socket (open_pump's iface_ip{suffix})")
         self.routes.update(set=routes, delete=delete)
 
     def stats(self) -> dict[str, Any]:
