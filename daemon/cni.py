@@ -67,8 +67,9 @@ def load_subnet_env(path: str) -> dict[str, Any]:
                 env["subnets"].append(str(interface(raw[subnet_key]).network))
             except ValueError:
                 raise CniError(4, f"{path}: invalid {subnet_key} {raw[subnet_key]!r}") from None
-    if raw.get("FLANNEL_MTU", "").isdigit():
-        env["mtu"] = int(raw["FLANNEL_MTU"])
+    mtu = raw.get("FLANNEL_MTU", "")
+    if mtu.isascii() and mtu.isdigit():  # str.isdigit takes "²", which int() refuses
+        env["mtu"] = int(mtu)
     if "FLANNEL_IPMASQ" in raw:
         env["ipmasq"] = raw["FLANNEL_IPMASQ"] == "true"
     missing = [name for key, name in (("networks", "FLANNEL_NETWORK, FLANNEL_IPV6_NETWORK"),

@@ -257,7 +257,7 @@ def parse_config(argv: list[str] | None) -> TunnelConfig:
 
 def _host_port(text: str, flag: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:  # "²" is a digit, no int
         raise DataplaneError(f"{flag} {text!r} is not HOST:PORT")
     return host or "0.0.0.0", int(port)
 

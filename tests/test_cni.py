@@ -64,6 +64,8 @@ def _plugin(command: str, netconf: dict[str, Any] | str, **env: str) -> subproce
     ({"name": "n", "delegate": {"type": 7}}, FLANNEL_TEST_ENV, 4, "must have (string) 'type' field"),
     ({"name": "n"}, "FLANNEL_NETWORK=10.1.0.0/16\nFLANNEL_SUBNET=10.1.17.1/24\n", 4,
      "is missing FLANNEL_MTU, FLANNEL_IPMASQ"),
+    ({"name": "n"}, "FLANNEL_NETWORK=10.1.0.0/16\nFLANNEL_SUBNET=10.1.17.1/24\nFLANNEL_MTU=\u00b2\n"
+     "FLANNEL_IPMASQ=true\n", 4, "is missing FLANNEL_MTU"),
     ({"name": "n", "delegate": {"type": "no-such-plugin"}}, FLANNEL_TEST_ENV, 7,
      "failed to find plugin 'no-such-plugin'"),
 ])

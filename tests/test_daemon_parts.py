@@ -14,11 +14,13 @@ import pytest
 from daemons import FLANNELD
 
 from pyflannel.daemon import config, flags, flanneld, iptables, subnet_env, subnets
+from pyflannel.daemon.backend import udp
 from pyflannel.daemon.errors import ConfigError, FlannelError
 from pyflannel.daemon.lease import Lease, LeaseAttrs, parse_subnet_key, subnet_key
 from pyflannel.daemon.registry import LeaseExists, Record
 from pyflannel.daemon.registry.local import LocalRegistry
 from pyflannel.dataplane import klog
+from pyflannel.dataplane.pump import default_queues
 
 Net = ipaddress.IPv4Network
 IP = ipaddress.IPv4Address
@@ -48,6 +50,9 @@ def test_subnet_len_defaults(network: str, subnet_len: int) -> None:
     ('{"Network": "10.0.0.0/16", "Backend": {"Port": 1}}', "unknown backend type: ''"),
     ('{"Network": "10.0.0.0/16", "Backend": {"Type": "ipsec"}}', "unknown backend type: 'ipsec'"),
     ('{"Network": ', "invalid network config"),
+    ('{"Network": "10.0.0.0/16", "EnableNFTables": "true"}', "EnableNFTables must be true or false, not 'true'"),
+    ('{"Network": "10.0.0.0/16", "enableNFTables": 1}', "EnableNFTables must be true or false, not 1"),
+    ('{"Network": "10.0.0.0/16", "EnableIPv4": null}', "EnableIPv4 must be true or false, not None"),
 ])
 def test_config_errors(text: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -239,3 +244,16 @@ def test_klog_lines_and_go_style_verbosity() -> None:
         assert logging.getLogger("pyroute2").level == logging.DEBUG
     finally:
         klog.setup(0)
+
+
+@pytest.mark.parametrize("value", ["0", "9", "-1", "2.5", "two", "1e1", "0x2", "\u0663", "\u00b2"])
+def test_udp_queues_from_the_environment_are_refused_by_one_line(value: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(udp.ENV_QUEUES, value)
+    with pytest.raises(FlannelError, match=r"^PYFLANNEL_UDP_QUEUES=.* is not a number of queues from 1 to 8$"):
+        udp._queues()
+
+
+@pytest.mark.parametrize(("value", "queues"), [("1", 1), (" 3 ", 3), ("8", 8), ("", default_queues())])
+def test_udp_queues_from_the_environment(value: str, queues: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(udp.ENV_QUEUES, value)
+    assert udp._queues() == queues

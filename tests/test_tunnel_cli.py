@@ -42,6 +42,7 @@ def _run(argv: list[str], prefix: list[str] | None = None) -> subprocess.Complet
         ([*BASE, "--port", "70000"], "--port 70000 is out of range"),
         ([*BASE, "--offload", "maybe"], "invalid choice: 'maybe'"),
         ([*BASE, "--metrics-addr", "localhost"], "--metrics-addr 'localhost' is not HOST:PORT"),
+        ([*BASE, "--metrics-addr", "127.0.0.1:\u00b2"], "--metrics-addr '127.0.0.1:\u00b2' is not HOST:PORT"),
     ],
 )
 def test_bad_flags_exit_2_with_one_line(argv: list[str], message: str) -> None:

@@ -112,6 +112,6 @@ def _queues() -> int:
     text = os.environ.get(ENV_QUEUES, "").strip()
     if not text:
         return default_queues()
-    if not text.isdigit() or not 1 <= int(text) <= MAX_QUEUES:
+    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= MAX_QUEUES:  # str.isdigit takes "²", int not
         raise FlannelError(f"{ENV_QUEUES}={text!r} is not a number of queues from 1 to {MAX_QUEUES}")
     return int(text)
