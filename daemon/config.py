@@ -65,6 +65,14 @@ class NetworkConfig:
     def backend_option(self, name: str, default: Any) -> Any:
         return self.backend.get(name.lower(), default)
 
+    def backend_int(self, name: str, default: int, low: int, high: int) -> int:
+        """A whole-number Backend option in [low, high] (Go decodes these into ints: no strings, fractions or
+        booleans)."""
+        value = self.backend_option(name, default)
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise ConfigError(f"Backend.{name} must be a whole number from {low} to {high}, not {value!r}")
+        return value
+
 
 @dataclass(frozen=True)
 class _Family:

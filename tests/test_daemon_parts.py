@@ -257,3 +257,16 @@ def test_udp_queues_from_the_environment_are_refused_by_one_line(value: str, mon
 def test_udp_queues_from_the_environment(value: str, queues: int, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(udp.ENV_QUEUES, value)
     assert udp._queues() == queues
+
+
+
+@pytest.mark.parametrize(("value", "shown"), [('"4"', "'4'"), ("16777216", "16777216"), ("4.5", "4.5"),
+                                              ("true", "True"), ("null", "None"), ("-1", "-1")])
+def test_whole_number_backend_options_are_checked(value: str, shown: str) -> None:
+    """What a backend reads as a number: a wrong type or range is a ConfigError naming it, never a traceback."""
+    cfg = config.parse(f'{{"Network": "10.0.0.0/16", "Backend": {{"Type": "vxlan", "vni": {value}}}}}')
+    with pytest.raises(ConfigError, match=re.escape(f"Backend.VNI must be a whole number from 0 to 16777215, "
+                                                    f"not {shown}")):
+        cfg.backend_int("VNI", 1, 0, (1 << 24) - 1)
+    assert config.parse('{"Network": "10.0.0.0/16", "Backend": {"Type": "vxlan", "VNI": 7}}').backend_int(
+        "VNI", 1, 0, (1 << 24) - 1) == 7

@@ -254,6 +254,15 @@ def test_ports_in_use_are_one_line_errors(tmp_path: Path) -> None:
         assert proc.wait(30) == 1 and proc.stderr is not None
         err = proc.stderr.read()
         assert err.strip().endswith("PYFLANNEL_UDP_QUEUES='9' is not a number of queues from 1 to 8"), err
+        for backend, message in (('{"Type": "udp", "Port": 0}', "Backend.Port must be a whole number from 1 to 65535"),
+                                 ('{"Type": "vxlan", "VNI": "4"}', "Backend.VNI must be a whole number from 0 to")):
+            conf.write_text(f'{{"Network": "10.244.0.0/16", "Backend": {backend}}}')
+            proc = start_flanneld(node, registry, tmp_path / "n.env")
+            assert proc.wait(30) == 1 and proc.stderr is not None
+            err = proc.stderr.read()
+            last = err.strip().splitlines()[-1]
+            assert last.startswith("flanneld: error: ") and message in last and "Traceback" not in err, err
+        conf.write_text(NET % "udp")
         proc = start_flanneld(node, registry, tmp_path / "n.env", env={"PYFLANNEL_UDP_QUEUES": "3"})
         wait_for_env(tmp_path / "n.env", proc)
         wait_for(lambda: "tx-2" in node.run("ls", "/sys/class/net/flannel0/queues").stdout, 10, "three queues")

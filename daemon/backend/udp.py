@@ -86,7 +86,8 @@ async def register(ctx: Context) -> UdpNetwork:
     lease = await ctx.acquire(LeaseAttrs(public_ip=ext.public_ip, public_ipv6=ext.public_ipv6))
     if (pool is not None and lease.subnet is None) or (pool6 is not None and lease.ipv6_subnet is None):
         raise FlannelError(f"lease {lease} lacks the subnet of a family the network uses")
-    spec = PumpSpec(iface_ip=ext.addr, port=int(ctx.config.backend_option("port", DEFAULT_PORT)), tun_name="flannel%d",
+    port = ctx.config.backend_int("Port", DEFAULT_PORT, 1, 65535)
+    spec = PumpSpec(iface_ip=ext.addr, port=port, tun_name="flannel%d",
                     subnet=lease.subnet, network=pool and pool.network,  # type: ignore[arg-type]
                     iface_ip6=ext.addr6, subnet6=lease.ipv6_subnet,
                     network6=pool6 and pool6.network,  # type: ignore[arg-type]

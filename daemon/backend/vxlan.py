@@ -24,6 +24,7 @@ from pyflannel.daemon.lease import Event, EventType, Lease, LeaseAttrs
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+MIN_MTU = 68 + vxlan_device.OVERHEAD6  # Backend.MTU leaving IPv4's minimum MTU on either family's VXLAN device
 
 
 class VxlanNetwork(Idle):
@@ -59,9 +60,9 @@ async def register(ctx: Context) -> VxlanNetwork:
     for option in ("gbp", "learning", "directrouting"):
         if ctx.config.backend_option(option, False):
             raise FlannelError(f"vxlan option {option} is not supported by pyflannel")
-    vni = int(ctx.config.backend_option("vni", vxlan_device.DEFAULT_VNI))
-    mtu = int(ctx.config.backend_option("mtu", ctx.ext.mtu))
-    port = int(ctx.config.backend_option("port", 0))
+    vni = ctx.config.backend_int("VNI", vxlan_device.DEFAULT_VNI, 0, (1 << 24) - 1)
+    mtu = ctx.config.backend_int("MTU", ctx.ext.mtu, MIN_MTU, 65535)
+    port = ctx.config.backend_int("Port", 0, 0, 65535)  # 0: the kernel's default, 8472
     locals_: list[Address] = [a for a in (ctx.ext.public_ip, ctx.ext.public_ipv6) if a is not None]
     vteps: dict[int, vxlan_device.Vtep] = {}
     for local in locals_:
