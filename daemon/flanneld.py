@@ -105,10 +105,10 @@ class Daemon:
         subnet_env.check_target(self.opts.subnet_file)
         previous = subnet_env.previous_subnets(self.opts.subnet_file)
         cfg = config.parse(await self._retry(self.manager.get_config, "reading the network config", self.registry))
+        public_ip, public_ipv6 = await self._public_ips()
         ext = await asyncio.to_thread(select, iface=self.opts.iface, iface_regex=self.opts.iface_regex,
-                                      can_reach=self.opts.iface_can_reach, public_ip=self.opts.public_ip,
-                                      public_ipv6=self.opts.public_ipv6, ipv4=cfg.ipv4 is not None,
-                                      ipv6=cfg.ipv6 is not None)
+                                      can_reach=self.opts.iface_can_reach, public_ip=public_ip,
+                                      public_ipv6=public_ipv6, ipv4=cfg.ipv4 is not None, ipv6=cfg.ipv6 is not None)
         log.info("using interface %s (%s), public addresses %s, backend %s", ext.name,
                  ", ".join(str(a) for a in (ext.addr, ext.addr6) if a),
                  ", ".join(str(a) for a in (ext.public_ip, ext.public_ipv6) if a), cfg.backend_type)
@@ -134,6 +134,16 @@ class Daemon:
         self.ready = True
         log.info("lease %s ready; subnet.env written to %s", network.lease, self.opts.subnet_file)
         return await self._supervise(cfg, network, self.peers, rules)
+
+    async def _public_ips(self) -> tuple[str, str]:
+        """--public-ip/--public-ipv6, each replaced by the address the lease store pins for this node, if any."""
+        stored = await self._retry(self.manager.stored_public_ips, "reading this node's pinned public addresses",
+                                   self.registry)
+        flags = (self.opts.public_ip, self.opts.public_ipv6)
+        for name, pinned, flag in zip(("--public-ip", "--public-ipv6"), stored, flags, strict=True):
+            if pinned:
+                log.info("using %s %s, pinned for this node (flag: %r)", name, pinned, flag)
+        return stored[0] or flags[0], stored[1] or flags[1]
 
     async def _supervise(self, cfg: config.NetworkConfig, network: Network, peers: PeerTable,
                          rules: list[traffic.Rules]) -> int:

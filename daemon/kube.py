@@ -4,7 +4,8 @@ The lease is the Node's spec.podCIDRs (or spec.podCIDR), one subnet per family t
 family's network; what other nodes need goes into annotations under --kube-annotation-prefix (backend-type,
 kube-subnet-manager; backend-data and public-ip for IPv4; backend-v6-data and public-ipv6 for IPv6, with
 public-ip-overwrite and public-ipv6-overwrite taking precedence), patched through the nodes/status subresource
-(the only node write flannel's RBAC grants). On an IPv6-only network the IPv4 annotations are not written (flannel
+(the only node write flannel's RBAC grants); node-public-ip and node-public-ipv6, read once at startup, stand in
+for --public-ip/--public-ipv6. On an IPv6-only network the IPv4 annotations are not written (flannel
 writes public-ip "0.0.0.0" for host-gw there). Peers are the other Nodes annotated
 kube-subnet-manager=true, listed then watched. When set up, the NetworkUnavailable condition is set to False.
 The config comes from --net-config-path (flannel reads net-conf.json once). Client: kubernetes_asyncio.
@@ -30,7 +31,16 @@ from pyflannel.daemon import config as netconf
 from pyflannel.daemon import safejson
 from pyflannel.daemon.config import Network, NetworkConfig
 from pyflannel.daemon.errors import FlannelError
-from pyflannel.daemon.lease import MAX_DEPTH, MAX_VALUE, SUBNET_TTL, BadRecord, Lease, LeaseAttrs, check_subnet
+from pyflannel.daemon.lease import (
+    MAX_DEPTH,
+    MAX_VALUE,
+    SUBNET_TTL,
+    BadRecord,
+    Lease,
+    LeaseAttrs,
+    check_public_ipv6,
+    check_subnet,
+)
 from pyflannel.daemon.peers import Changes, Entry
 from pyflannel.daemon.registry import Compacted, Unavailable
 from pyflannel.daemon.subnets import Previous
@@ -101,12 +111,40 @@ class KubeManager:
     async def get_config(self) -> str:
         return netconf.read(self.net_config_path)
 
-    async def acquire(self, cfg: NetworkConfig, attrs: LeaseAttrs, previous: Previous) -> Lease:
-        api = await self._core()
+    async def _node_name(self, api: client.CoreV1Api) -> str:
+        """NODE_NAME, else the node this pod runs on (as flannel finds it)."""
         if not self.node:
             pod = await self._call("reading this pod", api.read_namespaced_pod(os.environ["POD_NAME"],
                                                                                os.environ["POD_NAMESPACE"]))
             self.node = pod.spec.node_name
+        return self.node
+
+    async def stored_public_ips(self) -> tuple[str, str]:
+        """The node-public-ip and node-public-ipv6 annotations ("" when absent): an operator's pin for this node's
+        public addresses that wins over --public-ip/--public-ipv6 (flannel's GetStoredPublicIP). flannel drops
+        an unreadable Node silently and uses the flags; here the read is retried like every other API call, and
+        a value that is no address of its family is a one-line error naming the annotation."""
+        api = await self._core()
+        name = await self._node_name(api)
+        node = await self._call(f"reading node {name}", api.read_node(name))
+        annotations = node.metadata.annotations or {}
+        found = []
+        for suffix, check in (("", ipaddress.IPv4Address), ("v6", check_public_ipv6)):
+            key = f"{self.prefix}node-public-ip{suffix}"
+            value = annotations.get(key, "")
+            if value:
+                try:
+                    check(value)
+                except (ValueError, BadRecord):
+                    raise FlannelError(f"node {name}: annotation {key} {value[:50]!r} is not "
+                                       f"{'an IPv4' if not suffix else 'a global or unique-local IPv6'} address",
+                                       status=2) from None
+            found.append(value)
+        return found[0], found[1]
+
+    async def acquire(self, cfg: NetworkConfig, attrs: LeaseAttrs, previous: Previous) -> Lease:
+        api = await self._core()
+        await self._node_name(api)
         node = await self._node_with_pod_cidr(api)
         try:
             cidrs = pod_cidrs(node)

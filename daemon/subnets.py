@@ -74,6 +74,10 @@ class Manager(Protocol):
 
     async def get_config(self) -> str: ...
 
+    async def stored_public_ips(self) -> tuple[str, str]:
+        """Public addresses (IPv4, IPv6; "" for none) pinned for this node where the leases live, which win over
+        --public-ip/--public-ipv6."""
+
     async def acquire(self, cfg: NetworkConfig, attrs: LeaseAttrs, previous: Previous) -> Lease:
         ...
 
@@ -280,6 +284,10 @@ class RegistryManager:
 
     async def get_config(self) -> str:
         return await self.registry.get_config()
+
+    async def stored_public_ips(self) -> tuple[str, str]:
+        """A registry pins no addresses (flannel's LocalManager neither)."""
+        return "", ""
 
     async def acquire(self, cfg: NetworkConfig, attrs: LeaseAttrs, previous: Previous) -> Lease:
         lease, record = await acquire(self.registry, cfg, attrs, previous)

@@ -174,3 +174,27 @@ def test_node_name_is_required(tmp_path: Path) -> None:
     r = subprocess.run([FLANNELD, "--kube-subnet-mgr"], capture_output=True, text=True, timeout=30, env=env)
     assert r.returncode == 1
     assert r.stderr.strip() == "flanneld: error: env variables POD_NAME and POD_NAMESPACE must be set (or NODE_NAME)"
+
+
+def test_node_public_ip_annotations_pin_the_public_addresses(cluster: tuple[Rig, FakeKube, Path]) -> None:
+    """node-public-ip, read at startup, wins over the interface's address (flannel's GetStoredPublicIP): the lease
+    is announced with it. A value that is no IPv4 address is a one-line error naming the annotation."""
+    rig, kube, tmp = cluster
+    node = rig.hosts[0]
+    with node.ipr() as ipr:
+        ipr.addr("add", index=ipr.link_lookup(ifname="eth0")[0], address="198.18.0.60", prefixlen=24)
+    kube.add_node("n0", "10.244.1.0/24", {P + "node-public-ip": "198.18.0.60"})
+    proc = _flanneld(node, "n0", tmp)
+    try:
+        wait_for_env(tmp / "n0.env", proc)
+        obj = wait_for(partial(_network_up, kube, "n0"), 20, "NetworkUnavailable=False")
+        assert obj["metadata"]["annotations"][P + "public-ip"] == "198.18.0.60"
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    kube.add_node("n1", "10.244.2.0/24", {P + "node-public-ip": "198.18.0.60/24"})
+    proc = _flanneld(rig.hosts[1], "n1", tmp)
+    assert proc.wait(30) == 2 and proc.stderr is not None
+    err = proc.stderr.read().strip().splitlines()
+    assert err[-1] == (f"flanneld: error: node n1: annotation {P}node-public-ip '198.18.0.60/24' is not an IPv4 "
+                       "address"), err
