@@ -26,6 +26,8 @@ class Flag:
     default: object
     help: str
     repeat: bool = False
+    bounds: tuple[int, int] | None = None   # an int flag's accepted range, inclusive
+    unit: str = ""
 
     @property
     def kind(self) -> type:
@@ -56,16 +58,17 @@ FLAGS = (
     Flag("public-ip", "", "IP accessible by other nodes for inter-host communication"),
     Flag("public-ipv6", "", "IPv6 accessible by other nodes for inter-host communication"),
     Flag("subnet-file", "/run/flannel/subnet.env", "filename where env variables (subnet, MTU, ...) are written"),
-    Flag("subnet-lease-renew-margin", 60, "subnet lease renewal margin, in minutes (1-1439)"),
+    Flag("subnet-lease-renew-margin", 60, "subnet lease renewal margin, in minutes (1-1439)", bounds=(1, 1439),
+         unit="minutes"),
     Flag("exit-on-lease-loss", False, "pyflannel: exit 0 when this node's lease is deleted, as flannel does, "
          "instead of creating it again while the subnet is free"),
     Flag("ip-masq", False, "setup IP masquerade rule for traffic destined outside of overlay network"),
     Flag("ip-masq-fully-random-disable", False, "disable --random-fully on the MASQUERADE rules"),
-    Flag("iptables-resync", 5, "resync period for iptables rules, in seconds"),
+    Flag("iptables-resync", 5, "resync period for iptables rules, in seconds", bounds=(1, 86400), unit="seconds"),
     Flag("iptables-forward-rules", True, "add default accept rules to the FORWARD chain"),
     Flag("ip-blackhole-route", False, "add a blackhole route for the node's own subnet"),
     Flag("healthz-ip", "0.0.0.0", "the IP address for the healthz server to listen on"),
-    Flag("healthz-port", 0, "the port for the healthz server to listen on (0 to disable)"),
+    Flag("healthz-port", 0, "the port for the healthz server to listen on (0 to disable)", bounds=(0, 65535)),
     Flag("set-node-network-unavailable", True, "set NetworkUnavailable=False on the Node (kube mode)"),
     Flag("version", False, "print version and exit"),
     Flag("v", 0, "log verbosity"),
@@ -179,10 +182,19 @@ def parse(argv: list[str] | None = None, environ: dict[str, str] | None = None) 
             value = [text] if flag.repeat else _from_env(parser, flag, text)
         values[attr] = flag.default if value is None else value
     opts = Options(**values)  # type: ignore[arg-type]
-    if not opts.version and not 1 <= opts.subnet_lease_renew_margin <= 1439:
-        raise FlannelError(f"invalid subnet-lease-renew-margin {opts.subnet_lease_renew_margin}: "
-                           "must be between 1 and 1439 minutes", status=2)
+    if not opts.version:
+        _check_bounds(opts)
     return opts
+
+
+def _check_bounds(opts: Options) -> None:
+    """Numbers out of range would fail later, deep inside (a bind, a timer), instead of as a flag error."""
+    for flag in FLAGS:
+        value = getattr(opts, flag.name.replace("-", "_"))
+        if flag.bounds and not flag.bounds[0] <= value <= flag.bounds[1]:
+            unit = f" {flag.unit}" if flag.unit else ""
+            raise FlannelError(f"invalid {flag.name} {value}: must be between {flag.bounds[0]} and "
+                               f"{flag.bounds[1]}{unit}", status=2)
 
 
 def _from_env(parser: argparse.ArgumentParser, flag: Flag, text: str) -> object:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -88,22 +89,36 @@ def test_flags_go_syntax_and_environment() -> None:
     assert flags.parse([], {}).etcd_endpoints == "http://127.0.0.1:4001,http://127.0.0.1:2379"
 
 
+# Flag errors come before the root check: unprivileged, a check that is missed ends at "must run as root" instead
+# of starting a daemon in this namespace.
+UNPRIVILEGED = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+
+
 @pytest.mark.parametrize(("argv", "message"), [
     (["--bogus"], "unrecognized arguments: --bogus"),
     (["--healthz-port", "x"], "invalid integer value 'x'"),
     (["--ip-masq=maybe"], "invalid boolean value 'maybe'"),
     (["--subnet-lease-renew-margin", "0"], "invalid subnet-lease-renew-margin 0"),
+    (["--healthz-port", "99999"], "invalid healthz-port 99999: must be between 0 and 65535"),
+    (["--healthz-port=-1"], "invalid healthz-port -1: must be between 0 and 65535"),
+    (["--iptables-resync", "0"], "invalid iptables-resync 0: must be between 1 and 86400 seconds"),
 ])
 def test_bad_flags_exit_2_with_one_line(argv: list[str], message: str) -> None:
-    r = subprocess.run([FLANNELD, *argv], capture_output=True, text=True, timeout=30)
+    r = subprocess.run([*UNPRIVILEGED, FLANNELD, *argv], capture_output=True, text=True, timeout=30)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and message in r.stderr, r.stderr
+
+
+def test_out_of_range_flag_from_the_environment() -> None:
+    r = subprocess.run([*UNPRIVILEGED, FLANNELD], capture_output=True, text=True, timeout=30,
+                       env={**os.environ, "FLANNELD_HEALTHZ_PORT": "70000"})
+    assert r.returncode == 2, r.stderr
+    assert r.stderr == "flanneld: error: invalid healthz-port 70000: must be between 0 and 65535\n"
 
 
 def test_version_and_not_root(tmp_path: Path) -> None:
     r = subprocess.run([FLANNELD, "--version"], capture_output=True, text=True, timeout=30)
     assert r.returncode == 0 and r.stderr.startswith("v") and r.stdout == ""
-    r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", FLANNELD],
-                       capture_output=True, text=True, timeout=30)
+    r = subprocess.run([*UNPRIVILEGED, FLANNELD], capture_output=True, text=True, timeout=30)
     assert r.returncode == 1 and r.stderr.strip() == \
         "flanneld: error: must run as root (it creates network devices, routes and rules)"
 
