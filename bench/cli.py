@@ -26,7 +26,7 @@ from pyflannel.bench.end import Endpoints, HostUnfit, LocalEnd, join
 from pyflannel.bench.interrupt import like_ctrl_c
 from pyflannel.bench.measure import MeasurementError, Result, measure
 from pyflannel.bench.modes import MODES, MODES6, ModeUnavailable, version
-from pyflannel.bench.rig import Rig
+from pyflannel.bench.rig import Rig, RigError
 
 PROG = "flannel-bench"
 SUBCOMMANDS = {"agent": agent.main, "compare": compare.main}
@@ -165,7 +165,7 @@ def _main(argv: list[str]) -> int:
         where = "on both hosts" if args.remote else "in the test namespaces"
         print(f"{PROG}: interrupted; what it set up {where} is removed", file=sys.stderr)
         return 130
-    except (remote.SessionError, HostUnfit) as exc:
+    except (remote.SessionError, HostUnfit, RigError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 1
     report.write_json(result, args.json)
@@ -173,6 +173,9 @@ def _main(argv: list[str]) -> int:
         report.write_plot(result, args.plot)
     print(report.table(result))
     print(f"wrote {args.json} and {args.plot}", file=sys.stderr)
+    if not result["modes"]:
+        print(f"{PROG}: error: no mode could be measured (the reasons are above)", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -103,6 +103,10 @@ class Host:
                      prefixlen=self.overlay_ip.max_prefixlen)
 
 
+class RigError(Exception):
+    """The rig cannot be built as asked (the message says why, in the user's terms)."""
+
+
 class Rig:
     """Hosts on one underlay: two joined by a veth, or more joined by a bridge in a namespace of its own.
 
@@ -151,7 +155,7 @@ class Rig:
                          flags=IFA_F_NODAD)
                 ipr.link("set", index=index, mtu=self.mtu, state="up")
             if self.netem:
-                host.run("tc", "qdisc", "add", "dev", "eth0", "root", "netem", *self.netem.split())
+                _shape(host, self.netem)
 
     def _build_switch(self) -> None:
         """A bridge in its own namespace, with one veth port per host (eth0 on the host's side)."""
@@ -185,6 +189,13 @@ class Rig:
             if ns in netns.listnetns():
                 netns.remove(ns)
         shutil.rmtree(self.files, ignore_errors=True)
+
+
+def _shape(host: Host, netem: str) -> None:
+    tc = host.run("tc", "qdisc", "add", "dev", "eth0", "root", "netem", *netem.split(), check=False)
+    if tc.returncode:
+        lines = (tc.stderr or tc.stdout).strip().splitlines()
+        raise RigError(f"--netem {netem!r}: tc says: {lines[0] if lines else f'exit {tc.returncode}'}")
 
 
 def terminate(proc: subprocess.Popen[Any], grace: float = 5.0) -> None:

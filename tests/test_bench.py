@@ -132,3 +132,25 @@ def test_a_failing_mode_is_reported_and_the_rest_still_run(monkeypatch: pytest.M
 def test_bad_flags(argv: list[str], message: str) -> None:
     r = subprocess.run([BENCH, *argv], capture_output=True, text=True, timeout=30)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and message in r.stderr, r.stderr
+
+
+def test_netem_that_tc_refuses_is_one_line(tmp_path: Path) -> None:
+    r = subprocess.run([BENCH, "--netem", "garbage x", "--modes", "none", "--seconds", "1", "--repeats", "1",
+                        "--json", str(tmp_path / "r.json"), "--plot", str(tmp_path / "r.png")],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1, r.stderr
+    assert re.fullmatch(r"flannel-bench: error: --netem 'garbage x': tc says: .+\n", r.stderr.splitlines(True)[-1])
+    assert "Traceback" not in r.stderr and leftover_namespaces("pfbench") == []
+
+
+def test_no_mode_measured_is_an_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    def no_route(*args: object) -> None:
+        raise modes.ModeUnavailable("no route")
+
+    monkeypatch.setitem(modes.CONNECT, "none", no_route)
+    out = tmp_path / "r.json"
+    assert cli.main(["--modes", "none", "--seconds", "1", "--repeats", "1", "--json", str(out),
+                     "--plot", str(tmp_path / "r.png")]) == 1
+    assert json.loads(out.read_text())["skipped"] == {"none": "no route"}, "the report is still written"
+    assert capsys.readouterr().err.endswith("flannel-bench: error: no mode could be measured (the reasons are above)\n")
