@@ -79,9 +79,10 @@ class LocalEnd:
         self.tunnel = modes.connect(mode, self.host, peer, self._undo, self.files)
 
     def serve(self, addr: Address, port: int) -> None:
-        """An iperf3 server on addr:port until reset(); returns once it listens."""
-        proc = self.host.popen("iperf3", "-s", "-p", str(port), "-B", str(addr), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+        """An iperf3 server on addr:port until reset() or this process's end, however it ends; returns once it
+        listens."""
+        proc = self.host.popen("iperf3", "-s", "-p", str(port), "-B", str(addr), tied=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self._undo.callback(terminate, proc)
         listening = f"{addr}:{port} " if addr.version == 4 else f"[{addr}]:{port} "   # as ss prints it
         deadline = time.monotonic() + 10

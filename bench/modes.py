@@ -179,12 +179,13 @@ def _vxlan(host: Host, peer: Lease, undo: ExitStack, files: Path) -> None:
 
 def _udp(host: Host, peer: Lease, undo: ExitStack, files: Path, *extra: str) -> Tunnel:
     """flannel-tunnel on the host: the same engine the udp backend drives, given the addresses of one family
-    (IPv6 ones for udp6: --iface-ip, --subnet and --network are taken once per family)."""
+    (IPv6 ones for udp6: --iface-ip, --subnet and --network are taken once per family). Tied to this process: if
+    it is killed, the tunnel still stops and removes its flannel0."""
     stats, log = files / f"{host.subnet.network_address}-stats.json", files / f"{host.subnet.network_address}.log"
     with log.open("w") as err:
         proc = host.popen(TUNNEL, "--iface-ip", str(host.underlay), "--subnet", str(host.subnet), "--network",
                           str(network(host.subnet.version)), "--peer", f"{peer.subnet}={peer.public_ip}",
-                          "--stats-file", str(stats), *extra, stdout=subprocess.DEVNULL, stderr=err)
+                          "--stats-file", str(stats), *extra, tied=True, stdout=subprocess.DEVNULL, stderr=err)
     undo.callback(terminate, proc)
     _wait_for_flannel0(host, proc, log)
     return Tunnel(proc, stats)

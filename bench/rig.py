@@ -79,9 +79,12 @@ class Host:
         """Run a command inside the host and wait for it."""
         return subprocess.run(self.argv(cmd), check=check, timeout=timeout, text=True, capture_output=True, **kw)
 
-    def popen(self, *cmd: str, **kw: Any) -> subprocess.Popen[Any]:
-        """Start a command inside the host; the rig kills it on exit if it is still running."""
-        proc = subprocess.Popen(self.argv(cmd), **kw)
+    def popen(self, *cmd: str, tied: bool = False, **kw: Any) -> subprocess.Popen[Any]:
+        """Start a command inside the host; the rig kills it on exit if it is still running. `tied`: the kernel
+        also sends it SIGTERM when the calling thread ends, even by SIGKILL (setpriv --pdeathsig; the parent
+        death signal follows the thread, so only a main thread's children may be tied)."""
+        argv = self.argv(cmd)
+        proc = subprocess.Popen(["setpriv", "--pdeathsig", "TERM", *argv] if tied else argv, **kw)
         self.procs.append(proc)
         return proc
 

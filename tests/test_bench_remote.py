@@ -209,6 +209,22 @@ def test_a_killed_ssh_session_leaves_nothing_configured_on_either_host(hosts: Ho
     wait_for(hosts.clean, what="the far host to be clean")
 
 
+def test_a_killed_agent_takes_its_tunnel_and_iperf3_server_with_it(hosts: Hosts) -> None:
+    """SIGKILL leaves the agent no chance to clean up; its children are tied to it (parent death signal), so the
+    far flannel-tunnel still stops and removes flannel0. What the agent set up itself (the overlay endpoint address
+    on lo) stays, as it must after a SIGKILL; the test removes it."""
+    def kill_agent(bench: subprocess.Popen[str]) -> None:
+        (agent,) = [pid for pid in _pids(hosts.far) if re.match(r"\S*python\S* \S*flannel-bench agent ", _command(pid))]
+        os.kill(agent, signal.SIGKILL)
+
+    code, _ = _stopped_mid_mode(hosts, kill_agent)
+    assert code == 1
+    assert _configured(hosts.near) == []
+    endpoint = f"address {hosts.far.overlay_ip}/32"
+    wait_for(lambda: _configured(hosts.far, hosts.sshd) == [endpoint], what="the far tunnel to stop")
+    hosts.far.remove_overlay_endpoint()
+
+
 def test_ctrl_c_removes_both_halves_through_the_session(hosts: Hosts) -> None:
     """SIGINT to flannel-bench alone, as Ctrl-C sends it (ssh runs in a session of its own and stays up): the
     pending reply is read and both ends are reset before the session closes."""
