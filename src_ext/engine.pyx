@@ -60,8 +60,10 @@ Design notes (what is flannel's and why; what is ours and why)
   gro: UDP_GRO delivers trains of datagrams from one sender in one receive; RX cuts them at the gso_size.
   coalesce: consecutive segments of one TCP flow (IPv4 or IPv6) are merged again and written to the TUN as one
   GSO packet; with uso (the TUN takes GSO_UDP_L4), consecutive datagrams of one UDP flow (either family) too.
+  Nothing is copied: one writev gathers the packet from where its segments were received.
   A GSO send refused with EIO (egress device without checksum offload) turns GSO off and resends; a coalesced
-  write refused with EINVAL (the 6.6.44-era virtio header regression) turns coalescing off and writes segments.
+  write refused with EINVAL (the 6.6.44-era virtio header regression) turns coalescing off and writes the
+  segments as they arrived.
 - Ours: several queues (dataplane.pump). Each engine owns one TUN queue and one UDP socket of a SO_REUSEPORT
   group on the same port; the kernel keeps each flow on one queue both ways (steering.h explains how), so the
   engines share nothing per packet but the route table (each thread its own reader slot), the per-peer counters
