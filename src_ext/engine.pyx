@@ -60,8 +60,10 @@ Design notes (what is flannel's and why; what is ours and why)
   gro: UDP_GRO delivers trains of datagrams from one sender in one receive; RX cuts them at the gso_size.
   coalesce: consecutive segments of one TCP flow (IPv4 or IPv6) are merged again and written to the TUN as one
   GSO packet; with uso (the TUN takes GSO_UDP_L4), consecutive datagrams of one UDP flow (either family) too.
+  Nothing is copied: one writev gathers the packet from where its segments were received.
   A GSO send refused with EIO (egress device without checksum offload) turns GSO off and resends; a coalesced
-  write refused with EINVAL (the 6.6.44-era virtio header regression) turns coalescing off and writes segments.
+  write refused with EINVAL (the 6.6.44-era virtio header regression) turns coalescing off and writes the
+  segments as they arrived.
 - Ours: several queues (dataplane.pump). Each engine owns one TUN queue and one UDP socket of a SO_REUSEPORT
   group on the same port; the kernel keeps each flow on one queue both ways (steering.h explains how), so the
   engines share nothing per packet but the route table (each thread its own reader slot), the per-peer counters
@@ -90,9 +92,10 @@ from prefix_table cimport (
 )
 from offload cimport (
     csum_partial, csum_fold, csum_finish, csum_replace2, ip4_set_check, VNET_HDR_LEN, VNET_F_NEEDS_CSUM,
-    VNET_GSO_NONE, VNET_GSO_TCPV4, VNET_GSO_TCPV6, VNET_GSO_UDP_L4, GSO_MAX_SEGS, GRO_BUF, vnet_hdr, gro_item,
+    VNET_GSO_NONE, VNET_GSO_TCPV4, VNET_GSO_TCPV6, VNET_GSO_UDP_L4, GSO_MAX_SEGS, GRO_IOVS, vnet_hdr, gro_item,
     gro_table,
-    vnet_finish_csum, gso_split, gro_reset, gro_add, gro_finish, CMSG_ROOM, cmsg_set_segment, cmsg_parse_rx,
+    vnet_finish_csum, gso_split, gro_reset, gro_add, gro_finish, gro_unmerge, CMSG_ROOM, cmsg_set_segment,
+    cmsg_parse_rx,
     PEER_SLOTS, PEER_EMPTY, peer_slot, peer_table, peer_find, peer_configured, peer_add,
     PEER6_SLOTS, peer6_slot, peer6_table, peer6_find, peer6_configured,
 )
@@ -138,7 +141,7 @@ cdef enum:
     MAX_SEGS = 4096          # TX packets collected before a flush
     SPLIT_SEGS = 2048        # segments of one super-packet: 64 KiB at the kernel's smallest MSS (48, tcp_min_snd_mss)
     RX_PACKETS = MAX_BATCH * GSO_MAX_SEGS   # inner packets one receive batch can hold with UDP_GRO
-    GRO_POOL = 64            # coalescing buffers per batch
+    GRO_POOL = 64            # merged packets (iovec lists) per batch
     UDP_MAX_PAYLOAD = 65507  # 65535 - IPv4 header - UDP header
     ICMP_QUOTE = 8           # payload bytes of the offending packet quoted after its IP header
     SPIN_POLLS = 20          # readiness checks (with a yield) before a drained thread blocks in poll
@@ -347,8 +350,6 @@ cdef class Engine:
     cdef uint8_t *rx_cmsg
     cdef uint32_t rx_overflow[2]    # per socket (IPv4, IPv6): the kernel's cumulative count
     cdef gro_table *flows
-    cdef uint8_t *rx_split         # coalescing fallback: a merged packet cut back into segments
-    cdef uint16_t *rx_split_len
 
     def __cinit__(self, int tun_fd, int sock_fd, PrefixTable table not None, *, int batch=64,
                   bint check_source=True, bint vnet_hdr=False, bint gso=False, bint gro=False, bint coalesce=False,
@@ -414,15 +415,12 @@ cdef class Engine:
         self.flows = new_gro_table(RX_PACKETS, GRO_POOL)
         if self.flows:
             self.flows.udp = coalesce and uso
-        self.rx_split = <uint8_t *>calloc(GRO_BUF + ARENA_SLACK, 1)
-        self.rx_split_len = <uint16_t *>calloc(SPLIT_SEGS, sizeof(uint16_t))
         self.peers = table._peer_table()
         self.peers6 = table._peer6_table()
         if (not self.rbuf or not self.arena or not self.seg_off or not self.seg_len or not self.seg_hop
                 or not self.tx_msgs or not self.tx_iov or not self.tx_addr or not self.tx_cmsg
                 or not self.tx_msg_segs or not self.tx_msg_first or not self.rx_bufs or not self.rx_msgs
-                or not self.rx_iov or not self.rx_addr or not self.rx_cmsg or not self.flows or not self.rx_split
-                or not self.rx_split_len):
+                or not self.rx_iov or not self.rx_addr or not self.rx_cmsg or not self.flows):
             raise MemoryError()
         self.stop_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
         if self.stop_fd < 0:
@@ -449,8 +447,6 @@ cdef class Engine:
         free(self.rx_addr)
         free(self.rx_cmsg)
         free_gro_table(self.flows)
-        free(self.rx_split)
-        free(self.rx_split_len)
 
     # ---- Python surface -------------------------------------------------------------------------------------
 
@@ -763,15 +759,22 @@ cdef class Engine:
         """One packet into the TUN, behind its virtio header when the TUN has them; 0 or an errno (a dead TUN
         also stops the calling thread)."""
         cdef iovec iov[2]
-        cdef ssize_t r
-        if self.vnet_hdr:
-            iov[0].iov_base = hdr
-            iov[0].iov_len = VNET_HDR_LEN
-            iov[1].iov_base = p
-            iov[1].iov_len = n
-            r = writev(self.tun_fd, iov, 2) - VNET_HDR_LEN
-        else:
-            r = write(self.tun_fd, p, n)
+        if not self.vnet_hdr:
+            return self._tun_result(write(self.tun_fd, p, n), n, side)
+        iov[0].iov_base = hdr
+        iov[0].iov_len = VNET_HDR_LEN
+        iov[1].iov_base = p
+        iov[1].iov_len = n
+        return self._tun_writev(iov, 2, VNET_HDR_LEN + n, side)
+
+    cdef inline int _tun_writev(self, const iovec *iov, int count, size_t n, int side) noexcept nogil:
+        """One packet gathered from `count` iovecs (n bytes in all, its virtio header first) into the TUN; as
+        _tun_write."""
+        return self._tun_result(writev(self.tun_fd, iov, count), n, side)
+
+    cdef inline int _tun_result(self, ssize_t r, size_t n, int side) noexcept nogil:
+        """0 if a TUN write of n bytes returned all of them, else its errno (EIO for a short write); a dead
+        TUN also stops the calling thread."""
         if r == <ssize_t>n:
             return 0
         if r < 0 and fd_dead(errno):
@@ -1058,15 +1061,20 @@ cdef class Engine:
             self.counters[D_RX_TUN_WRITE_ERROR] += 1
 
     cdef void _rx_write_coalesced(self) noexcept nogil:
-        """Write every item of the batch, merged ones as GSO packets; then start a new batch."""
-        cdef int i, k, nseg, err
+        """Write every item of the batch, merged ones as GSO packets gathered by one writev from where their
+        segments were received; then start a new batch."""
+        cdef int i, k, err
         cdef gro_item *it
         cdef vnet_hdr hdr
-        cdef size_t off
         for i in range(self.flows.nitems):
             it = &self.flows.items[i]
             gro_finish(it, &hdr)
-            err = self._tun_write(&hdr, it.pkt, it.len, HAZARD_RX) if self.coalesce or it.segs < 2 else EINVAL
+            if it.segs < 2:
+                err = self._tun_write(&hdr, it.pkt, it.len, HAZARD_RX)
+            elif self.coalesce:
+                err = self._tun_writev(it.iov, it.segs + 1, VNET_HDR_LEN + it.len, HAZARD_RX)
+            else:
+                err = EINVAL
             if err == 0:
                 self.counters[C_TUN_WRITES] += 1
                 self.counters[C_TUN_COALESCED_WRITES] += it.segs > 1
@@ -1074,16 +1082,13 @@ cdef class Engine:
             if err != EINVAL or it.segs < 2:
                 self.counters[D_RX_TUN_WRITE_ERROR] += it.segs
                 continue
-            # The kernel refused a GSO write: stop merging, and cut this packet back into its segments.
+            # The kernel refused a GSO write: stop merging, and write this packet's segments as they arrived.
             if self.coalesce:
                 self.coalesce = False
                 self.counters[C_COALESCE_FALLBACKS] += 1
-            nseg = gso_split(it.pkt, it.len, hdr.gso_type, hdr.gso_size, self.rx_split, GRO_BUF + ARENA_SLACK,
-                             self.rx_split_len, SPLIT_SEGS)
-            off = 0
-            for k in range(nseg):
-                self._rx_write(self.rx_split + off, self.rx_split_len[k])
-                off += self.rx_split_len[k]
+            gro_unmerge(it)
+            for k in range(1, it.segs + 1):
+                self._rx_write(<uint8_t *>it.iov[k].iov_base, it.iov[k].iov_len)
         gro_reset(self.flows)
 
     cdef bint _sender_ok(self, const pt_table *t, const uint8_t *inner, unsigned alen,

@@ -4,8 +4,9 @@
  * layout, host byte order: TUNSETVNETHDRSZ and TUNSETVNETLE are never called). With TUN_F_TSO4/TSO6 the kernel
  * hands us TCP super-packets (IPv4/IPv6) of up to 64 KiB and a gso_size (the MSS); gso_split() cuts them into
  * wire-size segments.
- * On the way in, gro_add() merges consecutive segments of one TCP flow (IPv4 or IPv6) so that one write() carries
- * many packets, following the kernel's GRO rules (net/ipv4/tcp_offload.c tcp_gro_receive; the same rules
+ * On the way in, gro_add() merges consecutive segments of one TCP flow (IPv4 or IPv6) so that one writev() carries
+ * many packets without copying any of them (an iovec list: the first packet, then each further payload where it
+ * was received), following the kernel's GRO rules (net/ipv4/tcp_offload.c tcp_gro_receive; the same rules
  * wireguard-go's tcpGRO applies); when the TUN takes USO, consecutive datagrams of one UDP flow (either family)
  * too (one GSO_UDP_L4 write, which the kernel cuts back into the same datagrams, as wireguard-go's udpGRO).
  * Everything here is pure C over caller-owned buffers so it can be tested without a TUN.
@@ -16,6 +17,7 @@
 #include <stdint.h>
 #include <string.h>
 #include <arpa/inet.h>
+#include <sys/uio.h>
 
 #include "csum.h"
 
@@ -147,23 +149,27 @@ static int gso_split(const uint8_t *pkt, size_t len, uint8_t gso_type, uint16_t 
 /* ---- TCP (and UDP) coalescing -------------------------------------------------------------------------------- */
 
 #define GRO_BUCKETS 4096          /* flow buckets, power of two */
-#define GRO_BUF 65536             /* one coalesced packet; IPv4 total length caps it at 65535 */
+#define GRO_IOVS (GSO_MAX_SEGS + 1) /* a merged item's write: the virtio header, then one entry per segment */
 #define GRO_KEY_WORDS 9           /* both addresses (IPv6: 32 bytes) and both ports */
 
+/* A merged item is never copied: iov[1] is its first packet, in the caller's receive buffer (gro_finish fixes its
+ * header up in place), and iov[2..segs] the payload of each further segment, where it was received; iov[0] is
+ * left for the virtio header. So the caller's buffers must stay untouched until the batch is written. */
 typedef struct {
-    uint8_t *pkt;                 /* the packet: in the caller's receive buffer until a second segment joins */
-    uint32_t len;
+    uint8_t *pkt;                 /* the (first) packet, in the caller's receive buffer */
+    uint32_t len;                 /* of the whole item: the first packet and every payload appended */
     uint32_t next_seq;            /* sequence number the next segment must carry */
     uint16_t mss;                 /* payload size of the first segment (datagram): later ones must not exceed it */
     uint16_t segs;
     uint8_t open;                 /* more segments may still be appended */
-    int16_t buf;                  /* pool buffer holding the merged packet, or -1 */
+    uint16_t check[2];            /* the first packet's IPv4 header and L4 checksums before gro_finish */
+    struct iovec *iov;            /* GRO_IOVS entries from the pool once a second segment joins, else NULL */
 } gro_item;
 
 typedef struct {
     gro_item *items;              /* in arrival order: the order the writes go out */
     int nitems, max_items;
-    uint8_t *pool;                /* npool buffers of GRO_BUF bytes */
+    struct iovec *pool;           /* npool iovec lists of GRO_IOVS entries */
     int npool, used_pool;
     uint32_t gen;                 /* bucket entries from earlier batches are stale */
     uint32_t bucket_gen[GRO_BUCKETS];
@@ -241,7 +247,7 @@ static int gro_can_append(const gro_table *t, const gro_item *it, const uint8_t 
     const uint8_t *q = it->pkt;
     unsigned hl = gro_iphl(p);
     uint32_t payload = len - gro_hdr_len(p);
-    if (!it->open || gro_iphl(q) != hl || gro_proto(q) != gro_proto(p) || (it->buf < 0 && t->used_pool == t->npool))
+    if (!it->open || gro_iphl(q) != hl || gro_proto(q) != gro_proto(p) || (!it->iov && t->used_pool == t->npool))
         return 0;
     if (it->len + payload > 65535 || payload > it->mss || it->segs >= GSO_MAX_SEGS)
         return 0;
@@ -256,17 +262,17 @@ static int gro_can_append(const gro_table *t, const gro_item *it, const uint8_t 
     return p[hl + 12] == q[hl + 12] && memcmp(p + hl + 20, q + hl + 20, gro_hdr_len(p) - hl - 20) == 0;
 }
 
-static void gro_append(gro_table *t, gro_item *it, const uint8_t *p, uint32_t len)
+static void gro_append(gro_table *t, gro_item *it, uint8_t *p, uint32_t len)
 {
     unsigned hl = gro_iphl(p), l4hl = gro_hdr_len(p);
     uint32_t payload = len - l4hl;
-    if (it->buf < 0) {
-        it->buf = (int16_t)t->used_pool++;
-        uint8_t *b = t->pool + (size_t)it->buf * GRO_BUF;
-        memcpy(b, it->pkt, it->len);
-        it->pkt = b;
+    if (!it->iov) {
+        it->iov = t->pool + (size_t)t->used_pool++ * GRO_IOVS;
+        it->iov[1].iov_base = it->pkt;
+        it->iov[1].iov_len = it->len;
     }
-    memcpy(it->pkt + it->len, p + l4hl, payload);
+    it->iov[it->segs + 1].iov_base = p + l4hl;
+    it->iov[it->segs + 1].iov_len = payload;
     it->len += payload;
     it->segs++;
     it->next_seq += payload;
@@ -286,7 +292,7 @@ static int gro_new_item(gro_table *t, uint8_t *p, uint32_t len, int open)
     it->pkt = p;
     it->len = len;
     it->segs = 1;
-    it->buf = -1;
+    it->iov = NULL;
     it->open = (uint8_t)open;
     if (open) {
         unsigned hl = gro_iphl(p);
@@ -355,8 +361,8 @@ static int gro_add(gro_table *t, uint8_t *p, uint32_t len)
 
 /* Fix up a finished item for writing and fill its virtio header: a merged packet gets its IPv4 length and
  * header checksum (or IPv6 payload length) and its UDP length, the pseudo-header sum as the L4 checksum seed, and
- * GSO_TCPV4, GSO_TCPV6 or GSO_UDP_L4 with NEEDS_CSUM so the kernel finishes the checksum; a lone packet goes out
- * untouched behind a zeroed header. */
+ * GSO_TCPV4, GSO_TCPV6 or GSO_UDP_L4 with NEEDS_CSUM so the kernel finishes the checksum; iov[0] points at the
+ * header, so iov[0..segs] is the write. A lone packet goes out untouched behind a zeroed header. */
 static void gro_finish(gro_item *it, vnet_hdr *h)
 {
     memset(h, 0, sizeof(*h));
@@ -365,9 +371,13 @@ static void gro_finish(gro_item *it, vnet_hdr *h)
     uint8_t *p = it->pkt;
     unsigned hl = gro_iphl(p);
     int udp = gro_proto(p) == 17;
+    memcpy(&it->check[1], p + hl + (udp ? 6 : 16), 2);
+    it->iov[0].iov_base = h;
+    it->iov[0].iov_len = VNET_HDR_LEN;
     if (hl == IP6_HLEN) {
         put16(p + 4, (uint16_t)(it->len - IP6_HLEN));
     } else {
+        memcpy(&it->check[0], p + 10, 2);
         put16(p + 2, (uint16_t)it->len);
         ip4_set_check(p, 20);
     }
@@ -381,6 +391,32 @@ static void gro_finish(gro_item *it, vnet_hdr *h)
     h->gso_size = it->mss;
     h->csum_start = (uint16_t)hl;
     h->csum_offset = udp ? 6 : 16;
+}
+
+/* Undo the merge of a finished item whose GSO write the kernel refused: afterwards iov[1..segs] are its packets
+ * exactly as they were added (the first one's header put back: lengths, checksums, no PSH carried over from a
+ * later segment, which gro_new_item would have closed it for), each to be written on its own. */
+static void gro_unmerge(gro_item *it)
+{
+    uint8_t *p = it->pkt;
+    unsigned hl = gro_iphl(p), l4hl = gro_hdr_len(p);
+    uint32_t first = (uint32_t)it->iov[1].iov_len;
+    int udp = gro_proto(p) == 17;
+    if (hl == IP6_HLEN) {
+        put16(p + 4, (uint16_t)(first - IP6_HLEN));
+    } else {
+        put16(p + 2, (uint16_t)first);
+        memcpy(p + 10, &it->check[0], 2);
+    }
+    if (udp)
+        put16(p + hl + 4, (uint16_t)(first - hl));
+    else
+        p[hl + 13] &= (uint8_t)~TCP_PSH;
+    memcpy(p + hl + (udp ? 6 : 16), &it->check[1], 2);
+    for (int k = 2; k <= it->segs; k++) {     /* each payload is still preceded by its own untouched headers */
+        it->iov[k].iov_base = (uint8_t *)it->iov[k].iov_base - l4hl;
+        it->iov[k].iov_len += l4hl;
+    }
 }
 
 #endif

@@ -2,7 +2,7 @@
 
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int16_t, int32_t
 
-from syscalls cimport msghdr
+from syscalls cimport msghdr, iovec
 
 
 cdef extern from "csum.h" nogil:
@@ -22,7 +22,7 @@ cdef extern from "offload.h" nogil:
         VNET_GSO_TCPV6
         VNET_GSO_UDP_L4
         GSO_MAX_SEGS
-        GRO_BUF
+        GRO_IOVS
     ctypedef struct vnet_hdr:
         uint8_t flags
         uint8_t gso_type
@@ -35,11 +35,12 @@ cdef extern from "offload.h" nogil:
         uint32_t len
         uint16_t mss
         uint16_t segs
+        iovec *iov
     ctypedef struct gro_table:
         gro_item *items
         int nitems
         int max_items
-        uint8_t *pool
+        iovec *pool
         int npool
         int udp
     # Finish a CHECKSUM_PARTIAL packet in place; -1 if the offsets do not fit.
@@ -51,8 +52,10 @@ cdef extern from "offload.h" nogil:
     void gro_reset(gro_table *t)
     # Add one packet; its item index, or -1 when the item list is full.
     int gro_add(gro_table *t, uint8_t *p, uint32_t len)
-    # Fix up an item for writing and fill its virtio header.
+    # Fix up an item for writing and fill its virtio header (a merged one's write: iov[0..segs]).
     void gro_finish(gro_item *it, vnet_hdr *h)
+    # After a refused GSO write: a finished merged item's packets as they arrived, in iov[1..segs].
+    void gro_unmerge(gro_item *it)
 
 
 cdef extern from "cmsg.h" nogil:

@@ -13,7 +13,7 @@ cdef gro_table *new_gro_table(int max_items, int npool) noexcept:
     if t == NULL:
         return NULL
     t.items = <gro_item *>calloc(max_items, sizeof(gro_item))
-    t.pool = <uint8_t *>calloc(npool, GRO_BUF)
+    t.pool = <iovec *>calloc(<size_t>npool * GRO_IOVS, sizeof(iovec))
     t.max_items = max_items
     t.npool = npool
     if t.items == NULL or t.pool == NULL:
@@ -64,27 +64,84 @@ def split(packet: bytes, gso_type: int, gso_size: int) -> list[bytes]:
     return segments
 
 
-def coalesce(packets: list[bytes], udp: bool = False) -> list[tuple[tuple[int, int, int, int, int, int], bytes]]:
-    """What the RX thread writes to the TUN for these packets: (virtio header fields, packet) per write; with
-    `udp`, as when the TUN takes USO.
-
-    Header fields are (flags, gso_type, hdr_len, gso_size, csum_start, csum_offset).
-    """
-    cdef gro_table *t = new_gro_table(max(len(packets), 1), min(max(len(packets), 1), 64))
-    cdef list keep = [bytearray(p) for p in packets]   # gro_add works in place, as on receive buffers
-    cdef vnet_hdr h
+cdef gro_table *_coalesced(list bufs, bint udp) except NULL:
+    """A table with every buffer of `bufs` (bytearrays, worked on in place as receive buffers are) added in
+    order, as the RX thread adds a batch; the caller frees it."""
+    cdef gro_table *t = new_gro_table(max(len(bufs), 1), min(max(len(bufs), 1), 64))
     if t == NULL:
         raise MemoryError()
     t.udp = udp
+    for buf in bufs:
+        if gro_add(t, <uint8_t *><char *>buf, len(buf)) < 0:
+            free_gro_table(t)
+            raise ValueError("too many packets")
+    return t
+
+
+cdef bytes _iov_bytes(const iovec *v):
+    return (<const char *>v.iov_base)[:v.iov_len]
+
+
+def coalesce(packets: list[bytes], udp: bool = False,
+             refused: bool = False) -> list[tuple[tuple[int, int, int, int, int, int], bytes]]:
+    """What the RX thread writes to the TUN for these packets: (virtio header fields, packet) per write, a merged
+    packet gathered from its iovecs; with `udp`, as when the TUN takes USO; with `refused`, as after the kernel
+    refused GSO writes (each merged packet unmerged and written packet by packet).
+
+    Header fields are (flags, gso_type, hdr_len, gso_size, csum_start, csum_offset).
+    """
+    cdef list keep = [bytearray(p) for p in packets]
+    cdef gro_table *t = _coalesced(keep, udp)
+    cdef gro_item *it
+    cdef vnet_hdr h
+    cdef int i, k
     try:
-        for buf in keep:
-            if gro_add(t, <uint8_t *><char *>buf, len(buf)) < 0:
-                raise ValueError("too many packets")
         out = []
         for i in range(t.nitems):
-            gro_finish(&t.items[i], &h)
-            out.append(((h.flags, h.gso_type, h.hdr_len, h.gso_size, h.csum_start, h.csum_offset),
-                        bytes(t.items[i].pkt[:t.items[i].len])))
+            it = &t.items[i]
+            gro_finish(it, &h)
+            if it.segs < 2:
+                out.append(((0, 0, 0, 0, 0, 0), bytes(it.pkt[:it.len])))
+            elif refused:
+                gro_unmerge(it)
+                for k in range(1, it.segs + 1):
+                    out.append(((0, 0, 0, 0, 0, 0), _iov_bytes(&it.iov[k])))
+            else:
+                out.append(((h.flags, h.gso_type, h.hdr_len, h.gso_size, h.csum_start, h.csum_offset),
+                            b"".join([_iov_bytes(&it.iov[k]) for k in range(1, it.segs + 1)])))
+        return out
+    finally:
+        free_gro_table(t)
+
+
+cdef tuple _locate(list bufs, const iovec *v):
+    """(index of the buffer of `bufs` that v points into, offset there, length); index -1: none of them."""
+    cdef size_t at = <size_t>v.iov_base, start
+    for index, buf in enumerate(bufs):
+        start = <size_t><char *>buf
+        if start <= at < start + len(buf):
+            return index, at - start, v.iov_len
+    return -1, 0, v.iov_len
+
+
+def coalesce_iovecs(packets: list[bytes], udp: bool = False) -> list[list[tuple[int, int, int]]]:
+    """Where the data of each write lies: (index of the packet, offset in it, length) per iovec after the
+    virtio header, index -1 for data outside every packet (a copy)."""
+    cdef list keep = [bytearray(p) for p in packets]
+    cdef gro_table *t = _coalesced(keep, udp)
+    cdef gro_item *it
+    cdef iovec lone
+    cdef int i, k
+    try:
+        out = []
+        for i in range(t.nitems):
+            it = &t.items[i]
+            if it.segs > 1:
+                out.append([_locate(keep, &it.iov[k]) for k in range(1, it.segs + 1)])
+            else:
+                lone.iov_base = it.pkt
+                lone.iov_len = it.len
+                out.append([_locate(keep, &lone)])
         return out
     finally:
         free_gro_table(t)

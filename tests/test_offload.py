@@ -9,7 +9,15 @@ from hypothesis import strategies as st
 from packets import checksum as ref_checksum
 from packets import ipv4
 
-from pyflannel.dataplane._engine import GSO_TCPV4, GSO_UDP_L4, checksum, coalesce, finish_checksum, split
+from pyflannel.dataplane._engine import (
+    GSO_TCPV4,
+    GSO_UDP_L4,
+    checksum,
+    coalesce,
+    coalesce_iovecs,
+    finish_checksum,
+    split,
+)
 
 ACK, PSH, FIN, CWR = 0x10, 0x08, 0x01, 0x80
 SRC, DST = "10.244.1.2", "10.244.2.3"
@@ -51,6 +59,17 @@ def assert_valid_segment(seg: bytes) -> None:
     proto = seg[9]
     pseudo = seg[12:20] + struct.pack("!BBH", 0, proto, len(seg) - ihl)
     assert ref_checksum(pseudo + seg[ihl:]) == 0, "full L4 checksum"
+
+
+def unmerged(packets: list[bytes]) -> list[tuple[tuple[int, int, int, int, int, int], bytes]]:
+    """What a coalesced write refused by the kernel leaves to write instead: each packet as it arrived."""
+    return [((0, 0, 0, 0, 0, 0), p) for p in packets]
+
+
+def in_place(packets: list[bytes], hl: int) -> list[tuple[int, int, int]]:
+    """Where a merged write of these packets (each with hl bytes of headers) must point: the first packet whole,
+    then each further one's payload, where they were received."""
+    return [(0, 0, len(packets[0]))] + [(i, hl, len(p) - hl) for i, p in enumerate(packets) if i]
 
 
 def tcp_fields(seg: bytes) -> tuple[int, int, bytes]:
@@ -96,6 +115,8 @@ def test_split_then_coalesce_is_the_identity(mss: int, nseg: int, tail: int, seq
     header, packet = written[0]
     assert header == (1, GSO_TCPV4, hl, mss, 20, 16)
     assert packet == original
+    assert coalesce_iovecs(segments) == [in_place(segments, hl)], "nothing copied"
+    assert coalesce(segments, refused=True) == unmerged(segments)
 
 
 def test_fin_and_cwr_stay_on_the_end_segments() -> None:
@@ -163,6 +184,8 @@ def test_interleaved_flows_are_merged_per_flow_in_order(order: list[int]) -> Non
     assert [p[15] - 2 for _, p in written] == firsts, "one write per flow, in order of first arrival"
     for (_, packet), n in zip(written, firsts, strict=True):
         assert packet == (flows[n] if order.count(n) > 1 else per_flow[n][0])
+    refused = coalesce(batch, refused=True)
+    assert refused == unmerged([p for n in firsts for p in per_flow[n]]), "each flow's segments as they arrived"
 
 
 def test_uso_split() -> None:
@@ -201,7 +224,22 @@ def test_udp_datagrams_of_one_flow_become_one_uso_write_that_splits_back(size: i
     assert header == (1, GSO_UDP_L4, 28, size, 20, 6)
     assert packet[28:] == data and struct.unpack("!H", packet[24:26])[0] == len(packet) - 20
     assert split(finish_checksum(packet, 20, 6), GSO_UDP_L4, size) == datagrams
+    assert coalesce_iovecs(datagrams, udp=True) == [in_place(datagrams, 28)], "nothing copied"
+    assert coalesce(datagrams, udp=True, refused=True) == unmerged(datagrams)
     assert len(coalesce(datagrams)) == len(datagrams), "without USO every datagram is its own write"
+
+
+def test_merged_writes_point_into_the_received_packets() -> None:
+    """No payload is copied, and each flow's write points at its own packets: the first whole, then each further
+    payload right after its own headers."""
+    tcp = split(tcp_super(bytes(range(250)) * 12), GSO_TCPV4, 1000)
+    udp = split(_udp_super(bytes(300)), GSO_UDP_L4, 100)
+    lone = split(tcp_super(bytes(10), src="10.244.1.9"), GSO_TCPV4, 1000)
+    assert coalesce_iovecs([tcp[0], udp[0], tcp[1], lone[0], udp[1], tcp[2], udp[2]], udp=True) == [
+        [(0, 0, 1040), (2, 40, 1000), (5, 40, 1000)],
+        [(1, 0, 128), (4, 28, 100), (6, 28, 100)],
+        [(3, 0, 50)],
+    ]
 
 
 def test_udp_is_merged_per_flow_and_only_what_is_safe() -> None:

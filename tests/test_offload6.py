@@ -11,9 +11,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from packets import checksum as ref_checksum
 from test_offload import _udp_super as udp_super4
+from test_offload import in_place, unmerged
 from test_offload import tcp_super as tcp_super4
 
-from pyflannel.dataplane._engine import GSO_TCPV4, GSO_TCPV6, GSO_UDP_L4, coalesce, finish_checksum, split
+from pyflannel.dataplane._engine import (
+    GSO_TCPV4,
+    GSO_TCPV6,
+    GSO_UDP_L4,
+    coalesce,
+    coalesce_iovecs,
+    finish_checksum,
+    split,
+)
 
 ACK, PSH, FIN, CWR = 0x10, 0x08, 0x01, 0x80
 SRC = ipaddress.IPv6Address("fd00:10:244:1::2").packed
@@ -88,6 +97,8 @@ def test_split_then_coalesce_is_the_identity(mss: int, nseg: int, seq: int, psh:
     segments = split(original, GSO_TCPV6, mss)
     assert len(segments) == nseg
     assert coalesce(segments) == [((1, GSO_TCPV6, 60, mss, 40, 16), original)]
+    assert coalesce_iovecs(segments) == [in_place(segments, 60)], "nothing copied"
+    assert coalesce(segments, refused=True) == unmerged(segments)
 
 
 def test_flows_of_both_families_are_merged_each_on_its_own() -> None:
@@ -123,6 +134,8 @@ def test_udp6_datagrams_of_one_flow_become_one_uso_write_that_splits_back(size: 
     assert packet[48:] == data
     assert struct.unpack("!H", packet[44:46])[0] == len(packet) - 40 == struct.unpack("!H", packet[4:6])[0]
     assert split(finish_checksum(packet, 40, 6), GSO_UDP_L4, size) == datagrams
+    assert coalesce_iovecs(datagrams, udp=True) == [in_place(datagrams, 48)], "nothing copied"
+    assert coalesce(datagrams, udp=True, refused=True) == unmerged(datagrams)
     assert len(coalesce(datagrams)) == len(datagrams), "without USO every datagram is its own write"
 
 
