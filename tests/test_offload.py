@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import struct
 
+import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from packets import checksum as ref_checksum
@@ -270,6 +271,15 @@ def test_split_refuses_garbage() -> None:
 
 @given(st.binary(max_size=3000))
 def test_checksum_matches_reference(data: bytes) -> None:
+    assert checksum(data) == ref_checksum(data)
+
+
+@pytest.mark.parametrize("size", [63, 64, 65, 79, 80, 65535, 1 << 20])
+@pytest.mark.parametrize("fill", [0x00, 0xFF, 0x5A])
+def test_checksum_of_long_runs(size: int, fill: int) -> None:
+    """Where the four-accumulator loop starts and ends, and runs of all-ones words (the largest sums), up to 1 MiB:
+    every length from 64 on goes through it."""
+    data = bytes([fill]) * (size - 1) + b"\x01"
     assert checksum(data) == ref_checksum(data)
 
 
