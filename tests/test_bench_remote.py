@@ -184,7 +184,10 @@ def _children(pid: int, command: str) -> list[int]:
 def _stopped_mid_mode(hosts: Hosts, stop: Callable[[subprocess.Popen[str]], None]) -> tuple[int, str]:
     """flannel-bench running udp, stopped by `stop` while the far agent is bringing up its flannel-tunnel (the
     near end's is up already, and the near end waits for the agent's reply): its exit status and stderr."""
-    bench = hosts.near.popen(*_bench(hosts, "--modes", "udp", *QUICK, "--json", os.devnull, "--plot", os.devnull),
+    # SIGINT's default action restored: a suite started in the background (`make test &`) inherits it ignored, and
+    # an ignored SIGINT stays ignored across exec (a program run in the background is not Ctrl-C's to stop).
+    bench = hosts.near.popen("env", "--default-signal=INT", *_bench(hosts, "--modes", "udp", *QUICK, "--json",
+                                                                   os.devnull, "--plot", os.devnull),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_for(lambda: _far_tunnel_started(hosts.far), timeout=60, what="flannel-tunnel on the far host")
