@@ -40,7 +40,7 @@ from pyflannel.daemon.backend import hostgw, routes, udp, vxlan
 from pyflannel.daemon.backend.base import Context, Network
 from pyflannel.daemon.errors import ConfigError, FlannelError
 from pyflannel.daemon.health import DaemonCollector, Status
-from pyflannel.daemon.interface import select
+from pyflannel.daemon.interface import check_flags, select
 from pyflannel.daemon.kube import KubeManager
 from pyflannel.daemon.lease import Lease, LeaseAttrs
 from pyflannel.daemon.outage import Outage
@@ -271,6 +271,9 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, signal.SIG_IGN)  # until the event loop logs them
     try:
         opts = flags.parse(argv)
+        if not opts.version:
+            check_flags(iface_regex=opts.iface_regex, can_reach=opts.iface_can_reach, public_ip=opts.public_ip,
+                        public_ipv6=opts.public_ipv6)
     except FlannelError as exc:
         print(f"flanneld: error: {exc}", file=sys.stderr)
         return exc.status

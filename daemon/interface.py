@@ -110,12 +110,35 @@ def _by_iface(links: list[Link], wanted: list[str]) -> Link | None:
     return None
 
 
-def _by_regex(links: list[Link], patterns: list[str], families: set[int]) -> Link | None:
+def check_flags(*, iface_regex: list[str], can_reach: str, public_ip: str, public_ipv6: str) -> None:
+    """The interface flags' syntax, checked at startup: a typo is a flag error at once, not after the registry
+    has answered (which select() would need first)."""
+    _patterns(iface_regex)
+    if can_reach:
+        _reach_target(can_reach)
+    _public(public_ip, None, 4)
+    _public(public_ipv6, None, 6)
+
+
+def _patterns(patterns: list[str]) -> list[re.Pattern[str]]:
+    compiled = []
     for pattern in patterns:
         try:
-            rx = re.compile(pattern)
+            compiled.append(re.compile(pattern))
         except re.error as exc:
             raise FlannelError(f"invalid --iface-regex {pattern!r}: {exc}", status=2) from None
+    return compiled
+
+
+def _reach_target(target: str) -> Address:
+    try:
+        return ipaddress.ip_address(target)
+    except ValueError:
+        raise FlannelError(f"--iface-can-reach {target!r} is not an IP address", status=2) from None
+
+
+def _by_regex(links: list[Link], patterns: list[str], families: set[int]) -> Link | None:
+    for rx in _patterns(patterns):
         for index, name, mtu, addrs in links:
             match = [a for a in addrs if a.version in families and rx.search(str(a))]
             if match:
@@ -128,10 +151,9 @@ def _by_regex(links: list[Link], patterns: list[str], families: set[int]) -> Lin
 
 def _by_route(ipr: IPRoute, links: list[Link], target: str) -> Link | None:
     """The interface the kernel would use to reach target (ip route get)."""
+    dst = _reach_target(target)
     try:
-        routes = ipr.route("get", dst=str(ipaddress.ip_address(target)))
-    except ValueError:
-        raise FlannelError(f"--iface-can-reach {target!r} is not an IP address", status=2) from None
+        routes = ipr.route("get", dst=str(dst))
     except Exception:
         return None
     oif = routes[0].get("RTA_OIF") if routes else None

@@ -102,6 +102,10 @@ UNPRIVILEGED = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
     (["--healthz-port", "99999"], "invalid healthz-port 99999: must be between 0 and 65535"),
     (["--healthz-port=-1"], "invalid healthz-port -1: must be between 0 and 65535"),
     (["--iptables-resync", "0"], "invalid iptables-resync 0: must be between 1 and 86400 seconds"),
+    (["--iface-regex", "("], "invalid --iface-regex '(': missing ), unterminated subpattern at position 0"),
+    (["--iface-can-reach", "garbage"], "--iface-can-reach 'garbage' is not an IP address"),
+    (["--public-ip", "300.1.1.1"], "--public-ip '300.1.1.1' is not an IPv4 address"),
+    (["--public-ipv6", "fe80::1"], "--public-ipv6 'fe80::1' is not a global or unique-local IPv6 address"),
 ])
 def test_bad_flags_exit_2_with_one_line(argv: list[str], message: str) -> None:
     r = subprocess.run([*UNPRIVILEGED, FLANNELD, *argv], capture_output=True, text=True, timeout=30)

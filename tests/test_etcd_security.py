@@ -99,6 +99,8 @@ def test_password_token_expiry_and_wrong_password(rig2: Rig, tmp_path: Path) -> 
     (["--etcd-cafile", "/nonexistent/ca.crt"], 1, "etcd TLS files (--etcd-cafile /nonexistent/ca.crt"),
     (["--etcd-certfile", "/etc/hostname", "--etcd-keyfile", "/etc/hostname"], 1, "etcd TLS files ("),
     (["--etcd-endpoints", "unix:///run/etcd.sock"], 2, "invalid etcd endpoint 'unix:///run/etcd.sock'"),
+    (["--etcd-endpoints", "http://127.0.0.1:99999"], 2, "invalid etcd endpoint 'http://127.0.0.1:99999'"),
+    (["--etcd-endpoints", "http://[::1"], 2, "invalid etcd endpoint 'http://[::1'"),
 ])
 def test_etcd_flag_mistakes_are_one_line(flags: list[str], status: int, message: str, tmp_path: Path) -> None:
     """Caught before any connection is tried, so no etcd (and no test host) is needed."""
