@@ -24,6 +24,7 @@ import asyncio
 import logging
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -52,6 +53,9 @@ class LocalRegistry:
         self.config_path = config_path
         self._db, self._identity = _open(path)
         self._lock = asyncio.Lock()
+        # Held by the worker thread through each call, and by close(): a task cancelled while awaiting its call
+        # releases _lock, but its thread runs on, and closing the connection under it is a use after free.
+        self._db_lock = threading.Lock()
 
     async def get_config(self) -> str:
         return config.read(self.config_path)
@@ -63,11 +67,12 @@ class LocalRegistry:
     def _guarded(self, fn: Callable[..., T], *args: Any) -> T:
         """fn(*args) on the file the path names now; SQLite failures (a damaged or unwritable file) become
         Unavailable, retried like an unreachable etcd."""
-        self._follow_path()
-        try:
-            return fn(*args)
-        except sqlite3.Error as exc:
-            raise Unavailable(f"local registry {self.path}: {exc}") from None
+        with self._db_lock:
+            self._follow_path()
+            try:
+                return fn(*args)
+            except sqlite3.Error as exc:
+                raise Unavailable(f"local registry {self.path}: {exc}") from None
 
     def _follow_path(self) -> None:
         try:
@@ -183,7 +188,11 @@ class LocalRegistry:
         return rows, int(oldest)
 
     async def close(self) -> None:
-        self._db.close()
+        await asyncio.to_thread(self._close)
+
+    def _close(self) -> None:
+        with self._db_lock:
+            self._db.close()
 
 
 def _open(path: str) -> tuple[sqlite3.Connection, tuple[int, int]]:
