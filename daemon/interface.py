@@ -89,14 +89,17 @@ def _first(addrs: list[Address], version: int, name: str) -> Address:
 def _public(flag: str, default: Address | None, version: int) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     if not flag:
         return default
-    name = "--public-ip" if version == 4 else "--public-ipv6"
+    return parse_public(flag, version, "--public-ip" if version == 4 else "--public-ipv6")
+
+
+def parse_public(text: str, version: int, what: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """A public address an operator gave (a flag, or a Node annotation: `what` names it): an IPv4 address, or a
+    global or unique-local IPv6 one; else a one-line FlannelError naming it."""
     try:
-        if version == 6:
-            return check_public_ipv6(flag)
-        return ipaddress.IPv4Address(flag)
+        return check_public_ipv6(text) if version == 6 else ipaddress.IPv4Address(text)
     except (ValueError, BadRecord):
         kind = "an IPv4 address" if version == 4 else "a global or unique-local IPv6 address"
-        raise FlannelError(f"{name} {flag!r} is not {kind}", status=2) from None
+        raise FlannelError(f"{what} {text[:50]!r} is not {kind}", status=2) from None
 
 
 def _by_iface(links: list[Link], wanted: list[str]) -> Link | None:

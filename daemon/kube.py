@@ -31,6 +31,7 @@ from pyflannel.daemon import config as netconf
 from pyflannel.daemon import safejson
 from pyflannel.daemon.config import Network, NetworkConfig
 from pyflannel.daemon.errors import FlannelError
+from pyflannel.daemon.interface import parse_public
 from pyflannel.daemon.lease import (
     MAX_DEPTH,
     MAX_VALUE,
@@ -38,7 +39,6 @@ from pyflannel.daemon.lease import (
     BadRecord,
     Lease,
     LeaseAttrs,
-    check_public_ipv6,
     check_subnet,
 )
 from pyflannel.daemon.peers import Changes, Entry
@@ -129,16 +129,11 @@ class KubeManager:
         node = await self._call(f"reading node {name}", api.read_node(name))
         annotations = node.metadata.annotations or {}
         found = []
-        for suffix, check in (("", ipaddress.IPv4Address), ("v6", check_public_ipv6)):
+        for version, suffix in ((4, ""), (6, "v6")):
             key = f"{self.prefix}node-public-ip{suffix}"
             value = annotations.get(key, "")
             if value:
-                try:
-                    check(value)
-                except (ValueError, BadRecord):
-                    raise FlannelError(f"node {name}: annotation {key} {value[:50]!r} is not "
-                                       f"{'an IPv4' if not suffix else 'a global or unique-local IPv6'} address",
-                                       status=2) from None
+                parse_public(value, version, f"node {name}: annotation {key}")
             found.append(value)
         return found[0], found[1]
 
@@ -164,7 +159,10 @@ class KubeManager:
         for version, data, public, suffix in ((4, attrs.backend_data, attrs.public_ip, ""),
                                               (6, attrs.backend_v6_data, attrs.public_ipv6, "v6")):
             if version in subnets:
-                overwrite = annotations.get(f"{self.prefix}public-ip{suffix}-overwrite")
+                key = f"{self.prefix}public-ip{suffix}-overwrite"
+                overwrite = annotations.get(key)
+                if overwrite:   # announced to every node as this node's address: refused here, not by each of them
+                    parse_public(overwrite, version, f"node {self.node}: annotation {key}")
                 wanted[f"{self.prefix}backend{'-v6' if suffix else ''}-data"] = json.dumps(data, separators=(",", ":"))
                 wanted[f"{self.prefix}public-ip{suffix}"] = overwrite or str(public)
         if any(annotations.get(k) != v for k, v in wanted.items()):

@@ -198,3 +198,16 @@ def test_node_public_ip_annotations_pin_the_public_addresses(cluster: tuple[Rig,
     err = proc.stderr.read().strip().splitlines()
     assert err[-1] == (f"flanneld: error: node n1: annotation {P}node-public-ip '198.18.0.60/24' is not an IPv4 "
                        "address"), err
+
+
+def test_a_public_ip_overwrite_that_is_no_address_is_refused(cluster: tuple[Rig, FakeKube, Path]) -> None:
+    """public-ip-overwrite is announced to every node as this node's address; flannel writes whatever it holds,
+    which each peer then cannot use. Refused here, in one line naming the annotation, before anything is written."""
+    rig, kube, tmp = cluster
+    kube.add_node("n0", "10.244.1.0/24", {P + "public-ip-overwrite": "nat.example"})
+    proc = _flanneld(rig.hosts[0], "n0", tmp)
+    assert proc.wait(30) == 2 and proc.stderr is not None
+    err = proc.stderr.read().strip().splitlines()
+    assert err[-1] == (f"flanneld: error: node n0: annotation {P}public-ip-overwrite 'nat.example' is not an IPv4 "
+                       "address"), err
+    assert kube.patches == [], "nothing announced"
