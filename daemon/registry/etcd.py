@@ -123,14 +123,15 @@ def endpoints(text: str, client_cert: bool = False) -> list[Endpoint]:
     out = []
     for item in text.split(","):
         item = item.strip()
+        bad = FlannelError(f"invalid etcd endpoint {item!r} (expected http://HOST:PORT or https://HOST:PORT)",
+                           status=2)
         try:
             url = urlsplit(item if "://" in item else f"//{item}")
             port = url.port   # ValueError when out of range, as urlsplit's for a broken [IPv6] host
         except ValueError:
-            url, port = None, None
-        if url is None or url.scheme not in ("", "http", "https") or not url.hostname:
-            raise FlannelError(f"invalid etcd endpoint {item!r} (expected http://HOST:PORT or https://HOST:PORT)",
-                               status=2)
+            raise bad from None
+        if url.scheme not in ("", "http", "https") or not url.hostname:
+            raise bad
         tls = url.scheme == "https" or (url.scheme == "" and client_cert)
         out.append(Endpoint(url.hostname, port or 2379, tls))
     return out
