@@ -62,6 +62,7 @@ IGNORED = {signal.SIGUSR2, signal.SIGALRM, signal.SIGVTALRM, signal.SIGPROF, sig
            signal.SIGSTKFLT, *range(signal.SIGRTMIN, signal.SIGRTMAX + 1)}
 WATCHED = STOP | {signal.SIGHUP, signal.SIGUSR1} | IGNORED
 CHECK_INTERVAL = 1.0  # seconds between dataplane checks (a deleted flannel0 is back within about this)
+PEERS_FILE_MAX = 16 << 20  # bytes: some 400,000 peer lines
 
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -177,10 +178,13 @@ def _file_peers(path: str, cfg: TunnelConfig) -> list[tuple[str, Peer]]:
     """The peers in a --peers-file, each with where it came from: one CIDR=IP a line; blank lines and # comments
     are skipped."""
     try:
-        with open(path) as f:
-            lines = f.read().splitlines()
+        with open(path, "rb") as f:
+            data = f.read(PEERS_FILE_MAX + 1)   # bounded: a device or an endless file is refused, not read into memory
+        lines = data.decode().splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         raise DataplaneError(f"cannot read --peers-file {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    if len(data) > PEERS_FILE_MAX:
+        raise DataplaneError(f"--peers-file {path} is larger than {PEERS_FILE_MAX >> 20} MiB")
     return [(f"{path}:{n}:", _peer(text, cfg, f"{path}:{n}:"))
             for n, line in enumerate(lines, 1) if (text := line.partition("#")[0].strip())]
 

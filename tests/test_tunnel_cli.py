@@ -63,7 +63,8 @@ def test_peers_file_errors_at_start_exit_2(tmp_path: Path) -> None:
     bad = tmp_path / "peers"
     bad.write_text("# ok\n10.244.2.0/24=198.18.0.2\n10.245.0.0/24=198.18.0.3\n")
     for path, message in ((bad, f"{bad}:3: subnet 10.245.0.0/24 is outside --network 10.244.0.0/16"),
-                          (tmp_path / "none", f"cannot read --peers-file {tmp_path / 'none'}: No such file")):
+                          (tmp_path / "none", f"cannot read --peers-file {tmp_path / 'none'}: No such file"),
+                          (Path("/dev/zero"), "--peers-file /dev/zero is larger than 16 MiB")):
         r = _run([*BASE, "--peer", "10.244.3.0/24=198.18.0.3", "--peers-file", str(path)])
         assert r.returncode == 2 and r.stderr.count("\n") == 1 and message in r.stderr, r.stderr
     bad.write_text("10.244.3.0/25=198.18.0.3\n")
