@@ -8,6 +8,7 @@ machine hits every mode alike; each figure is the median.
 from __future__ import annotations
 
 import argparse
+import importlib
 import ipaddress
 import os
 import shutil
@@ -146,6 +147,17 @@ def main(argv: list[str] | None = None) -> int:
         return 141
 
 
+def _missing_extras() -> list[str]:
+    """The bench extra's modules that do not import here (a plain `pip install pyflannel` lacks them)."""
+    missing = []
+    for module in ("iperf3", "matplotlib"):
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            missing.append(module)
+    return missing
+
+
 def _main(argv: list[str]) -> int:
     if argv and argv[0] in SUBCOMMANDS:
         return SUBCOMMANDS[argv[0]](argv[1:])
@@ -157,6 +169,11 @@ def _main(argv: list[str]) -> int:
     if missing:
         print(f"{PROG}: error: {', '.join(missing)} not found (apt-get install iperf3 iputils-ping iproute2)",
               file=sys.stderr)
+        return 1
+    extras = _missing_extras()
+    if extras:
+        print(f"{PROG}: error: {', '.join(extras)} not installed: the benchmark needs pyflannel's bench extra "
+              "(pip install 'pyflannel[bench]')", file=sys.stderr)
         return 1
     like_ctrl_c(signal.SIGTERM, signal.SIGHUP)
     try:

@@ -15,12 +15,16 @@ from pyflannel.bench.args import Parser
 
 LABELS = {
     "tcp_gbps": "TCP Gbit/s", "tcp_parallel_gbps": "TCP parallel Gbit/s", "udp64_kpps": "UDP64 kpps",
-    "rtt_ms_p50": "RTT p50 ms", "rtt_ms_p99": "RTT p99 ms", "cpu_s_per_gb": "CPU s/GB",
+    "rtt_ms_p50": "RTT p50 ms", "rtt_ms_p99": "RTT p99 ms", "rtt_loaded_ms_p50": "loaded RTT p50 ms",
+    "rtt_loaded_ms_p99": "loaded RTT p99 ms", "tcp_loaded_gbps": "loaded TCP Gbit/s", "rr_per_s": "RR/s",
+    "cpu_s_per_gb": "CPU s/GB",
     "client_cpu_s_per_gb": "CPU s/GB local", "server_cpu_s_per_gb": "CPU s/GB remote", "retransmits": "retransmits",
     "tx_syscalls_per_gb": "TX syscalls/GB", "rx_syscalls_per_gb": "RX syscalls/GB",
     "tx_packets_per_syscall": "TX packets/syscall", "rx_packets_per_syscall": "RX packets/syscall",
 }
-PLOTTED = ("tcp_gbps", "tcp_parallel_gbps", "udp64_kpps", "rtt_ms_p50", "cpu_s_per_gb")
+PLOTTED = ("tcp_gbps", "tcp_parallel_gbps", "udp64_kpps", "rtt_ms_p50", "rtt_loaded_ms_p50", "rr_per_s",
+           "cpu_s_per_gb")
+LOG_SCALE = {"rtt_ms_p50", "rtt_loaded_ms_p50"}  # microseconds and milliseconds on one axis
 
 
 class BadReport(Exception):
@@ -85,6 +89,8 @@ def plot(names: list[str], reports: list[dict[str, Any]], path: Path) -> None:
                    [r["modes"].get(m, {}).get(figure, 0) for m in modes], width, label=name)
         ax.set_xticks(list(range(len(modes))), modes, rotation=30)
         ax.set_title(LABELS[figure])
+        if figure in LOG_SCALE:
+            ax.set_yscale("log")
     axes[0].legend()
     fig.suptitle("flannel-bench compare")
     report.save(fig, path)

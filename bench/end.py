@@ -11,6 +11,7 @@ import ipaddress
 import json
 import os
 import subprocess
+import sys
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from pyflannel.bench.rig import Host, network, terminate
 from pyflannel.daemon.config import Address, Network
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+RR_PORT = 5202  # the request/response probe's, beside iperf3's 5201
 
 
 class End(Protocol):
@@ -79,16 +81,20 @@ class LocalEnd:
         self.tunnel = modes.connect(mode, self.host, peer, self._undo, self.files)
 
     def serve(self, addr: Address, port: int) -> None:
-        """An iperf3 server on addr:port until reset() or this process's end, however it ends; returns once it
-        listens."""
-        proc = self.host.popen("iperf3", "-s", "-p", str(port), "-B", str(addr), tied=True,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        """An iperf3 server on addr:port and the request/response probe's (bench.rr) on addr:RR_PORT until reset()
+        or this process's end, however it ends; returns once both listen."""
+        self._listen("iperf3", addr, port, "iperf3", "-s", "-p", str(port), "-B", str(addr))
+        self._listen("request/response", addr, RR_PORT, sys.executable, "-m", "pyflannel.bench.rr", "serve", str(addr),
+                     str(RR_PORT))
+
+    def _listen(self, name: str, addr: Address, port: int, *argv: str) -> None:
+        proc = self.host.popen(*argv, tied=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self._undo.callback(terminate, proc)
         listening = f"{addr}:{port} " if addr.version == 4 else f"[{addr}]:{port} "   # as ss prints it
         deadline = time.monotonic() + 10
         while listening not in self.host.run("ss", "-ltnH").stdout:
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise ModeUnavailable(f"the iperf3 server did not start on {addr}:{port}")
+                raise ModeUnavailable(f"the {name} server did not start on {addr}:{port}")
             time.sleep(0.05)
 
     def engine_stats(self) -> dict[str, Any] | None:

@@ -1,17 +1,22 @@
-"""The measurements of one mode on one rig: TCP single and parallel streams, 64-byte UDP, RTT, CPU per GB."""
+"""The measurements of one mode on one path: TCP single and parallel streams, 64-byte UDP, RTT at idle and while
+one TCP stream saturates the path, request/response transactions, CPU per GB."""
 
 from __future__ import annotations
 
 import json
 import re
 import statistics
+import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from typing import Any
 
-from pyflannel.bench.end import Endpoints
+from pyflannel.bench.end import RR_PORT, Endpoints
 
 PORT = 5201
+PING_INTERVAL = 0.005  # seconds between pings: a request every 5 ms, each alone on an otherwise idle path
+LOADED_WARMUP = 0.5  # seconds the TCP stream runs before the pings under load start (past slow start)
 
 
 @dataclass(frozen=True)
@@ -21,6 +26,10 @@ class Result:
     udp64_kpps: float
     rtt_ms_p50: float
     rtt_ms_p99: float
+    rtt_loaded_ms_p50: float
+    rtt_loaded_ms_p99: float
+    tcp_loaded_gbps: float
+    rr_per_s: float
     cpu_s_per_gb: float
     retransmits: int
     # udp modes, from the engines' counters over the single-stream run: syscalls per GB received and inner
@@ -50,12 +59,18 @@ def measure(path: Endpoints, *, seconds: int, parallel: int, pings: int) -> Resu
     tcp_parallel = _iperf(path, "tcp", parallel, seconds)
     udp = _iperf(path, "udp", 1, seconds)["end"]["sum"]
     rtts = _ping(path, pings)
+    loaded, loaded_rtts = _loaded(path, seconds, pings)
+    rr = _request_response(path, seconds)
     return Result(
         tcp_gbps=tcp["end"]["sum_received"]["bits_per_second"] / 1e9,
         tcp_parallel_gbps=tcp_parallel["end"]["sum_received"]["bits_per_second"] / 1e9,
         udp64_kpps=(udp["packets"] - udp["lost_packets"]) / udp["seconds"] / 1e3,
         rtt_ms_p50=statistics.median(rtts),
-        rtt_ms_p99=statistics.quantiles(rtts, n=100, method="inclusive")[98],
+        rtt_ms_p99=_p99(rtts),
+        rtt_loaded_ms_p50=statistics.median(loaded_rtts),
+        rtt_loaded_ms_p99=_p99(loaded_rtts),
+        tcp_loaded_gbps=loaded["end"]["sum_received"]["bits_per_second"] / 1e9,
+        rr_per_s=rr,
         cpu_s_per_gb=sum(cpu) / moved_gb if moved_gb else float("inf"),
         retransmits=int(tcp["end"]["sum_sent"].get("retransmits", 0)),
         **syscalls,
@@ -95,23 +110,64 @@ def _syscall_figures(before: tuple[int, int, int, int] | None, after: tuple[int,
             "rx_packets_per_syscall": rx_packets / max(rx_calls, 1)}
 
 
+def _iperf_argv(path: Endpoints, proto: str, streams: int, seconds: int) -> list[str]:
+    return [sys.executable, "-m", "pyflannel.bench.iperf_client", str(path.server_addr), str(PORT), proto,
+            str(streams), str(seconds), str(path.client_addr)]
+
+
 def _iperf(path: Endpoints, proto: str, streams: int, seconds: int) -> dict[str, Any]:
-    r = path.client.host.run(sys.executable, "-m", "pyflannel.bench.iperf_client", str(path.server_addr), str(PORT),
-                             proto, str(streams), str(seconds), str(path.client_addr), check=False,
-                             timeout=seconds + 60)
+    r = path.client.host.run(*_iperf_argv(path, proto, streams, seconds), check=False, timeout=seconds + 60)
+    return _iperf_result(f"{proto} x{streams}", r.stdout, r.stderr)
+
+
+def _iperf_result(what: str, stdout: str, stderr: str) -> dict[str, Any]:
     try:
-        result = json.loads(r.stdout)
+        result = json.loads(stdout)
     except json.JSONDecodeError:
-        raise MeasurementError(f"iperf3 {proto} x{streams} gave no result: {r.stderr.strip()[-200:]}") from None
+        raise MeasurementError(f"iperf3 {what} gave no result: {stderr.strip()[-200:]}") from None
     if "error" in result:
-        raise MeasurementError(f"iperf3 {proto} x{streams}: {result['error']}")
+        raise MeasurementError(f"iperf3 {what}: {result['error']}")
     return dict(result)
 
 
+def _loaded(path: Endpoints, seconds: int, pings: int) -> tuple[dict[str, Any], list[float]]:
+    """One TCP stream's iperf3 result, and the RTTs of pings sent along the same path while it ran."""
+    stream = path.client.host.popen(*_iperf_argv(path, "tcp", 1, seconds), stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(LOADED_WARMUP)
+        rtts = _ping(path, max(10, min(pings, int((seconds - LOADED_WARMUP - 0.5) / PING_INTERVAL))))
+        stdout, stderr = stream.communicate(timeout=seconds + 60)
+    finally:
+        if stream.poll() is None:
+            stream.kill()
+            stream.wait()
+    return _iperf_result("tcp x1 under pings", stdout, stderr), rtts
+
+
 def _ping(path: Endpoints, count: int) -> list[float]:
-    out = path.client.host.run("ping", "-c", str(count), "-i", "0.01", "-I", str(path.client_addr),
+    out = path.client.host.run("ping", "-c", str(count), "-i", str(PING_INTERVAL), "-I", str(path.client_addr),
                                str(path.server_addr), check=False, timeout=count + 30).stdout
     rtts = [float(m) for m in re.findall(r"time=([\d.]+) ms", out)]
     if len(rtts) < count // 2:
         raise MeasurementError(f"ping: {len(rtts)} of {count} replies")
     return rtts
+
+
+def _p99(values: list[float]) -> float:
+    return statistics.quantiles(values, n=100, method="inclusive")[98]
+
+
+def _request_response(path: Endpoints, seconds: int) -> float:
+    """Transactions per second of one TCP connection carrying one byte and its one-byte answer at a time
+    (bench.rr, against the server end's probe)."""
+    r = path.client.host.run(sys.executable, "-m", "pyflannel.bench.rr", "ping-pong", str(path.server_addr),
+                             str(RR_PORT), str(seconds), str(path.client_addr), check=False, timeout=seconds + 30)
+    try:
+        result = json.loads(r.stdout)
+    except json.JSONDecodeError:
+        said = r.stderr.strip().splitlines()
+        raise MeasurementError(f"request/response gave no result{': ' + said[-1] if said else ''}") from None
+    if not result["transactions"]:
+        raise MeasurementError("request/response: no answer")
+    return float(result["transactions"] / result["seconds"])

@@ -28,7 +28,7 @@ from pyflannel.bench.rig import Host, endpoint, network, terminate
 from pyflannel.daemon.backend import routes, vxlan_device
 from pyflannel.daemon.config import Address, Network
 
-MODES = ("none", "host-gw", "vxlan", "udp", "udp-batch", "udp-basic")
+MODES = ("none", "host-gw", "vxlan", "udp", "udp-batch", "udp-basic", "flannel-c")
 MODES6 = ("none6", "host-gw6", "vxlan6", "udp6")
 TUNNEL = str(Path(sys.executable).with_name("flannel-tunnel"))
 VTEPS = tuple(vxlan_device.device_name(vxlan_device.DEFAULT_VNI, version) for version in (4, 6))
@@ -179,16 +179,30 @@ def _vxlan(host: Host, peer: Lease, undo: ExitStack, files: Path) -> None:
 
 def _udp(host: Host, peer: Lease, undo: ExitStack, files: Path, *extra: str) -> Tunnel:
     """flannel-tunnel on the host: the same engine the udp backend drives, given the addresses of one family
-    (IPv6 ones for udp6: --iface-ip, --subnet and --network are taken once per family). Tied to this process: if
-    it is killed, the tunnel still stops and removes its flannel0."""
-    stats, log = files / f"{host.subnet.network_address}-stats.json", files / f"{host.subnet.network_address}.log"
-    with log.open("w") as err:
-        proc = host.popen(TUNNEL, "--iface-ip", str(host.underlay), "--subnet", str(host.subnet), "--network",
-                          str(network(host.subnet.version)), "--peer", f"{peer.subnet}={peer.public_ip}",
-                          "--stats-file", str(stats), *extra, tied=True, stdout=subprocess.DEVNULL, stderr=err)
-    undo.callback(terminate, proc)
-    _wait_for_flannel0(host, proc, log)
+    (IPv6 ones for udp6: --iface-ip, --subnet and --network are taken once per family)."""
+    stats = files / f"{host.subnet.network_address}-stats.json"
+    proc = _start(host, undo, files, "flannel-tunnel", TUNNEL, "--iface-ip", str(host.underlay),
+                  "--subnet", str(host.subnet), "--network", str(network(host.subnet.version)),
+                  "--peer", f"{peer.subnet}={peer.public_ip}", "--stats-file", str(stats), *extra)
     return Tunnel(proc, stats)
+
+
+def _flannel_c(host: Host, peer: Lease, undo: ExitStack, files: Path) -> None:
+    """flannel's own udp design (bench.flannel_c), the reference for every mode's latency; IPv4 only, as flannel's
+    udp backend."""
+    _start(host, undo, files, "flannel-c", sys.executable, "-m", "pyflannel.bench.flannel_c", str(host.underlay),
+           str(host.subnet), str(network(4)), f"{peer.subnet}={peer.public_ip}")
+
+
+def _start(host: Host, undo: ExitStack, files: Path, name: str, *argv: str) -> subprocess.Popen[Any]:
+    """A program that brings up flannel0 on the host, once flannel0 routes the network. Tied to this process: if
+    it is killed, the program still stops and removes its flannel0."""
+    log = files / f"{host.subnet.network_address}.log"
+    with log.open("w") as err:
+        proc = host.popen(*argv, tied=True, stdout=subprocess.DEVNULL, stderr=err)
+    undo.callback(terminate, proc)
+    _wait_for_flannel0(host, proc, name, log)
+    return proc
 
 
 def _udp_batch(host: Host, peer: Lease, undo: ExitStack, files: Path) -> Tunnel:
@@ -201,7 +215,7 @@ def _udp_basic(host: Host, peer: Lease, undo: ExitStack, files: Path) -> Tunnel:
     return _udp(host, peer, undo, files, "--offload", "off", "--batch", "1", "--queues", "1")
 
 
-def _wait_for_flannel0(host: Host, proc: subprocess.Popen[Any], log: Path, timeout: float = 15) -> None:
+def _wait_for_flannel0(host: Host, proc: subprocess.Popen[Any], name: str, log: Path, timeout: float = 15) -> None:
     """Until the network's route is on flannel0 (the engine is then up), or what flannel-tunnel said last if it
     exited (a flannel-tunnel without IPv6 refuses udp6's addresses in one line)."""
     family = host.subnet.version
@@ -209,11 +223,11 @@ def _wait_for_flannel0(host: Host, proc: subprocess.Popen[Any], log: Path, timeo
     while f"{network(family)} dev flannel0" not in host.run("ip", f"-{family}", "route").stdout:
         if proc.poll() is not None or time.monotonic() > deadline:
             said = log.read_text().strip().splitlines()
-            raise ModeUnavailable(f"flannel-tunnel did not bring up flannel0{': ' + said[-1] if said else ''}")
+            raise ModeUnavailable(f"{name} did not bring up flannel0{': ' + said[-1] if said else ''}")
         time.sleep(0.05)
 
 
 CONNECT: dict[str, Callable[[Host, Lease, ExitStack, Path], Tunnel | None]] = {
     "none": _none, "host-gw": _host_gw, "vxlan": _vxlan, "udp": _udp, "udp-batch": _udp_batch,
-    "udp-basic": _udp_basic,
+    "udp-basic": _udp_basic, "flannel-c": _flannel_c,
 }

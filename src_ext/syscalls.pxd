@@ -39,6 +39,8 @@ cdef extern from "<sys/socket.h>" nogil:
         unsigned int msg_len
     int recvmmsg(int fd, mmsghdr *msgvec, unsigned int vlen, int flags, void *timeout)
     int sendmmsg(int fd, mmsghdr *msgvec, unsigned int vlen, int flags)
+    ssize_t recv(int fd, void *buf, size_t n, int flags)
+    ssize_t sendto(int fd, const void *buf, size_t n, int flags, const void *addr, socklen_t addrlen)
     int setsockopt(int fd, int level, int optname, const void *optval, socklen_t optlen)
     int MSG_DONTWAIT
     int SOL_SOCKET

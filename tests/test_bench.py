@@ -32,9 +32,39 @@ def test_rig_leaves_nothing_behind_even_on_error() -> None:
     assert all(p.poll() is not None for p in procs), "processes started in the rig are gone"
 
 
-def _result(tcp: float, retrans: int = 0) -> Result:
-    return Result(tcp_gbps=tcp, tcp_parallel_gbps=2 * tcp, udp64_kpps=100.0, rtt_ms_p50=0.1, rtt_ms_p99=0.2,
+def _result(tcp: float, retrans: int = 0, rtt: float = 0.1) -> Result:
+    return Result(tcp_gbps=tcp, tcp_parallel_gbps=2 * tcp, udp64_kpps=100.0, rtt_ms_p50=rtt, rtt_ms_p99=2 * rtt,
+                  rtt_loaded_ms_p50=1.0, rtt_loaded_ms_p99=3.0, tcp_loaded_gbps=tcp, rr_per_s=1000.0,
                   cpu_s_per_gb=1.0, retransmits=retrans)
+
+
+def test_idle_rtt_is_set_against_flannel_c() -> None:
+    runs = {"vxlan": [_result(10, rtt=0.01)], "udp": [_result(8, rtt=0.05)], "flannel-c": [_result(1, rtt=0.1)]}
+    built = report.build(runs, {"parallel": 4}, {})
+    assert built["rtt_vs_flannel_c"] == {"vxlan": {"p50": 0.1, "p99": 0.1}, "udp": {"p50": 0.5, "p99": 0.5}}
+    assert re.search(r"^udp +.* 0\.50/0\.50 ", report.table(built), re.MULTILINE)
+    assert report.build({"udp": [_result(8)]}, {"parallel": 4}, {})["rtt_vs_flannel_c"] == {}
+
+
+def test_the_penalty_panel_says_what_is_missing() -> None:
+    """Without the plain underlay there is no penalty: the panel says so instead of drawing empty axes."""
+    built = report.build({"udp": [_result(8)]}, {"parallel": 4}, {})
+    _fig, ax = report.pyplot().subplots()
+    report._penalty_panel(ax, built)
+    assert any("no plain underlay" in t.get_text() for t in ax.texts)
+    assert not ax.patches, "no bars"
+    built = report.build({"none": [_result(10)], "udp": [_result(8)]}, {"parallel": 4}, {})
+    _fig, ax = report.pyplot().subplots()
+    report._penalty_panel(ax, built)
+    assert not ax.texts[1:] and [round(p.get_height()) for p in ax.patches] == [20]
+
+
+def test_missing_bench_extra_is_one_line(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """`pip install pyflannel` without [bench]: one line saying what to install, before anything runs."""
+    monkeypatch.setitem(sys.modules, "iperf3", None)
+    assert cli.main(["--modes", "none"]) == 1
+    assert capsys.readouterr().err == ("flannel-bench: error: iperf3 not installed: the benchmark needs pyflannel's "
+                                       "bench extra (pip install 'pyflannel[bench]')\n")
 
 
 def test_medians_and_penalties() -> None:
@@ -90,21 +120,26 @@ def test_ipv6_run_on_an_ipv6_rig() -> None:
 
 def test_quick_run_writes_json_and_png(tmp_path: Path) -> None:
     out, png = tmp_path / "r.json", tmp_path / "r.png"
-    r = subprocess.run([BENCH, "--modes", "none,udp", "--seconds", "1", "--repeats", "1", "--pings", "10",
-                        "--json", str(out), "--plot", str(png)], capture_output=True, text=True, timeout=300)
+    r = subprocess.run([BENCH, "--modes", "none,udp,flannel-c", "--seconds", "1", "--repeats", "1", "--pings",
+                        "10", "--json", str(out), "--plot", str(png)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     data = json.loads(out.read_text())
-    assert set(data) == {"machine", "config", "modes", "penalty_pct"}
+    assert set(data) == {"machine", "config", "modes", "penalty_pct", "rtt_vs_flannel_c"}
     assert {"kernel", "cpus"} <= set(data["machine"])
-    assert set(data["modes"]) == {"none", "udp"}
+    assert set(data["modes"]) == {"none", "udp", "flannel-c"}
     for mode, figures in data["modes"].items():
         engine = {"tx_syscalls_per_gb", "rx_syscalls_per_gb", "tx_packets_per_syscall", "rx_packets_per_syscall"}
         assert set(figures) == {"tcp_gbps", "tcp_parallel_gbps", "udp64_kpps", "rtt_ms_p50", "rtt_ms_p99",
+                                "rtt_loaded_ms_p50", "rtt_loaded_ms_p99", "tcp_loaded_gbps", "rr_per_s",
                                 "cpu_s_per_gb", "retransmits"} | (engine if mode == "udp" else set())
         assert figures["tcp_gbps"] > 0 and figures["rtt_ms_p99"] >= figures["rtt_ms_p50"] > 0
+        assert figures["tcp_loaded_gbps"] > 0 and figures["rtt_loaded_ms_p99"] >= figures["rtt_loaded_ms_p50"] > 0
+        assert figures["rr_per_s"] > 0
     udp = data["modes"]["udp"]
     assert udp["tx_syscalls_per_gb"] > 0 and udp["rx_packets_per_syscall"] > 0
-    assert set(data["penalty_pct"]) == {"udp"}
+    assert set(data["penalty_pct"]) == {"udp", "flannel-c"}
+    assert set(data["rtt_vs_flannel_c"]) == {"none", "udp"}
+    assert all(ratio["p50"] > 0 for ratio in data["rtt_vs_flannel_c"].values())
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "penalty" in r.stdout and "udp" in r.stdout
     assert leftover_namespaces("pfbench") == []

@@ -27,7 +27,8 @@ from pyflannel.bench.rig import Host, Rig
 
 BENCH = str(Path(sys.executable).with_name("flannel-bench"))
 SSHD_PORT = 2222
-FIGURES = {"tcp_gbps", "tcp_parallel_gbps", "udp64_kpps", "rtt_ms_p50", "rtt_ms_p99", "cpu_s_per_gb", "retransmits"}
+FIGURES = {"tcp_gbps", "tcp_parallel_gbps", "udp64_kpps", "rtt_ms_p50", "rtt_ms_p99", "rtt_loaded_ms_p50",
+           "rtt_loaded_ms_p99", "tcp_loaded_gbps", "rr_per_s", "cpu_s_per_gb", "retransmits"}
 ENGINE = {"tx_syscalls_per_gb", "rx_syscalls_per_gb", "tx_packets_per_syscall", "rx_packets_per_syscall"}
 PER_END_CPU = {"client_cpu_s_per_gb", "server_cpu_s_per_gb"}
 QUICK = ("--seconds", "1", "--repeats", "1", "--pings", "10")
@@ -117,8 +118,9 @@ def test_two_host_run_reports_as_the_namespace_run_does_with_each_ends_nic(hosts
     r = hosts.near.run(*_bench(hosts, *QUICK, "--json", str(out), "--plot", str(png)), check=False, timeout=240)
     assert r.returncode == 0, r.stderr
     data = json.loads(out.read_text())
-    assert set(data) == {"machine", "config", "modes", "penalty_pct"}, data.get("skipped")
+    assert set(data) == {"machine", "config", "modes", "penalty_pct", "rtt_vs_flannel_c"}, data.get("skipped")
     assert set(data["modes"]) == set(MODES)
+    assert set(data["rtt_vs_flannel_c"]) == set(MODES) - {"flannel-c"}
     for mode, figures in data["modes"].items():
         assert set(figures) == FIGURES | PER_END_CPU | (ENGINE if mode.startswith("udp") else set()), mode
         assert all(v > 0 for k, v in figures.items() if k != "retransmits"), (mode, figures)
@@ -287,6 +289,7 @@ def test_an_unfit_far_end_is_refused_before_anything_is_set_up(hosts: Hosts, tmp
 
 def _report(path: Path, tcp: float) -> None:
     result = Result(tcp_gbps=tcp, tcp_parallel_gbps=2 * tcp, udp64_kpps=100.0, rtt_ms_p50=0.1, rtt_ms_p99=0.2,
+                    rtt_loaded_ms_p50=1.0, rtt_loaded_ms_p99=3.0, tcp_loaded_gbps=tcp, rr_per_s=1000.0,
                     cpu_s_per_gb=1.0, retransmits=3)
     report.write_json(report.build({"none": [result], "vxlan": [result]}, {"parallel": 4}, {}), path)
 
