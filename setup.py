@@ -1,4 +1,5 @@
-"""Builds the Cython packet engine into pyflannel.dataplane._engine, and flannel-bench's two C loops: the
+"""Builds the Cython packet engine into pyflannel.dataplane._engine, its C parts for tests and micro-benchmarks into
+pyflannel.dataplane._testing, and flannel-bench's two C loops: the
 reference for flannel's own udp design (pyflannel.bench._flannel_c) and the request/response probe
 (pyflannel.bench._rr_probe); everything else is plain Python packaging."""
 
@@ -8,6 +9,13 @@ from setuptools import Extension, setup
 engine = Extension(
     "pyflannel.dataplane._engine",
     sources=["src_ext/engine.pyx"],
+    include_dirs=["src_ext"],
+    extra_compile_args=["-O2", "-Wno-unused-function"],
+)
+
+testing = Extension(
+    "pyflannel.dataplane._testing",
+    sources=["src_ext/testing.pyx"],
     include_dirs=["src_ext"],
     extra_compile_args=["-O2", "-Wno-unused-function"],
 )
@@ -27,7 +35,7 @@ rr_probe = Extension(
 
 setup(
     ext_modules=cythonize(
-        [engine, flannel_c, rr_probe],
+        [engine, testing, flannel_c, rr_probe],
         include_path=["src_ext"],
         compiler_directives={"language_level": "3"},
     ),

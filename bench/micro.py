@@ -14,7 +14,8 @@ from typing import Any
 
 import pytest
 
-from pyflannel.dataplane._engine import GSO_TCPV4, PrefixTable, checksum, coalesce, split, steer_counts
+from pyflannel.dataplane._engine import PrefixTable
+from pyflannel.dataplane._testing import GSO_TCPV4, checksum, coalesce, split, steer_counts
 from pyflannel.dataplane.tunnel import all_peers, parse_config
 
 LOOKUPS = 100_000

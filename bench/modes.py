@@ -211,7 +211,8 @@ def _udp_batch(host: Host, peer: Lease, undo: ExitStack, files: Path) -> Tunnel:
 
 
 def _udp_basic(host: Host, peer: Lease, undo: ExitStack, files: Path) -> Tunnel:
-    """The design of flannel's C proxy: no offloads, one packet per syscall, one thread each way."""
+    """The design of flannel's C proxy in this engine: no offloads, one packet per syscall, one queue and one
+    thread, which sleeps as soon as it is idle."""
     return _udp(host, peer, undo, files, "--offload", "off", "--batch", "1", "--queues", "1")
 
 

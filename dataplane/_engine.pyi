@@ -1,10 +1,12 @@
 from array import array
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 COUNTERS: tuple[str, ...]
 DROPS: tuple[str, ...]
+EXPORTED: dict[str, tuple[str, str, str]]
 MAX_QUEUES: int
+BUCKETS_MAX: int
 
 class PrefixTable:
     def __init__(self) -> None: ...
@@ -18,23 +20,15 @@ class PrefixTable:
     def __contains__(self, prefix: str) -> bool: ...
     def __iter__(self) -> Iterator[tuple[str, str, int]]: ...
 
-def _testhelper_race(
-    table: PrefixTable,
-    batches: list[tuple[list[tuple[str, str, int]], list[str]]],
-    probes: array[int],
-    peer_a: str,
-    peer_b: str,
-    probes6: bytes | None = ...,
-) -> tuple[int, int]: ...
-
 class Engine:
     table: PrefixTable
     def __init__(
         self,
-        tun_fd: int,
-        sock_fd: int,
+        tun_fds: Sequence[int],
+        socks: Sequence[int],
         table: PrefixTable,
         *,
+        socks6: Sequence[int] = ...,
         batch: int = ...,
         check_source: bool = ...,
         vnet_hdr: bool = ...,
@@ -44,28 +38,17 @@ class Engine:
         uso: bool = ...,
         local_subnet: str | None = ...,
         local_subnet6: str | None = ...,
-        sock6_fd: int = ...,
         queue: int = ...,
         icmp_shared_with: Engine | None = ...,
+        spin_us: float | None = ...,
+        helper: bool = ...,
+        handover: tuple[int, int] | None = ...,
     ) -> None: ...
-    def run_tx(self) -> None: ...
-    def run_rx(self) -> None: ...
+    def run(self) -> None: ...
+    def run_helper(self) -> None: ...
     def failure(self) -> tuple[str, int] | None: ...
     def stop(self) -> None: ...
+    def memory(self) -> dict[str, int]: ...
     def stats(self) -> dict[str, Any]: ...
 
 def attach_steering(sock_fd: int, queues: int) -> None: ...
-def steered_queue(packet: bytes | bytearray | memoryview, queues: int) -> int: ...
-def steer_counts(packets: bytes | bytearray | memoryview, size: int, queues: int) -> list[int]: ...
-
-GSO_TCPV4: int
-GSO_UDP_L4: int
-GSO_TCPV6: int
-
-def checksum(data: bytes | bytearray | memoryview) -> int: ...
-def finish_checksum(packet: bytes, csum_start: int, csum_offset: int) -> bytes: ...
-def split(packet: bytes, gso_type: int, gso_size: int) -> list[bytes]: ...
-def coalesce(
-    packets: list[bytes], udp: bool = ..., refused: bool = ...
-) -> list[tuple[tuple[int, int, int, int, int, int], bytes]]: ...
-def coalesce_iovecs(packets: list[bytes], udp: bool = ...) -> list[list[tuple[int, int, int]]]: ...

@@ -23,31 +23,12 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
-from pyflannel.dataplane._engine import COUNTERS
+from pyflannel.dataplane._engine import COUNTERS, EXPORTED
 from pyflannel.dataplane.errors import DataplaneError
 
 Stats = Callable[[], "dict[str, Any] | None"]  # the engine's stats(), or None while there is no engine
 Check = Callable[[], "str | None"]  # what is wrong, or None
 
-# Every engine counter, as the family and the one label it is exported under (drops come by reason).
-_EXPORTED: dict[str, tuple[str, str, str]] = {
-    "tx_packets": ("packets", "direction", "tx"), "rx_packets": ("packets", "direction", "rx"),
-    "tx_bytes": ("bytes", "direction", "tx"), "rx_bytes": ("bytes", "direction", "rx"),
-    "tx_send_calls": ("syscalls", "call", "sendmmsg"), "rx_recv_calls": ("syscalls", "call", "recvmmsg"),
-    "tun_reads": ("syscalls", "call", "tun_read"), "tun_writes": ("syscalls", "call", "tun_write"),
-    "tx_gso_messages": ("offload_events", "event", "gso_send"),
-    "tun_super_packets": ("offload_events", "event", "tso_read"),
-    "rx_gro_trains": ("offload_events", "event", "gro_train"),
-    "tun_coalesced_writes": ("offload_events", "event", "coalesced_write"),
-    "gso_fallbacks": ("offload_events", "event", "gso_fallback"),
-    "coalesce_fallbacks": ("offload_events", "event", "coalesce_fallback"),
-    "icmp_unreachable_sent": ("icmp_unreachable", "outcome", "sent"),
-    "icmp_unreachable_rate_limited": ("icmp_unreachable", "outcome", "rate_limited"),
-    "icmp6_unreachable_sent": ("icmp6_errors", "type", "unreachable"),
-    "icmp6_time_exceeded_sent": ("icmp6_errors", "type", "time_exceeded"),
-    "rx_socket_overflow": ("drops", "reason", "rx_socket_overflow"),
-}
-assert set(_EXPORTED) == set(COUNTERS), "every engine counter is exported"
 _HELP = {
     "packets": "Inner packets forwarded: tx from flannel0 to the wire, rx from the wire into flannel0.",
     "bytes": "Bytes of the inner packets forwarded, by direction.",
@@ -60,7 +41,12 @@ _HELP = {
                     "time_exceeded (hop limit).",
     "drops": "Packets the engine dropped, by reason (rx_socket_overflow: dropped by the kernel in the socket "
              "buffer).",
+    "worker_events": "How the engine threads found their work: wakeup (after sleeping in poll), spin_catch (while "
+                     "still looking, without a wake-up); and when a second thread took over the receiving side "
+                     "(helper_on) and gave it back (helper_off).",
 }
+# Every family the engine's counters are exported under (src_ext/counters.h says which) has its help text.
+assert {family for family, _, _ in EXPORTED.values()} <= set(_HELP), "a counter family without help"
 
 
 class EngineCollector(Collector):
@@ -80,6 +66,11 @@ class EngineCollector(Collector):
         for name, on in stats["offloads"].items():
             offloads.add_metric([name], float(on))
         yield offloads
+        memory = GaugeMetricFamily("flannel_engine_memory_bytes", "What the packet engines allocated, by buffer "
+                                   "(src_ext/engine.pyx _allocate says why each is that size).", labels=["buffer"])
+        for name, size in stats["memory"].items():
+            memory.add_metric([name], float(size))
+        yield memory
 
 
 def _counters(prefix: str, extra: list[str], rows: list[tuple[list[str], Mapping[str, Any]]]) -> Iterator[Metric]:
@@ -92,10 +83,12 @@ def _counters(prefix: str, extra: list[str], rows: list[tuple[list[str], Mapping
         families[family].add_metric(values, count)
 
     for labels, stats in rows:
-        for name, (family, label, value) in _EXPORTED.items():
+        for name in COUNTERS:
+            family, label, value = EXPORTED[name]
             add(family, label, [value, *labels], stats[name])
         for reason, count in stats["drops"].items():
-            add("drops", "reason", [reason, *labels], count)
+            family, label, value = EXPORTED[reason]
+            add(family, label, [value, *labels], count)
     yield from families.values()
 
 

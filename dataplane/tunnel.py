@@ -118,8 +118,8 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"kernel offloads (auto); {offload.ENV_DISABLE}=gso,gro,... turns single ones off")
     p.add_argument("--batch", type=int, default=DEFAULT_BATCH, help=f"packets per syscall, 1-128 ({DEFAULT_BATCH})")
     p.add_argument("--queues", type=int, default=None,
-                   help=f"TUN queues, a TX and an RX thread each, 1-{MAX_QUEUES} (one per two CPUs, up to "
-                        f"{QUEUES_CAP})")
+                   help=f"engines, each one or two threads serving its own TUN queues, 1-{MAX_QUEUES} (one per two "
+                        f"CPUs, up to {QUEUES_CAP})")
     p.add_argument("--no-source-check", action="store_true", help="accept packets whose sender is not their peer")
     p.add_argument("--stats-file", help="where SIGUSR1 writes the counters as JSON")
     p.add_argument("--metrics-addr", metavar="HOST:PORT", help="serve Prometheus /metrics and /healthz there")
@@ -286,10 +286,10 @@ def run(cfg: TunnelConfig, peers: tuple[Peer, ...]) -> None:
                                {"/healthz": (lambda: keeper.failure, 500, "flannel-tunnel is running")})
     try:
         pump = keeper.start(_routes(cfg, peers))
-        log.info("%s up: subnet %s, mtu %d, %d peers, udp %s port %d, batch %d, queues %d, offloads: %s", cfg.tun,
-                 " ".join(map(str, pump.subnets)), mtu, len(peers),
+        log.info("%s up: subnet %s, mtu %d, %d peers, udp %s port %d, batch %d, queues %d, engine memory %.1f MiB, "
+                 "offloads: %s", cfg.tun, " ".join(map(str, pump.subnets)), mtu, len(peers),
                  " ".join(str(ip) for ip in (cfg.iface_ip, cfg.iface_ip6) if ip is not None), cfg.port, cfg.batch,
-                 cfg.queues, pump.offloads.describe())
+                 cfg.queues, sum(pump.memory().values()) / (1 << 20), pump.offloads.describe())
         sig = _serve(cfg, keeper)
         keeper.pump.stop()
         _write_stats(cfg.stats_file, keeper)

@@ -45,6 +45,7 @@
 
 #define STEER_MUL 0x9e3779b1u
 #define STEER_INSNS 62
+#define STEER_MAX 256   /* sockets in a group: one per TUN queue, and a TUN has at most 256 (MAX_TAP_QUEUES) */
 
 static inline uint32_t steer_load32(const uint8_t *p)
 {

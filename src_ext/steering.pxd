@@ -14,6 +14,7 @@ cdef extern from "steering.h" nogil:
         sock_filter *filter
     enum:
         STEER_INSNS
+        STEER_MAX
         SO_ATTACH_REUSEPORT_CBPF
     # The 16-bit flow hash of an inner packet; the program that steers a datagram to socket hash % n.
     uint32_t steer_hash(const uint8_t *p, size_t n)

@@ -3,7 +3,9 @@ how it checks what local processes write into flannel0, and how it rate-limits i
 
 from __future__ import annotations
 
+import contextlib
 import socket
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -19,6 +21,7 @@ from traffic import start_transfer
 
 from pyflannel.bench.rig import NETWORK, Rig
 from pyflannel.dataplane import offload
+from pyflannel.dataplane.errors import DataplaneError
 from pyflannel.dataplane.pump import Pump, open_pump
 from pyflannel.dataplane.tun import TXQUEUELEN
 
@@ -204,6 +207,81 @@ def test_route_changes_under_traffic_lose_nothing(rig: Rig, tmp_path: Path) -> N
         assert transfer.received == transfer.sent and transfer.received_bytes == 300 * MB
         assert changes >= 10_000, changes
         assert pump.failure() is None and list(pump.routes) == [(str(b.subnet), str(b.underlay), 8285)]
+
+
+def test_a_transfer_while_the_threads_hand_the_receiving_side_back_and_forth(rig: Rig, tmp_path: Path) -> None:
+    """An engine whose second thread takes the RX side and gives it back every window (2 ms): every byte arrives,
+    in order (TCP would see a reordering as out-of-order segments; the hash would see a loss or a duplicate)."""
+    a, b = rig.hosts
+    start_tunnel(b, [a], tmp_path)
+    with _pump(rig, "auto", handover=(0, 1000)) as pump:
+        transfer = start_transfer(a, b, 200 * MB)
+        reverse = start_transfer(b, a, 50 * MB, 5002)
+        transfer.join()
+        reverse.join()
+        assert transfer.received == transfer.sent and transfer.received_bytes == 200 * MB
+        assert reverse.received == reverse.sent and reverse.received_bytes == 50 * MB
+        stats = pump.stats()
+        assert stats["helper_on"] >= 10 and stats["helper_off"] >= 10, (stats["helper_on"], stats["helper_off"])
+        assert pump.failure() is None
+
+
+def test_stop_is_prompt_under_a_flood_from_both_sides(rig: Rig, pump: Pump, inject: socket.socket) -> None:
+    """Datagrams from the wire and packets into flannel0 as fast as two senders can go: stop() still returns
+    within a second (each pass of a thread is bounded)."""
+    a, b = rig.hosts
+    wire = b.popen(sys.executable, "-c", FLOOD, str(b.underlay), str(a.underlay),
+                   udp4(str(b.overlay_ip), str(a.overlay_ip), 1, 9, bytes(1000)).hex())
+    packet = udp4(str(a.overlay_ip), str(b.overlay_ip), 1, 9, bytes(1000))
+    flooding = threading.Event()
+
+    def from_tun() -> None:
+        while flooding.is_set():
+            for _ in range(100):
+                with contextlib.suppress(OSError):
+                    inject.sendto(packet, ("flannel0", ETH_P_IP))
+
+    flooding.set()
+    injector = threading.Thread(target=from_tun)
+    injector.start()
+    try:
+        _wait_for(lambda: pump.stats()["rx_packets"] > 10_000 and pump.stats()["tx_packets"] > 10_000, timeout=20)
+        pump.stop(timeout=1.0)
+        assert not pump.alive() and pump.failure() is None
+    finally:
+        flooding.clear()
+        injector.join()
+        wire.kill()
+        wire.wait()
+
+
+FLOOD = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((sys.argv[1], 0))
+packet, peer = bytes.fromhex(sys.argv[3]), (sys.argv[2], 8285)
+while True:
+    try:
+        s.sendto(packet, peer)
+    except OSError:
+        pass
+"""
+
+
+def test_a_thread_that_does_not_stop_is_named(pump: Pump) -> None:
+    """stop() waits only so long for each thread, then says which would not stop (and leaves its fds open)."""
+    hold = threading.Event()
+    stuck = threading.Thread(target=hold.wait, name="pump-stuck")
+    stuck.start()
+    pump._threads.append(stuck)
+    try:
+        with pytest.raises(DataplaneError, match=r"^flannel0: pump-stuck did not stop within 0.2 s$"):
+            pump.stop(timeout=0.2)
+    finally:
+        hold.set()
+        stuck.join()
+    pump.stop()
+    assert not pump.alive()
 
 
 def test_flannel0_queues_more_than_the_default_500_packets(rig: Rig, pump: Pump) -> None:

@@ -14,10 +14,14 @@ from pyflannel.dataplane._engine import Engine, PrefixTable
 @pytest.mark.parametrize(
     ("args", "kwargs", "error"),
     [
-        ((0, 0, PrefixTable()), {"batch": 0}, ValueError),
-        ((0, 0, PrefixTable()), {"coalesce": True}, ValueError),
-        ((0, 0, None), {}, TypeError),
-        (("x", 0, PrefixTable()), {}, TypeError),
+        (([0], [0], PrefixTable()), {"batch": 0}, ValueError),
+        (([0], [0], PrefixTable()), {"coalesce": True}, ValueError),
+        (([0], [0], None), {}, TypeError),
+        ((["x"], [0], PrefixTable()), {}, ValueError),
+        (([], [0], PrefixTable()), {}, ValueError),
+        (([0, 0], [0], PrefixTable()), {}, ValueError),
+        (([0], [], PrefixTable()), {"socks6": []}, ValueError),
+        (([0], [0], PrefixTable()), {"local_subnet": "not a subnet"}, ValueError),
     ],
 )
 def test_a_failed_engine_closes_no_foreign_fd(args: tuple[object, ...], kwargs: dict[str, object],

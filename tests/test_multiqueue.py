@@ -1,6 +1,6 @@
-"""Several queues: flannel0 with IFF_MULTI_QUEUE, one socket per queue on port 8285 steered by inner flow, one
-TX/RX thread pair each. Flows spread over the queues, no flow is reordered, counters add up, and the tunnel
-stops and survives a deleted flannel0 as with one queue."""
+"""Several queues: engines of one thread each, each serving BUCKETS of flannel0's TUN queues (IFF_MULTI_QUEUE)
+with one socket each on port 8285, steered by inner flow. Flows spread over the engines, no flow is reordered,
+counters add up, and the tunnel stops and survives a deleted flannel0 as with one queue."""
 
 from __future__ import annotations
 
@@ -18,7 +18,9 @@ from packets import ipv4, udp4
 from traffic import start_transfer
 
 from pyflannel.bench.rig import Host, Rig
-from pyflannel.dataplane._engine import COUNTERS, attach_steering, steered_queue
+from pyflannel.dataplane._engine import COUNTERS, attach_steering
+from pyflannel.dataplane._testing import steered_queue
+from pyflannel.dataplane.pump import BUCKETS
 
 MB = 1 << 20
 STEER_PORT = 18285  # the steering test's own group, apart from any tunnel's 8285
@@ -96,10 +98,11 @@ def test_the_kernel_steers_each_flow_where_the_engine_says(rig: Rig) -> None:
 
 
 def _source_ports(a: Host, b: Host, port: int, queues: int, per_queue: int) -> list[int]:
-    """Source ports for TCP flows from a to b:port, per_queue of them steered to each queue."""
+    """Source ports for TCP flows from a to b:port, per_queue of them steered to each engine (socket i of the
+    group is bucket i % BUCKETS of engine i // BUCKETS)."""
     chosen: dict[int, list[int]] = {q: [] for q in range(queues)}
     for sport in range(41000, 42000, 2):
-        q = steered_queue(_tcp_header(str(a.overlay_ip), str(b.overlay_ip), sport, port), queues)
+        q = steered_queue(_tcp_header(str(a.overlay_ip), str(b.overlay_ip), sport, port), queues * BUCKETS) // BUCKETS
         if len(chosen[q]) < per_queue:
             chosen[q].append(sport)
     return [sport for ports in chosen.values() for sport in ports]
@@ -170,12 +173,12 @@ def _queues_of(host: Host) -> int:
 def test_with_four_queues_a_deleted_flannel0_comes_back_and_the_stop_is_clean(rig: Rig, tmp_path: Path) -> None:
     a, b = rig.hosts
     tunnels = [start_tunnel(a, [b], tmp_path, "--queues", "4"), start_tunnel(b, [a], tmp_path, "--queues", "4")]
-    assert _queues_of(a) == 4
+    assert _queues_of(a) == 4 * BUCKETS
     a.run("ip", "link", "del", "flannel0")
     deadline = time.monotonic() + 10
     while a.run("ping", "-c", "1", "-W", "1", "-I", str(a.overlay_ip), str(b.overlay_ip), check=False).returncode:
         assert time.monotonic() < deadline, "flannel0 did not come back"
-    assert _queues_of(a) == 4
+    assert _queues_of(a) == 4 * BUCKETS
     t = start_transfer(a, b, 20 * MB)
     t.join()
     assert (t.received_bytes, t.received) == (20 * MB, t.sent)

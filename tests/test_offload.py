@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from packets import checksum as ref_checksum
 from packets import ipv4
 
-from pyflannel.dataplane._engine import (
+from pyflannel.dataplane._testing import (
     GSO_TCPV4,
     GSO_UDP_L4,
     checksum,

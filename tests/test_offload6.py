@@ -14,7 +14,7 @@ from test_offload import _udp_super as udp_super4
 from test_offload import in_place, unmerged
 from test_offload import tcp_super as tcp_super4
 
-from pyflannel.dataplane._engine import (
+from pyflannel.dataplane._testing import (
     GSO_TCPV4,
     GSO_TCPV6,
     GSO_UDP_L4,

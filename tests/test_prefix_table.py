@@ -10,7 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pyflannel.dataplane._engine import PrefixTable, _testhelper_race
+from pyflannel.dataplane import _testing
+from pyflannel.dataplane._engine import PrefixTable
 
 Net = ipaddress.IPv4Network | ipaddress.IPv6Network
 Addr = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -169,5 +170,5 @@ def test_updates_under_a_concurrent_reader() -> None:
         batches.append(([(s, peer, 8285) for s in part[:150]] + [(s, peer, 1) for s in shorter], []))
     probes = array("I", (int(ipaddress.IPv4Address(f"10.{i // 256}.{i % 256}.{i % 200}")) for i in range(2_100)))
     probes6 = b"".join(ipaddress.IPv6Address(f"fd00:{i:x}::{i % 7:x}").packed for i in range(1_100))
-    rounds, wrong = _testhelper_race(PrefixTable(), batches, probes, "198.18.0.1", "198.18.0.2", probes6)
+    rounds, wrong = _testing.race(_testing.PrefixTable(), batches, probes, "198.18.0.1", "198.18.0.2", probes6)
     assert rounds > 0 and wrong == 0

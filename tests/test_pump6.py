@@ -69,6 +69,8 @@ def test_both_families_to_an_ipv6_peer_in_flannels_wire_format(rig6: Rig, offloa
             assert datagram[0] >> 4 == 6 and datagram[7] == 63 and datagram[-4:] == b"to b", "raw inner packet"
             peer.sendto(_udp6(overlay6(b), overlay6(a), b"to a", dport=7001), (underlay6(a), 8285))
             assert app.recvfrom(100)[0] == b"to a"
+        # counted once the send returns and once the receive's batch ends: the packets may be seen before that
+        _wait_for(lambda: pump.stats()["peers"][underlay6(b)]["rx_packets"] == 1)
         counts = pump.stats()["peers"][underlay6(b)]
         assert counts["tx_packets"] == 1 and counts["rx_packets"] == 1
     finally:

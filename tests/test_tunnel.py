@@ -96,12 +96,19 @@ def test_unknown_destination_gets_net_unreachable(rig: Rig, tunnels: tuple[Tunne
         with pytest.raises(OSError) as exc:
             s.recv(100)
     assert exc.value.errno == errno.ENETUNREACH, "ICMP type 3 code 0 came back through flannel0"
-    # No ICMP error about an ICMP packet (flannel's rule): a ping to nowhere is dropped silently.
+    # An echo request is no ICMP error: a ping to nowhere is answered too (flannel answers no ICMP at all).
     out = rig.hosts[0].run("ping", "-c", "1", "-W", "1", "10.244.99.1", check=False).stdout
-    assert "Unreachable" not in out
+    assert "Destination Net Unreachable" in out
     after = a.stats()
-    assert after["icmp_unreachable_sent"] == before["icmp_unreachable_sent"] + 1
+    assert after["icmp_unreachable_sent"] == before["icmp_unreachable_sent"] + 2
     assert after["drops"]["tx_no_route"] == before["drops"]["tx_no_route"] + 2
+    # An ICMP error gets none back (RFC 1122 3.2.2), whatever its type: dropped and counted, not answered.
+    with host_socket(rig.hosts[0], socket.SOCK_RAW, socket.IPPROTO_ICMP) as raw:
+        raw.bind((str(rig.hosts[0].overlay_ip), 0))
+        for icmp_type in (3, 4, 5, 11, 12):
+            raw.sendto(bytes([icmp_type, 0, 0, 0, 0, 0, 0, 0]) + bytes(28), ("10.244.99.1", 0))
+    _wait_for(lambda: a.stats()["drops"]["tx_no_route"] == after["drops"]["tx_no_route"] + 5)
+    assert a.stats()["icmp_unreachable_sent"] == after["icmp_unreachable_sent"]
 
 
 def _wait_for(cond: object, timeout: float = 10) -> None:

@@ -22,7 +22,7 @@ from packets import udp4
 from traffic import start_transfer
 
 from pyflannel.bench.rig import Host, Rig
-from pyflannel.dataplane._engine import steered_queue
+from pyflannel.dataplane._testing import steered_queue
 from pyflannel.dataplane.errors import DataplaneError
 from pyflannel.dataplane.tunnel import all_peers, parse_config
 

@@ -103,9 +103,9 @@ def _start(spec: PumpSpec, lease: Lease) -> UdpNetwork:
     """flannel0, the socket and the engine threads (blocking netlink calls: run in a worker thread)."""
     keeper = Keeper(spec)
     pump = keeper.start()
-    log.info("%s up: mtu %d, udp %s port %d, queues %d, offloads: %s", pump.tun.name, spec.mtu,
-             " ".join(str(ip) for ip in (spec.iface_ip, spec.iface_ip6) if ip is not None), spec.port, pump.queues,
-             pump.offloads.describe())
+    log.info("%s up: mtu %d, udp %s port %d, queues %d, engine memory %.1f MiB, offloads: %s", pump.tun.name,
+             spec.mtu, " ".join(str(ip) for ip in (spec.iface_ip, spec.iface_ip6) if ip is not None), spec.port,
+             pump.queues, sum(pump.memory().values()) / (1 << 20), pump.offloads.describe())
     return UdpNetwork(lease, spec.mtu, keeper, spec.port)
 
 
