@@ -45,10 +45,12 @@ Design notes (what is flannel's and why; what is ours and why)
   claimed by one thread at a time), sparing the round trip one wake-up: on this 2-vCPU VM each one costs tens
   of microseconds, and a ping through two engines crossed four of them.
 - The routing table is a prefix_table.h table, read lock-free: each thread pins the current table in its reader
-  slot for one batch (and lets go before it may wait for socket space), so a route change never waits for
-  traffic, and traffic never waits for a change. A route change costs O(changed routes); the sender check and
-  the per-peer counters are O(1) lookups in the configured-peer hashes (peer_stats.h, peer6.h). A route to an
-  IPv6 peer holds the peer's slot in peer6.h (a 64-bit leaf cannot hold the address).
+  slot for one batch, up to the last use of what its routes led to (the peers' slots: the sends and the
+  per-peer counts), so a route change never waits for traffic, and traffic never waits for a change (a thread
+  waiting for socket space only delays the freeing of what changes replaced). A route change costs O(changed
+  routes); the sender check and the per-peer counters are O(1) lookups in the peer slots (peer_stats.h,
+  peer6.h), which are reused once no thread can see them (peer_slots.h). A route to an IPv6 peer holds the
+  peer's slot in peer6.h (a 64-bit leaf cannot hold the address).
 - A thread whose TUN or socket is gone (a deleted flannel0 answers EBADFD to everything and POLLERR to poll)
   stops for good and records why (failure()); it never retries in a loop. A TUN that is merely down refuses
   writes with EIO: a per-packet drop, not a failure.
@@ -96,8 +98,8 @@ from offload cimport (
     gro_table,
     vnet_finish_csum, gso_split, gro_reset, gro_add, gro_finish, gro_unmerge, CMSG_ROOM, cmsg_set_segment,
     cmsg_parse_rx,
-    PEER_SLOTS, PEER_EMPTY, peer_slot, peer_table, peer_find, peer_configured, peer_add,
-    PEER6_SLOTS, peer6_slot, peer6_table, peer6_find, peer6_configured,
+    peer_slot, peer_table, peer_find, peer_configured, peer_add,
+    peer6_slot, peer6_table, peer6_find, peer6_configured,
 )
 from ipv6 cimport (
     IP6_HLEN, IP6_MIN_MTU, ICMP6_DST_UNREACH, ICMP6_PACKET_TOO_BIG, ICMP6_TIME_EXCEEDED, ip6_in_prefix,
@@ -244,26 +246,6 @@ cdef inline bint fd_dead(int err) noexcept nogil:
     must stop instead of retrying (a deleted TUN answers EBADFD to every read and write and POLLERR to poll).
     EIO is not here: a TUN that is only down refuses writes with EIO until it is up again."""
     return err == EBADFD or err == EBADF or err == ENODEV or err == ENXIO or err == ENOTSOCK or err == EFAULT
-
-
-cdef dict _peer_counts(peer_table *table, peer6_table *table6):
-    """{peer address: {tx_packets, tx_bytes, rx_packets, rx_bytes}} for every peer that has or had a route."""
-    cdef int i
-    cdef peer_slot *s
-    peers = {}
-    for i in range(PEER_SLOTS):
-        s = &table.slot[i]
-        if s.state != PEER_EMPTY:
-            peers[str(ipaddress.IPv4Address(ntohl(s.addr)))] = _counts(s)
-    for i in range(PEER6_SLOTS):
-        s = &table6.slot[i].peer
-        if s.state != PEER_EMPTY:
-            peers[str(ipaddress.IPv6Address(bytes(table6.slot[i].addr[:16])))] = _counts(s)
-    return peers
-
-
-cdef dict _counts(peer_slot *s):
-    return {"tx_packets": s.tx_packets, "tx_bytes": s.tx_bytes, "rx_packets": s.rx_packets, "rx_bytes": s.rx_bytes}
 
 
 cdef inline void _peer_count(peer_slot *peer, uint64_t packets, uint64_t nbytes, bint tx) noexcept nogil:
@@ -479,7 +461,7 @@ cdef class Engine:
         out = {name: self.counters[i] for i, name in enumerate(COUNTERS)}
         out["drops"] = {name: self.counters[D_TX_NOT_IP + i] for i, name in enumerate(DROPS)}
         out["offloads"] = {"vnet_hdr": self.vnet_hdr, "gso": self.gso, "gro": self.gro, "coalesce": self.coalesce}
-        out["peers"] = _peer_counts(self.peers, self.peers6)
+        out["peers"] = self.table.peer_counts()
         return out
 
     # ---- TX: TUN -> UDP -------------------------------------------------------------------------------------
@@ -589,8 +571,8 @@ cdef class Engine:
                 self._tx_offloaded(t, n)
             else:
                 self._tx_packet(t, self.arena + self.tx_pos, n)
-        pt_release(self.routes, self.reader[HAZARD_TX])   # before the send, which may wait for socket space
         self._tx_flush()
+        pt_release(self.routes, self.reader[HAZARD_TX])   # after the send: the hops may name peers' slots
         return more
 
     cdef uint64_t _tx_route(self, const pt_table *t, uint8_t *p, ssize_t n, bint whole) noexcept nogil:
@@ -944,8 +926,8 @@ cdef class Engine:
         for i in range(r):
             cmsg_parse_rx(&self.rx_msgs[i].msg_hdr, &gso_size, &self.rx_overflow[family])
             self._rx_message(t, self.rx_bufs + <size_t>i * SLOT, self.rx_msgs[i].msg_len, gso_size, &self.rx_addr[i])
-        pt_release(self.routes, self.reader[HAZARD_RX])
         self._rx_count_peer(&self.rx_run_peer, self.rx_run_packets, self.rx_run_bytes)
+        pt_release(self.routes, self.reader[HAZARD_RX])   # after the last use of a peer's slot
         self.rx_run_packets = self.rx_run_bytes = 0
         self.counters[C_RX_SOCKET_OVERFLOW] = <uint64_t>self.rx_overflow[0] + self.rx_overflow[1]
         if self.coalesce:
