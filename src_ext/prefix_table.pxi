@@ -99,6 +99,11 @@ cdef class PrefixTable:
                 return str(ipaddress.IPv6Address(bytes(self._peers6.slot[hop.addr].addr[:16]))), ntohs(hop.port)
         return str(ipaddress.IPv4Address(ntohl(hop.addr))), ntohs(hop.port)
 
+    def route(self, prefix: str) -> tuple[str, int] | None:
+        """The (peer, port) of the route for exactly this prefix, or None."""
+        hop = self._routes.get(_key(prefix))
+        return None if hop is None else (str(_address(hop[0], hop[1])), hop[2])
+
     def peer_counts(self) -> dict[str, dict[str, int]]:
         """{peer address: {tx_packets, tx_bytes, rx_packets, rx_bytes}} for every peer a route leads to now
         (one that lost its last route is gone from here, and starts again from zero if it returns later)."""

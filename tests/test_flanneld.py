@@ -4,6 +4,7 @@ with Debian's etcd; flannel's etcd layout byte for byte; restarts, races and an 
 from __future__ import annotations
 
 import ipaddress
+import json
 import re
 import signal
 import socket
@@ -32,6 +33,7 @@ from daemons import (
     wait_for,
     wait_for_env,
 )
+from packets import udp4
 
 from pyflannel.bench.rig import Rig
 
@@ -347,3 +349,40 @@ def test_rules_land_in_the_iptables_backend_the_host_uses(tmp_path: Path) -> Non
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0 and proc.stderr is not None
         assert "iptables: iptables-legacy" in proc.stderr.read()
+
+
+def test_the_udp_backends_source_check_can_be_turned_off(tmp_path: Path) -> None:
+    """A router that forwards into the overlay through a node: a datagram carrying a packet from a host behind
+    it (192.168.5.9, in no node's subnet) from an address that holds no lease. Dropped as rx_unknown_peer by
+    default; delivered with "SourceCheck": false; a value that is not a bool is one line and exit 1."""
+    conf = tmp_path / "net-conf.json"
+    registry = ["--local-registry", str(tmp_path / "l.db"), "--net-config-path", str(conf)]
+    unknown = ("flannel_drops_total", (("reason", "rx_unknown_peer"),))
+    with Rig(2, tag="pfd") as rig:
+        node, router = rig.hosts
+        for backend in ({"Type": "udp"}, {"Type": "udp", "SourceCheck": False}):
+            conf.write_text(json.dumps({"Network": "10.244.0.0/16", "Backend": backend}))
+            proc = start_flanneld(node, registry, tmp_path / "n.env", "--healthz-port", "8471")
+            pod = wait_for_env(tmp_path / "n.env", proc)["FLANNEL_SUBNET"].split("/")[0]
+            node.run("ip", "addr", "replace", f"{pod}/32", "dev", "lo")
+            with host_socket(node) as app, host_socket(router) as forwarder:
+                app.bind((pod, 7001))
+                forwarder.sendto(udp4("192.168.5.9", pod, 5000, 7001, b"via the router"), ("198.18.0.1", 8285))
+                if "SourceCheck" in backend:
+                    app.settimeout(5)
+                    assert app.recv(100) == b"via the router"
+                    assert scrape(node)[unknown] == 0
+                else:
+                    wait_for(lambda: scrape(node)[unknown] == 1, 10, "the datagram dropped")
+                    app.setblocking(False)
+                    with pytest.raises(BlockingIOError):
+                        app.recv(100)
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(20) == 0 and proc.stderr is not None
+            assert ("source check off (Backend.SourceCheck)" in proc.stderr.read()) is ("SourceCheck" in backend)
+            (tmp_path / "n.env").unlink()
+        conf.write_text('{"Network": "10.244.0.0/16", "Backend": {"Type": "udp", "SourceCheck": "no"}}')
+        proc = start_flanneld(node, registry, tmp_path / "n.env")
+        assert proc.wait(30) == 1 and proc.stderr is not None
+        err = proc.stderr.read()
+        assert err.strip().splitlines()[-1] == "flanneld: error: Backend.SourceCheck must be true or false, not 'no'"

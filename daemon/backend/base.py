@@ -39,6 +39,9 @@ class Network(Protocol):
     def failure(self) -> str | None:
         """Why forwarding is broken right now (for /healthz), or None."""
 
+    def unrouted(self) -> str | None:
+        """Other nodes' subnets that the dataplane refused to route for now (retried; for /readyz), or None."""
+
     def engine_stats(self) -> dict[str, Any] | None:
         """The packet engine's counters (dataplane.metrics exports them), or None for a kernel dataplane."""
 
@@ -54,6 +57,9 @@ class Idle:
         return None
 
     def failure(self) -> str | None:
+        return None
+
+    def unrouted(self) -> str | None:
         return None
 
     def engine_stats(self) -> dict[str, Any] | None:
