@@ -20,6 +20,7 @@ from daemons import (
     NET,
     PREFIX,
     Etcd,
+    Log,
     assert_all_pairs_reach,
     http,
     pings,
@@ -275,12 +276,13 @@ def test_ports_in_use_are_one_line_errors(tmp_path: Path) -> None:
 def test_waits_for_etcd_to_come_up(rig4: Rig, tmp_path: Path) -> None:
     node, etcd_host = rig4.hosts[0], rig4.hosts[3]
     etcd = Etcd(etcd_host, tmp_path / "etcd")
-    proc = start_flanneld(node, ["--etcd-endpoints", etcd.url], tmp_path / "n.env")
-    time.sleep(3)
-    assert proc.poll() is None, "etcd down at start: flanneld keeps trying, as flannel does"
+    log = Log(start_flanneld(node, ["--etcd-endpoints", etcd.url], tmp_path / "n.env"))
+    log.wait_for("registry: reading the network config: no etcd endpoint answered")
+    assert log.proc.poll() is None, "etcd down at start: flanneld keeps trying, as flannel does"
     etcd.start()
     etcd.put(f"{PREFIX}/config", NET % "host-gw")
-    assert wait_for_env(tmp_path / "n.env", proc, timeout=40)["FLANNEL_MTU"] == "1500"
+    assert wait_for(lambda: (tmp_path / "n.env").exists(), 40, "subnet.env") and log.proc.poll() is None
+    assert read_env(tmp_path / "n.env")["FLANNEL_MTU"] == "1500"
 
 
 def test_own_lease_deleted_is_created_again_or_exits_0_on_request_and_bad_config_exits_1(rig4: Rig, tmp_path: Path
