@@ -11,7 +11,6 @@ import json
 import signal
 import sqlite3
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from daemons import (
     FLANNELD,
     PREFIX,
     Etcd,
+    Log,
     add_ipv6_underlay,
     assert_all_pairs_reach,
     embedded_registry,
@@ -29,6 +29,7 @@ from daemons import (
     underlay6,
     wait_for,
     wait_for_env,
+    write_leases,
 )
 from traffic import start_transfer
 
@@ -271,25 +272,6 @@ def test_ipv6_only_network(tmp_path: Path) -> None:
         _assert_udp(nodes, _restart(rig, started, registry, tmp_path), tmp_path, ipv4=False)
 
 
-def _write_leases(db: Path, changes: dict[str, str | None]) -> None:
-    """Other nodes' leases written straight into the embedded registry in one transaction, with the events its
-    watchers read (value None: deleted), as a crowd of daemons joining and leaving between two polls would."""
-    conn = sqlite3.connect(db, timeout=30, isolation_level=None)
-    try:
-        conn.execute("BEGIN IMMEDIATE")
-        for key, value in changes.items():
-            data = None if value is None else value.encode()
-            rev = conn.execute("INSERT INTO events (key, value) VALUES (?, ?)", (key, data)).lastrowid
-            if data is None:
-                conn.execute("DELETE FROM leases WHERE key = ?", (key,))
-            else:
-                conn.execute("INSERT OR REPLACE INTO leases (key, value, expires, rev) VALUES (?, ?, ?, ?)",
-                             (key, data, time.time() + 3600, rev))
-        conn.execute("COMMIT")
-    finally:
-        conn.close()
-
-
 def _metric(node: Host, name: str, **labels: str) -> float:
     return scrape(node).get((name, tuple(sorted(labels.items()))), -1)
 
@@ -304,7 +286,8 @@ def test_tens_of_thousands_of_peers_come_and_go_through_flanneld(tmp_path: Path)
     with Rig(2, tag="pfs") as rig:
         node, joiner = rig.hosts
         add_ipv6_underlay(rig.hosts)
-        ((_, env),) = start_nodes(rig, [node], registry, tmp_path, "--healthz-port", "8471")
+        ((proc, env),) = start_nodes(rig, [node], registry, tmp_path, "--healthz-port", "8471")
+        log = Log(proc)  # a line per route: read as it comes, or flanneld blocks on a full pipe
         own = (_v4(env), _v6(env))
         subnets = [(s, ipaddress.IPv6Network(f"fd00:10:244:{0x100 + i:x}::/64"))
                    for i, s in enumerate(ipaddress.IPv4Network("10.244.0.0/16").subnets(new_prefix=28))
@@ -318,10 +301,10 @@ def test_tens_of_thousands_of_peers_come_and_go_through_flanneld(tmp_path: Path)
                 public = ipaddress.IPv4Address("198.18.16.0") + n
                 leases[f"{v4.network_address}-28&{v6.network_address}-64"] = \
                     f'{{"PublicIP":"{public}","PublicIPv6":"2001:2::1:{n:x}"}}'
-            _write_leases(tmp_path / "leases.db", dict.fromkeys(previous) | leases)
+            write_leases(tmp_path / "leases.db", dict.fromkeys(previous) | leases)
             previous = list(leases)
             wait_for(lambda: _metric(node, "flannel_routes", state="routed") == 2_000, 60, f"round {r} routed")
-        _write_leases(tmp_path / "leases.db", dict.fromkeys(previous))
+        write_leases(tmp_path / "leases.db", dict.fromkeys(previous))
         wait_for(lambda: _metric(node, "flannel_routes", state="routed") == 0, 60, "the last round gone")
         ((_, joiner_env),) = start_nodes(rig, [joiner], registry, tmp_path)
         _both_families_carry_traffic([node, joiner], [env, joiner_env])
@@ -330,3 +313,5 @@ def test_tens_of_thousands_of_peers_come_and_go_through_flanneld(tmp_path: Path)
         assert peers == {str(joiner.underlay), underlay6(joiner)}
         assert samples[("flannel_route_refusals_total", ())] == 0
         assert samples[("flannel_routes", (("state", "routed"),))] == 2
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0 and "refused" not in log.text() and "failed" not in log.text()

@@ -22,6 +22,7 @@ from daemons import (
     Etcd,
     Log,
     assert_all_pairs_reach,
+    embedded_registry,
     http,
     pings,
     read_env,
@@ -33,6 +34,7 @@ from daemons import (
     unreachable,
     wait_for,
     wait_for_env,
+    write_leases,
 )
 from packets import udp4
 
@@ -388,3 +390,26 @@ def test_the_udp_backends_source_check_can_be_turned_off(tmp_path: Path) -> None
         assert proc.wait(30) == 1 and proc.stderr is not None
         err = proc.stderr.read()
         assert err.strip().splitlines()[-1] == "flanneld: error: Backend.SourceCheck must be true or false, not 'no'"
+
+
+def test_a_host_gw_route_the_kernel_refuses_is_retried_and_unready_meanwhile(tmp_path: Path) -> None:
+    """A peer whose gateway is not on the node's link: its route is refused (one line), /readyz says so while
+    the other routes stand, and the route is in place at the first recheck after the link is there."""
+    registry = embedded_registry(tmp_path, NET % "host-gw")
+    with Rig(2, tag="pfd") as rig:
+        node = rig.hosts[0]
+        log = Log(start_flanneld(node, registry, tmp_path / "n.env", "--healthz-port", "8471"))
+        wait_for_env(tmp_path / "n.env", log.proc)
+        write_leases(tmp_path / "leases.db", {
+            "10.244.200.0-24": '{"PublicIP":"198.19.5.5","PublicIPv6":null,"BackendType":"host-gw"}',
+            "10.244.201.0-24": '{"PublicIP":"198.18.0.2","PublicIPv6":null,"BackendType":"host-gw"}'})
+        line = log.wait_for("route 10.244.200.0/24 via 198.19.5.5 refused: ")
+        assert line.rstrip().endswith("trying again every 10 s"), line
+        wait_for(partial(serves, node, "/readyz", "1 peer subnet(s) not routed: 10.244.200.0/24 ("), 20, "unready")
+        assert "10.244.201.0/24 via 198.18.0.2 dev eth0" in node.run("ip", "route").stdout
+        node.run("ip", "addr", "add", "198.19.5.1/24", "dev", "eth0")
+        wait_for(partial(serves, node, "/readyz", "flanneld is ready"), 30, "the route in place")
+        assert "10.244.200.0/24 via 198.19.5.5 dev eth0" in node.run("ip", "route").stdout
+        log.wait_for("route 10.244.200.0/24 via 198.19.5.5 in place")
+        log.proc.send_signal(signal.SIGTERM)
+        assert log.proc.wait(20) == 0 and log.text().count("refused") == 1

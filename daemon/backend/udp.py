@@ -32,7 +32,7 @@ import logging
 import os
 from typing import Any
 
-from pyflannel.daemon.backend.base import Context, Idle
+from pyflannel.daemon.backend.base import Context, Idle, unrouted_line
 from pyflannel.daemon.errors import FlannelError
 from pyflannel.daemon.lease import Event, EventType, Lease, LeaseAttrs
 from pyflannel.dataplane import offload
@@ -86,11 +86,7 @@ class UdpNetwork(Idle):
         return self.keeper.failure
 
     def unrouted(self) -> str | None:
-        unrouted = self.keeper.unrouted
-        if not unrouted:
-            return None
-        first = ", ".join(f"{subnet} ({why})" for subnet, why in sorted(unrouted.items())[:3])
-        return f"{len(unrouted)} peer subnet(s) not routed: {first}{', ...' if len(unrouted) > 3 else ''}"
+        return unrouted_line(self.keeper.unrouted)
 
     def engine_stats(self) -> dict[str, Any] | None:
         return self.keeper.stats()
