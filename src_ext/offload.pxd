@@ -69,7 +69,6 @@ cdef extern from "cmsg.h" nogil:
 cdef extern from "peer_stats.h" nogil:
     enum:
         PEER_SLOTS
-        PEER_CONFIGURED
     ctypedef struct peer_slot:
         uint32_t addr
         uint32_t state

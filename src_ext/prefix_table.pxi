@@ -16,8 +16,8 @@ from prefix_table cimport (
     pt_lookup6, pt_acquire, pt_release, pt_init, pt_apply, pt_destroy, pt_bump, PT_READERS,
 )
 from offload cimport (
-    PEER_SLOTS, PEER6_SLOTS, peer_slot, peer_table, peer_find, peer_add, peer6_slot, peer_table_init, peer_table_destroy, peer_join, peer_leave,
-    peer6_table, peer6_table_init, peer6_table_destroy, peer6_join, peer6_leave,
+    PEER_SLOTS, PEER6_SLOTS, peer_slot, peer_table, peer_find, peer_add, peer_table_init, peer_table_destroy,
+    peer_join, peer_leave, peer6_table, peer6_table_init, peer6_table_destroy, peer6_join, peer6_leave,
 )
 
 cdef enum:
