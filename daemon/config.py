@@ -65,6 +65,13 @@ class NetworkConfig:
     def backend_option(self, name: str, default: Any) -> Any:
         return self.backend.get(name.lower(), default)
 
+    def backend_bool(self, name: str, default: bool) -> bool:
+        """A true/false Backend option (Go decodes these into bools: no strings or numbers)."""
+        value = self.backend_option(name, default)
+        if not isinstance(value, bool):
+            raise ConfigError(f"Backend.{name} must be true or false, not {value!r}")
+        return value
+
     def backend_int(self, name: str, default: int, low: int, high: int) -> int:
         """A whole-number Backend option in [low, high] (Go decodes these into ints: no strings, fractions or
         booleans)."""

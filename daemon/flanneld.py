@@ -6,8 +6,8 @@ supervised loops: lease watch -> backend, lease renewal, backend upkeep, rule re
 with where it failed and restarted with backoff (kopf-style); only a FlannelError (another node took our subnet,
 --exit-on-lease-loss) ends the daemon. Registry and iptables trouble is retried and logged once per change of
 state (daemon.outage). /healthz fails only when the dataplane is broken; /readyz also while the registry is
-unreachable. SIGTERM/SIGINT: stop, close the engine and flannel0, keep the lease, rules and routes for the
-restart, exit 0.
+unreachable or another node's subnet cannot be routed. SIGTERM/SIGINT: stop, close the engine and flannel0,
+keep the lease, rules and routes for the restart, exit 0.
 
 Netlink on uvloop: pyroute2's asyncio API cannot run on uvloop (uvloop's datagram transport refuses AF_NETLINK
 sockets: "cannot open a UDP handle, invalid family 16"), and its synchronous IPRoute refuses to start inside a
@@ -225,7 +225,7 @@ class Daemon:
             return "flanneld is not ready yet"
         if self.registry.since is not None:
             return f"registry unreachable: {self.registry.reason}"
-        return self._unhealthy()
+        return self._unhealthy() or (self.network.unrouted() if self.network is not None else None)
 
     def status(self) -> Status:
         peers, network = self.peers, self.network

@@ -12,6 +12,12 @@ def race(
     peer_b: str,
     probes6: bytes | None = ...,
 ) -> tuple[int, int]: ...
+def slot_race(
+    table: PrefixTable,
+    batches: list[tuple[list[tuple[str, str, int]], list[str]]],
+    probes: array[int],
+    probes6: bytes,
+) -> tuple[int, int, int]: ...
 
 GSO_TCPV4: int
 GSO_UDP_L4: int

@@ -3,11 +3,11 @@
 Metrics go through prometheus_client, so counters are exact integers (a hand-formatted "%g" stops a byte counter
 moving at 1.96e9), every family has HELP and TYPE, and the names follow Prometheus' conventions: one prefix
 (`flannel_`), base units, `_total` for counters. Engine counters are read from the engine when scraped (a
-collector, not a second set of counters to keep in step), and the per-peer series are bounded by the engine,
-which counts configured peers only. With several queues each engine counter is also exported per queue, in a
-family of its own (`flannel_queue_packets_total{direction="tx",queue="0"}`), so that summing a family never
-counts a packet twice. The server answers /metrics and a set of check paths (/healthz, /readyz)
-from a daemon thread, so a blocked event loop or signal loop does not silence it.
+collector, not a second set of counters to keep in step), and the per-peer series are those of the peers a route
+leads to now: a peer that leaves takes its series with it. With several queues each engine counter is also
+exported per queue, in a family of its own (`flannel_queue_packets_total{direction="tx",queue="0"}`), so that
+summing a family never counts a packet twice. The server answers /metrics and a set of check paths (/healthz,
+/readyz) from a daemon thread, so a blocked event loop or signal loop does not silence it.
 """
 
 from __future__ import annotations
@@ -61,6 +61,7 @@ class EngineCollector(Collector):
         yield from _counters("flannel_queue_", ["queue"],
                              [([str(queue)], counts) for queue, counts in enumerate(stats["queues"])])
         yield from _peers(stats["peers"])
+        yield from _routes(stats.get("routes"))
         offloads = GaugeMetricFamily("flannel_offload_enabled", "Kernel offloads in use (1) or not (0).",
                                      labels=["offload"])
         for name, on in stats["offloads"].items():
@@ -100,6 +101,20 @@ def _peers(peers: Mapping[str, Mapping[str, int]]) -> Iterator[Metric]:
             for direction in ("tx", "rx"):
                 family.add_metric([peer, direction], counts[f"{direction}_{unit}"])
         yield family
+
+
+def _routes(routes: Mapping[str, int] | None) -> Iterator[Metric]:
+    """The state of the routes, where a keeper holds them (dataplane.keeper)."""
+    if routes is None:
+        return
+    state = GaugeMetricFamily("flannel_routes", "Routes to other nodes' subnets: in place (routed), or wanted "
+                              "but refused for now and retried every second (unrouted).", labels=["state"])
+    for name in ("routed", "unrouted"):
+        state.add_metric([name], routes[name])
+    yield state
+    yield CounterMetricFamily("flannel_route_refusals_total", "Route changes the dataplane refused (a full peer "
+                              "table, a peer of a family without an underlay), each counted once however often "
+                              "it is retried.", routes["refused"])
 
 
 def registry(*collectors: Collector) -> CollectorRegistry:

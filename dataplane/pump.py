@@ -80,14 +80,17 @@ class Pump:
         socks6: list[socket.socket] | None = None,
         subnet6: ipaddress.IPv6Network | None = None,
         network6: ipaddress.IPv6Network | None = None,
+        table: PrefixTable | None = None,
         handover: tuple[int, int] | None = None,
     ) -> None:
         """`offloads` must be what the TUN and sockets were actually set up with (dataplane.tun, dataplane.udp);
         `socks` are the IPv4 underlay sockets and `socks6` the IPv6 ones, one per TUN queue or none (one family at
         least); the TUN queues go to the engines buckets_for(batch) at a time. With check_source, packets that local
         processes write into flannel0 with an inner source outside this node's `subnet` or `subnet6` (which hold
-        flannel0's addresses) are dropped (tx_spoofed_source), as the far end would. `handover`: when an engine's
-        second thread takes the receiving side (Engine's; the default is measured, (0, 1000) is for tests)."""
+        flannel0's addresses) are dropped (tx_spoofed_source), as the far end would. `table`: the routes, if they
+        should outlive this pump (dataplane.keeper); a new, empty table if not given. Only one pump's engines may
+        read a table at a time. `handover`: when an engine's second thread takes the receiving side (Engine's; the
+        default is measured, (0, 1000) is for tests)."""
         socks6 = socks6 or []
         if not socks and not socks6:
             raise ValueError("no underlay socket")
@@ -105,7 +108,7 @@ class Pump:
         self.network = network
         self.subnet6 = subnet6
         self.network6 = network6
-        self.routes = PrefixTable()
+        self.routes = PrefixTable() if table is None else table
         self.offloads = offloads
         self._engines: list[Engine] = []
         for queue in range(len(tun.queues) // buckets):
@@ -188,25 +191,26 @@ class Pump:
         for sock in self.socks + self.socks6:
             sock.close()
 
-    def set_route(self, subnet: str, peer: str, port: int = DEFAULT_PORT) -> None:
-        """Send traffic for subnet (IPv4 or IPv6) to peer:port (add or replace; the peer IPv4 or IPv6)."""
-        self.update_routes(set=[(subnet, peer, port)])
+    def set_route(self, subnet: str, peer: str, port: int = DEFAULT_PORT) -> dict[str, str]:
+        """Send traffic for subnet (IPv4 or IPv6) to peer:port (add or replace; the peer IPv4 or IPv6); as
+        update_routes."""
+        return self.update_routes(set=[(subnet, peer, port)])
 
     def del_route(self, subnet: str) -> None:
         """Forget the route for exactly this subnet; KeyError if there is none."""
         self.routes.delete(subnet)
 
-    def update_routes(self, set: Iterable[tuple[str, str, int]] = (), delete: Iterable[str] = ()) -> None:
+    def update_routes(self, set: Iterable[tuple[str, str, int]] = (), delete: Iterable[str] = ()) -> dict[str, str]:
         """Forget the `delete` subnets, then add or replace the `set` (subnet, peer, port) routes, all published
-        to the engine at once (one batch of lease events, or every peer at startup); changes nothing on an error
-        (ValueError also for a peer of a family this pump has no underlay socket for)."""
+        to the engine at once (one batch of lease events, or every peer at startup). Returns the routes refused
+        for want of a peer slot (PrefixTable.update); changes nothing on an error (ValueError also for a peer of
+        a family this pump has no underlay socket for)."""
         routes = list(set)
         for _, peer, _ in routes:
-            version = ipaddress.ip_address(peer).version
-            if not (self.socks6 if version == 6 else self.socks):
-                suffix = "6" if version == 6 else ""
-                raise ValueError(f"peer {peer}: no IPv{version} underlay socket (open_pump's iface_ip{suffix})")
-        self.routes.update(set=routes, delete=delete)
+            problem = underlay_problem(peer, ipv4=bool(self.socks), ipv6=bool(self.socks6))
+            if problem is not None:
+                raise ValueError(problem)
+        return self.routes.update(set=routes, delete=delete)
 
     def stats(self) -> dict[str, Any]:
         """Engine counters (dataplane._engine.COUNTERS, DROPS) summed over the queues (engines), and per queue under
@@ -230,16 +234,28 @@ class Pump:
         return {name: sum(m[name] for m in per_engine) for name in per_engine[0]}
 
 
+def underlay_problem(peer: str, *, ipv4: bool, ipv6: bool) -> str | None:
+    """Why a route cannot lead to this peer address over underlays of these families, or None if it can."""
+    try:
+        version = ipaddress.ip_address(peer).version
+    except ValueError:
+        return f"peer {peer!r} is not an IPv4 or IPv6 address"
+    if not (ipv6 if version == 6 else ipv4):
+        suffix = "6" if version == 6 else ""
+        return f"peer {peer}: no IPv{version} underlay socket (open_pump's iface_ip{suffix})"
+    return None
+
+
 def open_pump(*, iface_ip: IPv4 | None, port: int, tun_name: str, subnet: ipaddress.IPv4Network | None,
               network: ipaddress.IPv4Network | None, mtu: int, wanted: Offloads, batch: int = DEFAULT_BATCH,
               check_source: bool = True, iface_ip6: IPv6 | None = None, subnet6: ipaddress.IPv6Network | None = None,
-              network6: ipaddress.IPv6Network | None = None, queues: int = 1,
+              network6: ipaddress.IPv6Network | None = None, queues: int = 1, table: PrefixTable | None = None,
               handover: tuple[int, int] | None = None) -> Pump:
     """The udp dataplane as flannel's udp backend sets it up: a socket bound to iface_ip:port and/or one bound to
     iface_ip6:port (the underlay families), the TUN device configured for subnet/network and/or subnet6/network6
     (the overlay families) and mtu, and the offloads all accept out of `wanted`; `queues` engines, each serving
-    buckets_for(batch) TUN queues with a socket of each family. Not started yet; DataplaneError (nothing left
-    open) if the host refuses any step or nothing is given of either pair."""
+    buckets_for(batch) TUN queues with a socket of each family; routed by `table` (Pump). Not started yet;
+    DataplaneError (nothing left open) if the host refuses any step or nothing is given of either pair."""
     if iface_ip is None and iface_ip6 is None:
         raise DataplaneError("no underlay address: give an IPv4 or an IPv6 one")
     if (subnet is None) != (network is None) or (subnet6 is None) != (network6 is None) or not (subnet or subnet6):
@@ -256,7 +272,7 @@ def open_pump(*, iface_ip: IPv4 | None, port: int, tun_name: str, subnet: ipaddr
             for s in opened:
                 offloads = enable_offloads(s, offloads)
             return Pump(tun, socks, subnet=subnet, network=network, offloads=offloads, batch=batch,
-                        check_source=check_source, socks6=socks6, subnet6=subnet6, network6=network6,
+                        check_source=check_source, socks6=socks6, subnet6=subnet6, network6=network6, table=table,
                         handover=handover)
         except BaseException:
             tun.close()

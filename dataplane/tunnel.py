@@ -329,8 +329,9 @@ def _reload(cfg: TunnelConfig, keeper: Keeper) -> None:
         log.error("SIGHUP: kept the %d routes in use: %s", len(keeper.routes), exc)
         return
     changed, removed = keeper.replace_routes(_routes(cfg, peers))
-    log.info("SIGHUP: %d peers from %s: %d routes added or changed, %d removed", len(peers), cfg.peers_file,
-             changed, removed)
+    unrouted = len(keeper.unrouted)
+    log.info("SIGHUP: %d peers from %s: %d routes added or changed, %d removed%s", len(peers), cfg.peers_file,
+             changed, removed, f", {unrouted} not routed (retried every second)" if unrouted else "")
 
 
 def _write_stats(path: str | None, keeper: Keeper) -> None:

@@ -37,15 +37,24 @@ static inline void cmsg_set_segment(struct msghdr *m, void *room, uint16_t size)
     memcpy(CMSG_DATA(c), &size, sizeof(size));
 }
 
+/* Whether message c carries at least n bytes of data inside m's control buffer (CMSG_NXTHDR checks where the
+ * next message starts, not that this one's length fits). */
+static inline int cmsg_has(const struct msghdr *m, const struct cmsghdr *c, size_t n)
+{
+    const uint8_t *end = (const uint8_t *)m->msg_control + m->msg_controllen;
+    return c->cmsg_len >= CMSG_LEN(n) && (const uint8_t *)CMSG_DATA(c) + n <= end;
+}
+
 /* Read the GRO segment size (0 if the datagram was not coalesced) and the socket's cumulative drop count
- * (left unchanged if absent). Walks every message: UDP_GRO is not always the first one. */
+ * (left unchanged if absent). Walks every message: UDP_GRO is not always the first one. A message too short
+ * for its value is skipped (never from the kernel; tests/fuzz/parsers feeds it anything). */
 static inline void cmsg_parse_rx(struct msghdr *m, int *gso_size, uint32_t *drops)
 {
     *gso_size = 0;
     for (struct cmsghdr *c = CMSG_FIRSTHDR(m); c; c = CMSG_NXTHDR(m, c)) {
-        if (c->cmsg_level == SOL_UDP && c->cmsg_type == UDP_GRO)
+        if (c->cmsg_level == SOL_UDP && c->cmsg_type == UDP_GRO && cmsg_has(m, c, sizeof(int)))
             memcpy(gso_size, CMSG_DATA(c), sizeof(int));
-        else if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SO_RXQ_OVFL)
+        else if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SO_RXQ_OVFL && cmsg_has(m, c, sizeof(uint32_t)))
             memcpy(drops, CMSG_DATA(c), sizeof(uint32_t));
     }
 }

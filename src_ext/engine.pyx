@@ -29,9 +29,12 @@ What is flannel's and what is ours:
   of a SO_REUSEPORT group, and the kernel keeps each flow in one bucket both ways (steering.h): a flow is never
   reordered, and a request is not stuck behind another flow's bulk data in one queue.
 - The routing table is a prefix_table.h table read lock-free: the thread pins the current table in the reader slot
-  of the side it serves for one quantum, so a route change never waits for traffic, and traffic never waits for a
-  change. Per quantum, not per packet: a run of packets to one destination looks its route up once, a run from one
-  sender and inner source is checked once, per-peer counters are added once per run of messages.
+  of the side it serves for one quantum, up to the last use of what its routes led to (the peers' slots: the sends
+  and the per-peer counts), so a route change never waits for traffic, and traffic never waits for a change (a
+  thread waiting for socket space only delays the freeing of what changes replaced). The sender check and the
+  per-peer counters are O(1) lookups in the peer slots (peer_stats.h, peer6.h), which are reused once no thread
+  can see them (peer_slots.h). Per quantum, not per packet: a run of packets to one destination looks its route up
+  once, a run from one sender and inner source is checked once, per-peer counters are added once per run.
 - A side whose TUN or socket is gone (a deleted flannel0 answers EBADFD to everything and POLLERR to poll) stops
   the engine for good and records why (Engine.failure()); it never retries in a loop. A TUN that is merely down
   refuses writes with EIO: a per-packet drop, not a failure.
@@ -59,8 +62,8 @@ from offload cimport (
     csum_partial, csum_fold, csum_finish, csum_replace2, ip4_set_check, VNET_HDR_LEN, VNET_F_NEEDS_CSUM,
     VNET_GSO_NONE, GSO_MAX_SEGS, GRO_IOVS, vnet_hdr, gro_item, gro_table, vnet_finish_csum, gso_split, gro_reset, gro_add,
     gro_finish, gro_unmerge, CMSG_ROOM, cmsg_set_segment, cmsg_parse_rx,
-    PEER_SLOTS, PEER_EMPTY, peer_slot, peer_table, peer_find, peer_configured, peer_add,
-    PEER6_SLOTS, peer6_slot, peer6_table, peer6_find, peer6_configured,
+    peer_slot, peer_table, peer_find, peer_configured, peer_add,
+    peer6_slot, peer6_table, peer6_find, peer6_configured,
 )
 from ipv6 cimport (
     IP6_HLEN, IP6_MIN_MTU, ICMP6_DST_UNREACH, ICMP6_TIME_EXCEEDED, ip6_in_prefix, ip6_link_scope, ip6_error_allowed,
@@ -191,8 +194,8 @@ cdef class Engine:
     def failure(self) -> tuple[str, int] | None:
         """("TX" or "RX", errno) for a side that stopped the engine on its own, None while it runs or was stopped."""
         for side, name in ((SIDE_TX, "TX"), (SIDE_RX, "RX")):
-            if failed_get(&self.e.failed[side]):
-                return name, failed_get(&self.e.failed[side])
+            if acquire32(&self.e.failed[side]):
+                return name, acquire32(&self.e.failed[side])
         return None
 
     def stop(self) -> None:
@@ -215,7 +218,7 @@ cdef class Engine:
         out = {name: values[name] for name in COUNTERS}
         out["drops"] = {name: values[name] for name in DROPS}
         out["offloads"] = {"vnet_hdr": e.vnet_hdr, "gso": e.gso, "gro": e.gro, "coalesce": e.coalesce}
-        out["peers"] = _peer_counts(e.peers, e.peers6)
+        out["peers"] = self.table.peer_counts()
         return out
 
 
@@ -302,23 +305,3 @@ cdef void _release(engine *e) noexcept:
     free(e.rx.addr)
     free(e.rx.cmsg)
     free_gro_table(e.rx.flows)
-
-
-cdef dict _peer_counts(peer_table *table, peer6_table *table6):
-    """{peer address: {tx_packets, tx_bytes, rx_packets, rx_bytes}} for every peer that has or had a route."""
-    cdef int i
-    cdef peer_slot *s
-    peers = {}
-    for i in range(PEER_SLOTS):
-        s = &table.slot[i]
-        if s.state != PEER_EMPTY:
-            peers[str(ipaddress.IPv4Address(ntohl(s.addr)))] = _counts(s)
-    for i in range(PEER6_SLOTS):
-        s = &table6.slot[i].peer
-        if s.state != PEER_EMPTY:
-            peers[str(ipaddress.IPv6Address(bytes(table6.slot[i].addr[:16])))] = _counts(s)
-    return peers
-
-
-cdef dict _counts(peer_slot *s):
-    return {"tx_packets": s.tx_packets, "tx_bytes": s.tx_bytes, "rx_packets": s.rx_packets, "rx_bytes": s.rx_bytes}

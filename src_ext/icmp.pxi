@@ -67,10 +67,10 @@ cdef bint icmp_allowed(engine *e) noexcept nogil:
     word (GCRA: the time at which the bucket is full again), so that the engines of a tunnel share it with one
     compare-and-swap."""
     cdef uint64_t cost = 1000000000 // ICMP_PER_SEC, t = now_ns(), next_tat
-    cdef uint64_t tat = atomic_load64(e.icmp_tat)
+    cdef uint64_t tat = load64(e.icmp_tat)
     while True:
         next_tat = max(tat, t) + cost
         if next_tat - t > ICMP_BURST * cost:
             return False
-        if atomic_cas64(e.icmp_tat, &tat, next_tat):
+        if cas64(e.icmp_tat, &tat, next_tat):
             return True

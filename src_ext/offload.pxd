@@ -3,6 +3,7 @@
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int16_t, int32_t
 
 from syscalls cimport msghdr, iovec
+from prefix_table cimport pt_handle
 
 
 cdef extern from "csum.h" nogil:
@@ -68,21 +69,25 @@ cdef extern from "cmsg.h" nogil:
 cdef extern from "peer_stats.h" nogil:
     enum:
         PEER_SLOTS
-        PEER_EMPTY
     ctypedef struct peer_slot:
         uint32_t addr
         uint32_t state
         uint64_t tx_packets, tx_bytes, rx_packets, rx_bytes
     ctypedef struct peer_table:
-        peer_slot slot[16384]
-    # The slot of a peer address (network order) that has or had a route, or NULL: O(1).
+        peer_slot slot[8192]
+    # The slot of a peer address (network order) that a route leads to, or NULL: O(1). Hold the prefix table
+    # from the lookup until the last use of the slot.
     peer_slot *peer_find(peer_table *t, uint32_t addr)
     # Whether a route leads to this address now.
     bint peer_configured(peer_table *t, uint32_t addr)
     # Add n to one counter of a slot (each counter has one writer thread).
     void peer_add(uint64_t *counter, uint64_t n)
-    # Control side: the address gained its first route (on) or lost its last one.
-    void peer_configure(peer_table *t, uint32_t addr, int on)
+    # Control side: set up and free a table; the address gained its first route (its slot, or -1 when the table
+    # is full); the peer in a slot lost its last route, in a table published at epoch `tag`.
+    int peer_table_init(peer_table *t)
+    void peer_table_destroy(peer_table *t)
+    int peer_join(peer_table *t, pt_handle *h, uint32_t addr)
+    void peer_leave(peer_table *t, int slot, uint64_t tag)
 
 
 cdef extern from "peer6.h" nogil:
@@ -92,12 +97,13 @@ cdef extern from "peer6.h" nogil:
         uint8_t addr[16]
         peer_slot peer
     ctypedef struct peer6_table:
-        peer6_slot slot[4096]
-    # The slot of an IPv6 peer address that has or had a route, or NULL: O(1).
+        peer6_slot slot[8192]
+    # The slot of an IPv6 peer address that a route leads to, or NULL: O(1) (the same rule as peer_find).
     peer6_slot *peer6_find(peer6_table *t, const uint8_t *addr)
     # Whether a route leads to this address now.
     bint peer6_configured(peer6_table *t, const uint8_t *addr)
-    # Control side: the address's slot index (what a route's leaf holds), reserved if new; -1 when full.
-    int peer6_reserve(peer6_table *t, const uint8_t *addr)
-    # Control side: the reserved slot gained its first route (on) or lost its last one.
-    void peer6_configure(peer6_table *t, int index, int on)
+    # Control side, as for IPv4 peers; peer6_join's slot number is what a route's leaf holds.
+    int peer6_table_init(peer6_table *t)
+    void peer6_table_destroy(peer6_table *t)
+    int peer6_join(peer6_table *t, pt_handle *h, const uint8_t *addr)
+    void peer6_leave(peer6_table *t, int slot, uint64_t tag)

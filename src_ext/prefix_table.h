@@ -21,7 +21,8 @@
  * atomic store. Readers never wait and take no lock: each announces, in its own slot, the epoch
  * (number of publishes) it entered at, and the writer frees a replaced node only once every announcing reader
  * entered after the publish that replaced it (epoch-based reclamation). The writer never waits either: what it
- * cannot free yet stays on a list until a later publish or the table's end.
+ * cannot free yet stays on a list until a later publish or the table's end. Peer slots (peer_slots.h) are
+ * reused by the same rule.
  */
 #ifndef PYFLANNEL_PREFIX_TABLE_H
 #define PYFLANNEL_PREFIX_TABLE_H
@@ -273,18 +274,17 @@ static void pt_undo_node(pt_handle *h, pt_node *n)
     free(n);
 }
 
-static void pt_undo(pt_handle *h)
+static void pt_undo(pt_handle *h, size_t retired_before)
 {
     for (int f = PT_V4; f <= PT_V6; f++) {
         pt_undo_node(h, h->work[f]);
         h->work[f] = h->cur->root[f];
     }
-    while (h->nretired && h->retired[h->nretired - 1].tag == h->epoch)
-        h->nretired--;
+    h->nretired = retired_before;
 }
 
-/* Free every retired node that no reader can reach any more. */
-static void pt_reclaim(pt_handle *h)
+/* The epoch the oldest reader entered at (PT_IDLE: none is reading): what was retired before it is unreachable. */
+static uint64_t pt_oldest(const pt_handle *h)
 {
     uint64_t oldest = PT_IDLE;
     for (int i = 0; i < PT_READERS; i++) {
@@ -292,6 +292,20 @@ static void pt_reclaim(pt_handle *h)
         if (e < oldest)
             oldest = e;
     }
+    return oldest;
+}
+
+/* Start a new epoch without a new table: whatever the writer hid from readers before this, a reader that
+ * enters from now on cannot see (peer_slots.h retires its slots this way). */
+static void pt_bump(pt_handle *h)
+{
+    __atomic_store_n(&h->epoch, h->epoch + 1, __ATOMIC_SEQ_CST);
+}
+
+/* Free every retired node that no reader can reach any more. */
+static void pt_reclaim(pt_handle *h)
+{
+    uint64_t oldest = pt_oldest(h);
     size_t keep = 0;
     for (size_t i = 0; i < h->nretired; i++) {
         if (h->retired[i].tag < oldest)
@@ -305,9 +319,10 @@ static void pt_reclaim(pt_handle *h)
 /* Apply a batch of changes in order and publish the result at once; -1 (nothing changed) if memory ran out. */
 static int pt_apply(pt_handle *h, const pt_op *ops, size_t n)
 {
+    size_t retired_before = h->nretired;
     for (size_t i = 0; i < n; i++) {
         if (pt_paint(h, &h->work[ops[i].family], 0, &ops[i]) < 0) {
-            pt_undo(h);
+            pt_undo(h, retired_before);
             return -1;
         }
     }
@@ -315,7 +330,7 @@ static int pt_apply(pt_handle *h, const pt_op *ops, size_t n)
         pt_table *next = (pt_table *)malloc(sizeof(pt_table));
         if (!next || pt_retire(h, h->cur) < 0) {
             free(next);
-            pt_undo(h);
+            pt_undo(h, retired_before);
             return -1;
         }
         next->root[PT_V4] = h->work[PT_V4];

@@ -20,7 +20,7 @@ cdef extern from "prefix_table.h" nogil:
         PT_V4
         PT_V6
     ctypedef struct pt_handle:
-        pass
+        uint64_t epoch      # publishes (and pt_bump calls) so far; the writer's to read
     enum:
         PT_READERS
         PT_QUEUES
@@ -40,3 +40,5 @@ cdef extern from "prefix_table.h" nogil:
     int pt_init(pt_handle *h)
     int pt_apply(pt_handle *h, const pt_op *ops, size_t n)
     void pt_destroy(pt_handle *h)
+    # Writer side: a new epoch without a new table (what was hidden from readers before, new ones cannot see).
+    void pt_bump(pt_handle *h)

@@ -50,9 +50,9 @@ cdef bint rx_bucket(engine *e, bucket *b, int family) noexcept nogil:
         cmsg_parse_rx(&rx.msgs[i].msg_hdr, &gso_size, &b.overflow[family])
         rx_message(e, b, t, rx.bufs + <size_t>i * SLOT, rx.msgs[i].msg_len, gso_size, &rx.addr[i])
         nbytes += rx.msgs[i].msg_len
-    pt_release(e.routes, e.reader[SIDE_RX])
     rx_count_peer(e, &rx.run_peer, rx.run_packets, rx.run_bytes)
     rx.run_packets = rx.run_bytes = 0
+    pt_release(e.routes, e.reader[SIDE_RX])   # after the last count: the counts are in peer slots
     if e.coalesce:
         rx_write_coalesced(e, b)
     b.rx_msgs = <uint32_t>max(1, min(e.batch, RX_QUANTUM * r // max(nbytes, 1)))

@@ -2,6 +2,7 @@
 # side it belongs to (TX or RX, see worker.pxi), and the small helpers every part uses. No Python object in here:
 # everything below runs with the GIL released.
 
+from atomics cimport load64, store64, add64, cas64, acquire32, release32, set_once32
 from counters cimport *
 
 
@@ -121,34 +122,14 @@ cdef struct engine:
     rx_state rx
 
 
-cdef extern from *:
-    """
-    static inline int failed_get(const int *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
-    static inline void failed_set(int *p, int err)
-    {
-        int none = 0;   /* the first reason wins */
-        __atomic_compare_exchange_n(p, &none, err, 0, __ATOMIC_RELEASE, __ATOMIC_RELAXED);
-    }
-    static inline uint64_t atomic_load64(uint64_t *p) { return __atomic_load_n(p, __ATOMIC_RELAXED); }
-    static inline int atomic_cas64(uint64_t *p, uint64_t *expected, uint64_t v)
-    {
-        return __atomic_compare_exchange_n(p, expected, v, 0, __ATOMIC_RELAXED, __ATOMIC_RELAXED);
-    }
-    """
-    int failed_get(const int *p) noexcept nogil
-    void failed_set(int *p, int err) noexcept nogil
-    uint64_t atomic_load64(uint64_t *p) noexcept nogil
-    bint atomic_cas64(uint64_t *p, uint64_t *expected, uint64_t v) noexcept nogil
-
-
 cdef inline bint stopped(engine *e) noexcept nogil:
     """Either side has stopped for good: the engine's threads return."""
-    return failed_get(&e.failed[SIDE_TX]) != 0 or failed_get(&e.failed[SIDE_RX]) != 0
+    return acquire32(&e.failed[SIDE_TX]) != 0 or acquire32(&e.failed[SIDE_RX]) != 0
 
 
 cdef inline void fail(engine *e, int side, int err) noexcept nogil:
     """Stop this side for good with err (the first reason wins); Python reads it through Engine.failure()."""
-    failed_set(&e.failed[side], err)
+    set_once32(&e.failed[side], err)
 
 
 cdef inline bint fd_dead(int err) noexcept nogil:

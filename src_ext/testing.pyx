@@ -7,7 +7,7 @@ code; never imported by production code, which is why none of this is in pyflann
 import ipaddress
 
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
-from libc.string cimport memcpy, memset
+from libc.string cimport memcmp, memcpy, memset
 from libc.errno cimport errno
 
 from syscalls cimport iovec, htonl, htons, ntohl, ntohs
@@ -105,6 +105,115 @@ def race(PrefixTable table, batches: list, const uint32_t[:] probes, str peer_a,
         with nogil:
             pthread_join(thread, NULL)
     return r.rounds, r.wrong
+
+
+cdef enum:
+    SLOT_RACE_HELD = 256         # slots remembered per pin (the first pass's)
+    SLOT_RACE_PASSES = 64        # passes over the probes per pin
+
+ctypedef struct _slot_reader:
+    pt_handle *h
+    peer_table *peers
+    peer6_table *peers6
+    const uint32_t *probes       # host order: an address in IPv4 prefix k at index k
+    Py_ssize_t nprobes
+    const uint8_t *probes6       # an address in IPv6 prefix k at 16 * k
+    Py_ssize_t nprobes6
+    const uint8_t *held_at[SLOT_RACE_HELD]   # per slot found in one pin: where its peer's address is ...
+    uint8_t held_addr[SLOT_RACE_HELD][16]    # ... and what it was then
+    int held_len[SLOT_RACE_HELD]
+    Py_ssize_t nheld
+    int stop
+    uint64_t rounds, found, wrong
+
+
+cdef void _slot_hold(_slot_reader *r, uint64_t leaf, Py_ssize_t k) noexcept nogil:
+    """What an engine thread does with a route's hop: find its peer's slot (by number for an IPv6 peer, by
+    address for an IPv4 one) and count into it; and remember where the slot keeps the peer's address and what
+    it was. The racing writer routes prefix k only to peers whose address ends in the byte k."""
+    cdef pt_hop hop
+    cdef peer_slot *s
+    cdef const uint8_t *at
+    cdef int alen
+    if not pt_routed(leaf):
+        return
+    hop = pt_leaf_hop(leaf)
+    if hop.v6:
+        at = r.peers6.slot[hop.addr].addr
+        alen = 16
+        s = &r.peers6.slot[hop.addr].peer
+    else:
+        s = peer_find(r.peers, hop.addr)
+        if s == NULL:   # the peer is leaving: its slot is found no more
+            return
+        at = <const uint8_t *>&s.addr
+        alen = 4
+    if at[alen - 1] != k or (alen == 16 and at[14] != 0):
+        r.wrong += 1
+    peer_add(&s.tx_packets, 1)
+    r.found += 1
+    if r.nheld == SLOT_RACE_HELD:
+        return
+    r.held_at[r.nheld] = at
+    r.held_len[r.nheld] = alen
+    memcpy(r.held_addr[r.nheld], at, alen)
+    r.nheld += 1
+
+
+cdef void *_slot_read(void *arg) noexcept nogil:
+    """Pin the table, follow every probe's route to its peer's slot over and over (a batch's worth of time),
+    then check that no slot held in this pin changed owner: a slot reused under a reader shows up as a changed
+    address."""
+    cdef _slot_reader *r = <_slot_reader *>arg
+    cdef const pt_table *t
+    cdef Py_ssize_t k, i, again
+    while not __atomic_load_n(&r.stop, __ATOMIC_ACQUIRE):
+        t = pt_acquire(r.h, READER_TEST)
+        r.nheld = 0
+        for again in range(SLOT_RACE_PASSES):
+            for k in range(r.nprobes):
+                _slot_hold(r, pt_lookup(t, r.probes[k]), k)
+            for k in range(r.nprobes6):
+                _slot_hold(r, pt_lookup6(t, r.probes6 + 16 * k), k)
+        for i in range(r.nheld):
+            if memcmp(r.held_at[i], r.held_addr[i], r.held_len[i]) != 0:
+                r.wrong += 1
+        pt_release(r.h, READER_TEST)
+        r.rounds += 1
+    return NULL
+
+
+def slot_race(PrefixTable table, batches: list, const uint32_t[:] probes,
+                          const uint8_t[:] probes6) -> tuple:
+    """Apply each (set, delete) batch while a C thread keeps following the probes' routes to their peers'
+    slots, as the engine threads do; (pins done, slots followed, wrong observations: a slot of another peer, or
+    one reused while pinned). Under AddressSanitizer (make debug) an index freed too early is reported."""
+    cdef _slot_reader *r = <_slot_reader *>calloc(1, sizeof(_slot_reader))
+    cdef pthread_t thread
+    if r == NULL:
+        raise MemoryError()
+    if probes.shape[0] + probes6.shape[0] // 16 > SLOT_RACE_HELD:
+        raise ValueError("too many probes")
+    r.h = &table._h
+    r.peers = table._peers
+    r.peers6 = table._peers6
+    r.probes = &probes[0]
+    r.nprobes = probes.shape[0]
+    r.probes6 = &probes6[0]
+    r.nprobes6 = probes6.shape[0] // 16
+    if pthread_create(&thread, NULL, _slot_read, r) != 0:
+        free(r)
+        raise OSError("pthread_create failed")
+    try:
+        for sets, deletes in batches:
+            table.update(set=sets, delete=deletes)
+    finally:
+        __atomic_store_n(&r.stop, 1, __ATOMIC_RELEASE)
+        with nogil:
+            pthread_join(thread, NULL)
+    result = r.rounds, r.found, r.wrong
+    free(r)
+    return result
 
 
 # ---- offload helpers ---------------------------------------------------------------------------------------------

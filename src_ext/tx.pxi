@@ -43,8 +43,8 @@ cdef bint tx_bucket(engine *e, bucket *b) noexcept nogil:
             e.counters[C_tx_malformed] += 1
         else:
             tx_offloaded(e, b, t, r - VNET_HDR_LEN)
-    pt_release(e.routes, e.reader[SIDE_TX])   # before the send, which may wait for socket space
     tx_flush(e, b)
+    pt_release(e.routes, e.reader[SIDE_TX])   # after the send: the routes' hops name peer slots
     return full
 
 

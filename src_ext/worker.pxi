@@ -34,21 +34,6 @@ cdef enum:
     FIXED_FDS = 2            # every poll set starts with stop() and the thread's wake fd
 
 
-cdef extern from *:
-    """
-    static inline int mode_get(const int *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
-    static inline void mode_set(int *p, int v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
-    static inline void count_add(uint64_t *p, uint64_t n) { __atomic_fetch_add(p, n, __ATOMIC_RELAXED); }
-    static inline void share_set(uint64_t *p, uint64_t v) { __atomic_store_n(p, v, __ATOMIC_RELAXED); }
-    static inline uint64_t share_get(const uint64_t *p) { return __atomic_load_n(p, __ATOMIC_RELAXED); }
-    """
-    int mode_get(const int *p) noexcept nogil
-    void mode_set(int *p, int v) noexcept nogil
-    void count_add(uint64_t *p, uint64_t n) noexcept nogil
-    void share_set(uint64_t *p, uint64_t v) noexcept nogil
-    uint64_t share_get(const uint64_t *p) noexcept nogil
-
-
 cdef struct worker:
     int role                        # LEAD or HELPER
     pollfd fds[FIXED_FDS + 3 * MAX_BUCKETS]   # stop, wake; then (lead) TUN queues; then sockets of both families
@@ -83,7 +68,7 @@ cdef void worker_init(engine *e, worker *w, int role) noexcept nogil:
 cdef inline int worker_nfds(engine *e, worker *w) noexcept nogil:
     """What the thread polls in the current mode: the lead its TUN queues (and the sockets when light), the helper
     its sockets when heavy and nothing but its wake fd when light."""
-    cdef bint heavy = mode_get(&e.mode) == HEAVY
+    cdef bint heavy = acquire32(&e.mode) == HEAVY
     if w.role == LEAD:
         return w.first_sock if heavy else w.first_sock + 2 * e.nbuckets
     return w.first_sock + 2 * e.nbuckets if heavy else FIXED_FDS
@@ -112,7 +97,7 @@ cdef void serve(engine *e, int role) noexcept nogil:
         if w.fds[1].revents:
             read(e.wake_fd[role], &one, 8)      # the mode changed: poll the new set
         elif ready:
-            count_add(&e.counters[C_wakeups if asleep else C_spin_catches], 1)
+            add64(&e.counters[C_wakeups if asleep else C_spin_catches], 1)
             serve_ready(e, &w, nfds)
             check_fds(e, &w, nfds)
             w.last_work = now_ns()
@@ -124,7 +109,7 @@ cdef void serve(engine *e, int role) noexcept nogil:
 cdef inline int sleep_ms(engine *e, worker *w) noexcept nogil:
     """How long a thread with nothing to do sleeps: for good when light, until its window ends when heavy."""
     cdef uint64_t t = now_ns(), end = w.window_start + WINDOW_NS
-    if not e.helper or mode_get(&e.mode) == LIGHT:
+    if not e.helper or acquire32(&e.mode) == LIGHT:
         return -1
     return 1 + <int>((end - t) // 1000000) if end > t else 0
 
@@ -181,16 +166,16 @@ cdef void weigh(engine *e, worker *w) noexcept nogil:
     cdef uint64_t t = now_ns(), window = t - w.window_start, busy = w.busy[SIDE_TX] + w.busy[SIDE_RX], other
     if window < WINDOW_NS or not e.helper:
         return
-    share_set(&e.busy_share[w.role], busy * 1000 // window)
-    other = share_get(&e.busy_share[1 - w.role])
-    if (w.role == LEAD and mode_get(&e.mode) == LIGHT and busy * 1000 >= e.heavy_permille * window
+    store64(&e.busy_share[w.role], busy * 1000 // window)
+    other = load64(&e.busy_share[1 - w.role])
+    if (w.role == LEAD and acquire32(&e.mode) == LIGHT and busy * 1000 >= e.heavy_permille * window
             and w.busy[SIDE_TX] * 1000 >= SIDE_PERMILLE * window and w.busy[SIDE_RX] * 1000 >= SIDE_PERMILLE * window):
-        mode_set(&e.mode, HEAVY)
-        count_add(&e.counters[C_helper_on], 1)
+        release32(&e.mode, HEAVY)
+        add64(&e.counters[C_helper_on], 1)
         wake(e, HELPER)
-    elif w.role == HELPER and mode_get(&e.mode) == HEAVY and busy * 1000 // window + other < e.light_permille:
-        mode_set(&e.mode, LIGHT)
-        count_add(&e.counters[C_helper_off], 1)
+    elif w.role == HELPER and acquire32(&e.mode) == HEAVY and busy * 1000 // window + other < e.light_permille:
+        release32(&e.mode, LIGHT)
+        add64(&e.counters[C_helper_off], 1)
         wake(e, LEAD)
     w.window_start = t
     w.busy[SIDE_TX] = w.busy[SIDE_RX] = 0

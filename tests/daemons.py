@@ -6,14 +6,16 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from conftest import host_socket
 from packets import Parsed, parse_ipv4
@@ -28,6 +30,48 @@ ETCD_PORT = 2379
 ETCD_TOOL = str(Path(__file__).with_name("etcd_tool.py"))
 SUBNET_KEYS = ("FLANNEL_SUBNET", "FLANNEL_IPV6_SUBNET")
 IFA_F_NODAD = 0x02
+
+
+class Log:
+    """A process's stderr, read as it is written (a thread), so that a test can wait for a line instead of
+    sleeping; the process's stderr is this object's from then on."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        assert proc.stderr is not None
+        self.proc = proc
+        self._lines: list[str] = []
+        self._ended = False
+        self._changed = threading.Condition()
+        self._reader = threading.Thread(target=self._read, args=(proc.stderr,), daemon=True)
+        self._reader.start()
+
+    def _read(self, stream: IO[str]) -> None:
+        for line in stream:
+            with self._changed:
+                self._lines.append(line)
+                self._changed.notify_all()
+        with self._changed:
+            self._ended = True
+            self._changed.notify_all()
+
+    def wait_for(self, text: str, timeout: float = 20) -> str:
+        """The first line with text in it, once written; TimeoutError (or AssertionError if the process ended
+        first) otherwise."""
+        def found() -> str | None:
+            return next((line for line in self._lines if text in line), None)
+        with self._changed:
+            if not self._changed.wait_for(lambda: found() is not None or self._ended, timeout):
+                raise TimeoutError(f"no line with {text!r} after {timeout} s")
+            line = found()
+        assert line is not None, f"the process ended without a line with {text!r}: {self.text()}"
+        return line
+
+    def text(self) -> str:
+        """Everything written so far (all of it, once the process has ended)."""
+        if self.proc.poll() is not None:
+            self._reader.join(20)
+        with self._changed:
+            return "".join(self._lines)
 
 
 def wait_for(cond: Callable[[], object], timeout: float = 20, what: str = "condition") -> Any:
@@ -129,6 +173,25 @@ class Etcd:
 
     def items(self, prefix: str) -> dict[str, str]:
         return dict(json.loads(self.tool("dump", prefix).stdout))
+
+
+def write_leases(db: Path, changes: dict[str, str | None]) -> None:
+    """Other nodes' leases written straight into the embedded registry in one transaction, with the events its
+    watchers read (value None: deleted), as a crowd of daemons joining and leaving between two polls would."""
+    conn = sqlite3.connect(db, timeout=30, isolation_level=None)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        for key, value in changes.items():
+            data = None if value is None else value.encode()
+            rev = conn.execute("INSERT INTO events (key, value) VALUES (?, ?)", (key, data)).lastrowid
+            if data is None:
+                conn.execute("DELETE FROM leases WHERE key = ?", (key,))
+            else:
+                conn.execute("INSERT OR REPLACE INTO leases (key, value, expires, rev) VALUES (?, ?, ?, ?)",
+                             (key, data, time.time() + 3600, rev))
+        conn.execute("COMMIT")
+    finally:
+        conn.close()
 
 
 def embedded_registry(tmp_path: Path, net_conf: str) -> list[str]:

@@ -13,6 +13,7 @@ import copy
 import json
 import socket
 import threading
+from collections import Counter
 from typing import Any
 
 from aiohttp import web
@@ -32,6 +33,7 @@ class FakeKube:
         self._closing = False
         self.compacted = 0  # watches from before this resourceVersion get 410 Gone, as after etcd compaction
         self.watch_410s = 0
+        self.node_gets: Counter[str] = Counter()  # GETs of each Node, so a test can wait for a daemon's next look
 
     # ---- state, from the test's side ------------------------------------------------------------------------
 
@@ -77,6 +79,7 @@ class FakeKube:
 
     async def _get_node(self, request: web.Request) -> web.Response:
         with self._lock:
+            self.node_gets[request.match_info["name"]] += 1
             node = self.nodes.get(request.match_info["name"])
             if node is None:
                 return web.json_response({"kind": "Status", "code": 404, "reason": "NotFound"}, status=404)

@@ -19,6 +19,7 @@ from daemons import (
     FLANNELD,
     PREFIX,
     Etcd,
+    Log,
     add_ipv6_underlay,
     assert_all_pairs_reach,
     embedded_registry,
@@ -28,6 +29,7 @@ from daemons import (
     underlay6,
     wait_for,
     wait_for_env,
+    write_leases,
 )
 from traffic import start_transfer
 
@@ -268,3 +270,48 @@ def test_ipv6_only_network(tmp_path: Path) -> None:
 
         registry = embedded_registry(tmp_path, V6_ONLY % "udp")
         _assert_udp(nodes, _restart(rig, started, registry, tmp_path), tmp_path, ipv4=False)
+
+
+def _metric(node: Host, name: str, **labels: str) -> float:
+    return scrape(node).get((name, tuple(sorted(labels.items()))), -1)
+
+
+def test_tens_of_thousands_of_peers_come_and_go_through_flanneld(tmp_path: Path) -> None:
+    """25 rounds of 1,000 dual-stack leases that replace the round before in one registry transaction: 50,000
+    distinct peer addresses (25,000 of each family) through one flanneld's engine. Then a real node joins, and
+    both families reach it and carry a checked transfer; only its per-peer series are left in /metrics."""
+    conf = ('{"Network":"10.244.0.0/16","SubnetLen":28,"EnableIPv6":true,"IPv6Network":"fd00:10:244::/48",'
+            '"Backend":{"Type":"udp"}}')
+    registry = embedded_registry(tmp_path, conf)
+    with Rig(2, tag="pfs") as rig:
+        node, joiner = rig.hosts
+        add_ipv6_underlay(rig.hosts)
+        ((proc, env),) = start_nodes(rig, [node], registry, tmp_path, "--healthz-port", "8471")
+        log = Log(proc)  # a line per route: read as it comes, or flanneld blocks on a full pipe
+        own = (_v4(env), _v6(env))
+        subnets = [(s, ipaddress.IPv6Network(f"fd00:10:244:{0x100 + i:x}::/64"))
+                   for i, s in enumerate(ipaddress.IPv4Network("10.244.0.0/16").subnets(new_prefix=28))
+                   if i and not (s.overlaps(own[0]) or f"fd00:10:244:{0x100 + i:x}::/64" == str(own[1]))][:2_000]
+        previous: list[str] = []
+        for r in range(25):
+            batch = subnets[r % 2 * 1_000:][:1_000]
+            leases = {}
+            for i, (v4, v6) in enumerate(batch):
+                n = r * 1_000 + i
+                public = ipaddress.IPv4Address("198.18.16.0") + n
+                leases[f"{v4.network_address}-28&{v6.network_address}-64"] = \
+                    f'{{"PublicIP":"{public}","PublicIPv6":"2001:2::1:{n:x}"}}'
+            write_leases(tmp_path / "leases.db", dict.fromkeys(previous) | leases)
+            previous = list(leases)
+            wait_for(lambda: _metric(node, "flannel_routes", state="routed") == 2_000, 60, f"round {r} routed")
+        write_leases(tmp_path / "leases.db", dict.fromkeys(previous))
+        wait_for(lambda: _metric(node, "flannel_routes", state="routed") == 0, 60, "the last round gone")
+        ((_, joiner_env),) = start_nodes(rig, [joiner], registry, tmp_path)
+        _both_families_carry_traffic([node, joiner], [env, joiner_env])
+        samples = scrape(node)
+        peers = {dict(labels)["peer"] for (name, labels) in samples if name == "flannel_peer_packets_total"}
+        assert peers == {str(joiner.underlay), underlay6(joiner)}
+        assert samples[("flannel_route_refusals_total", ())] == 0
+        assert samples[("flannel_routes", (("state", "routed"),))] == 2
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0 and "refused" not in log.text() and "failed" not in log.text()

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from daemons import FLANNELD, NET, PREFIX, Certs, Etcd, make_certs, start_flanneld, wait_for, wait_for_env
+from daemons import FLANNELD, NET, PREFIX, Certs, Etcd, Log, make_certs, start_flanneld, wait_for, wait_for_env
 
 from pyflannel.bench.rig import Rig
 
@@ -45,12 +45,12 @@ def test_tls_with_client_certificates(rig2: Rig, tmp_path: Path) -> None:
     etcd.put(f"{PREFIX}/config", NET % "host-gw")
     assert etcd.url.startswith("https://")
 
-    without_cert = start_flanneld(node, ["--etcd-endpoints", etcd.url, *_tls_flags(certs, client=False)],
-                                  tmp_path / "x.env")
-    time.sleep(4)
+    without_cert = Log(start_flanneld(node, ["--etcd-endpoints", etcd.url, *_tls_flags(certs, client=False)],
+                                      tmp_path / "x.env"))
+    without_cert.wait_for(f"no etcd endpoint answered ({etcd.url}:")
     assert not (tmp_path / "x.env").exists(), "etcd requires a client certificate: no lease without one"
-    err = _stop(without_cert)
-    assert f"no etcd endpoint answered ({etcd.url}:" in err and "Traceback" not in err
+    without_cert.proc.send_signal(signal.SIGTERM)
+    assert without_cert.proc.wait(20) == 0 and "Traceback" not in without_cert.text()
 
     proc = start_flanneld(node, ["--etcd-endpoints", etcd.url, *_tls_flags(certs)], tmp_path / "n.env")
     subnet = ipaddress.IPv4Interface(wait_for_env(tmp_path / "n.env", proc)["FLANNEL_SUBNET"]).network

@@ -4,6 +4,7 @@ with Debian's etcd; flannel's etcd layout byte for byte; restarts, races and an 
 from __future__ import annotations
 
 import ipaddress
+import json
 import re
 import signal
 import socket
@@ -19,7 +20,9 @@ from daemons import (
     NET,
     PREFIX,
     Etcd,
+    Log,
     assert_all_pairs_reach,
+    embedded_registry,
     http,
     pings,
     read_env,
@@ -31,7 +34,9 @@ from daemons import (
     unreachable,
     wait_for,
     wait_for_env,
+    write_leases,
 )
+from packets import udp4
 
 from pyflannel.bench.rig import Rig
 
@@ -273,12 +278,13 @@ def test_ports_in_use_are_one_line_errors(tmp_path: Path) -> None:
 def test_waits_for_etcd_to_come_up(rig4: Rig, tmp_path: Path) -> None:
     node, etcd_host = rig4.hosts[0], rig4.hosts[3]
     etcd = Etcd(etcd_host, tmp_path / "etcd")
-    proc = start_flanneld(node, ["--etcd-endpoints", etcd.url], tmp_path / "n.env")
-    time.sleep(3)
-    assert proc.poll() is None, "etcd down at start: flanneld keeps trying, as flannel does"
+    log = Log(start_flanneld(node, ["--etcd-endpoints", etcd.url], tmp_path / "n.env"))
+    log.wait_for("registry: reading the network config: no etcd endpoint answered")
+    assert log.proc.poll() is None, "etcd down at start: flanneld keeps trying, as flannel does"
     etcd.start()
     etcd.put(f"{PREFIX}/config", NET % "host-gw")
-    assert wait_for_env(tmp_path / "n.env", proc, timeout=40)["FLANNEL_MTU"] == "1500"
+    assert wait_for(lambda: (tmp_path / "n.env").exists(), 40, "subnet.env") and log.proc.poll() is None
+    assert read_env(tmp_path / "n.env")["FLANNEL_MTU"] == "1500"
 
 
 def test_own_lease_deleted_is_created_again_or_exits_0_on_request_and_bad_config_exits_1(rig4: Rig, tmp_path: Path
@@ -347,3 +353,63 @@ def test_rules_land_in_the_iptables_backend_the_host_uses(tmp_path: Path) -> Non
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0 and proc.stderr is not None
         assert "iptables: iptables-legacy" in proc.stderr.read()
+
+
+def test_the_udp_backends_source_check_can_be_turned_off(tmp_path: Path) -> None:
+    """A router that forwards into the overlay through a node: a datagram carrying a packet from a host behind
+    it (192.168.5.9, in no node's subnet) from an address that holds no lease. Dropped as rx_unknown_peer by
+    default; delivered with "SourceCheck": false; a value that is not a bool is one line and exit 1."""
+    conf = tmp_path / "net-conf.json"
+    registry = ["--local-registry", str(tmp_path / "l.db"), "--net-config-path", str(conf)]
+    unknown = ("flannel_drops_total", (("reason", "rx_unknown_peer"),))
+    with Rig(2, tag="pfd") as rig:
+        node, router = rig.hosts
+        for backend in ({"Type": "udp"}, {"Type": "udp", "SourceCheck": False}):
+            conf.write_text(json.dumps({"Network": "10.244.0.0/16", "Backend": backend}))
+            proc = start_flanneld(node, registry, tmp_path / "n.env", "--healthz-port", "8471")
+            pod = wait_for_env(tmp_path / "n.env", proc)["FLANNEL_SUBNET"].split("/")[0]
+            node.run("ip", "addr", "replace", f"{pod}/32", "dev", "lo")
+            with host_socket(node) as app, host_socket(router) as forwarder:
+                app.bind((pod, 7001))
+                forwarder.sendto(udp4("192.168.5.9", pod, 5000, 7001, b"via the router"), ("198.18.0.1", 8285))
+                if "SourceCheck" in backend:
+                    app.settimeout(5)
+                    assert app.recv(100) == b"via the router"
+                    assert scrape(node)[unknown] == 0
+                else:
+                    wait_for(lambda: scrape(node)[unknown] == 1, 10, "the datagram dropped")
+                    app.setblocking(False)
+                    with pytest.raises(BlockingIOError):
+                        app.recv(100)
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(20) == 0 and proc.stderr is not None
+            assert ("source check off (Backend.SourceCheck)" in proc.stderr.read()) is ("SourceCheck" in backend)
+            (tmp_path / "n.env").unlink()
+        conf.write_text('{"Network": "10.244.0.0/16", "Backend": {"Type": "udp", "SourceCheck": "no"}}')
+        proc = start_flanneld(node, registry, tmp_path / "n.env")
+        assert proc.wait(30) == 1 and proc.stderr is not None
+        err = proc.stderr.read()
+        assert err.strip().splitlines()[-1] == "flanneld: error: Backend.SourceCheck must be true or false, not 'no'"
+
+
+def test_a_host_gw_route_the_kernel_refuses_is_retried_and_unready_meanwhile(tmp_path: Path) -> None:
+    """A peer whose gateway is not on the node's link: its route is refused (one line), /readyz says so while
+    the other routes stand, and the route is in place at the first recheck after the link is there."""
+    registry = embedded_registry(tmp_path, NET % "host-gw")
+    with Rig(2, tag="pfd") as rig:
+        node = rig.hosts[0]
+        log = Log(start_flanneld(node, registry, tmp_path / "n.env", "--healthz-port", "8471"))
+        wait_for_env(tmp_path / "n.env", log.proc)
+        write_leases(tmp_path / "leases.db", {
+            "10.244.200.0-24": '{"PublicIP":"198.19.5.5","PublicIPv6":null,"BackendType":"host-gw"}',
+            "10.244.201.0-24": '{"PublicIP":"198.18.0.2","PublicIPv6":null,"BackendType":"host-gw"}'})
+        line = log.wait_for("route 10.244.200.0/24 via 198.19.5.5 refused: ")
+        assert line.rstrip().endswith("trying again every 10 s"), line
+        wait_for(partial(serves, node, "/readyz", "1 peer subnet(s) not routed: 10.244.200.0/24 ("), 20, "unready")
+        assert "10.244.201.0/24 via 198.18.0.2 dev eth0" in node.run("ip", "route").stdout
+        node.run("ip", "addr", "add", "198.19.5.1/24", "dev", "eth0")
+        wait_for(partial(serves, node, "/readyz", "flanneld is ready"), 30, "the route in place")
+        assert "10.244.200.0/24 via 198.19.5.5 dev eth0" in node.run("ip", "route").stdout
+        log.wait_for("route 10.244.200.0/24 via 198.19.5.5 in place")
+        log.proc.send_signal(signal.SIGTERM)
+        assert log.proc.wait(20) == 0 and log.text().count("refused") == 1

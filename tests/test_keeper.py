@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import ipaddress
+import logging
 import sys
 import textwrap
 import time
 
 import pytest
-from conftest import Tunnel
+from conftest import Tunnel, inside
 
 from pyflannel.bench.rig import Host, Rig
+from pyflannel.daemon.backend.udp import UdpNetwork
+from pyflannel.daemon.lease import Event, EventType, Lease, LeaseAttrs
+from pyflannel.dataplane import offload
+from pyflannel.dataplane._engine import PEER_CAPACITY
+from pyflannel.dataplane.keeper import Keeper, PumpSpec
 
 ROUTE = "route to 10.244.0.0/16 re-added"
 
@@ -114,3 +121,70 @@ def test_a_flannel0_taken_over_by_another_device_ends_the_tunnel(rig: Rig, tunne
     assert str(proc.stderr.read()).splitlines()[1:] == [
         "flannel-tunnel: error: flannel0 was deleted; could not recreate it (5 attempts): a network device named "
         "flannel0 already exists and is not ours: delete it (ip link del flannel0) or use another name"]
+
+
+def _spec(host: Host) -> PumpSpec:
+    assert isinstance(host.underlay, ipaddress.IPv4Address) and isinstance(host.subnet, ipaddress.IPv4Network)
+    return PumpSpec(iface_ip=host.underlay, port=8285, tun_name="flannel0", subnet=host.subnet,
+                    network=ipaddress.IPv4Network("10.244.0.0/16"), mtu=1400, wanted=offload.NONE)
+
+
+def _lease(subnet: str, peer: str) -> Lease:
+    return Lease(ipaddress.IPv4Network(subnet), LeaseAttrs(public_ip=ipaddress.IPv4Address(peer)))
+
+
+def test_the_udp_backend_applies_a_batch_of_lease_events_in_order() -> None:
+    """A lease added and removed in one watch response (a node that joined and left at once) ends unrouted; one
+    removed and added again ends routed; of two versions of a lease, the later one wins."""
+    a, b, c = _lease("10.244.7.0/24", "198.18.0.7"), _lease("10.244.8.0/24", "198.18.0.8"), _lease(
+        "10.244.9.0/24", "198.18.0.9")
+    keeper = Keeper(PumpSpec(iface_ip=ipaddress.IPv4Address("198.18.0.1"), port=8285, tun_name="flannel0",
+                             subnet=None, network=None, mtu=1400, wanted=offload.NONE))
+    network = UdpNetwork(_lease("10.244.1.0/24", "198.18.0.1"), 1400, keeper, 8285)
+    network.handle([Event(EventType.ADDED, b), Event(EventType.ADDED, c)])
+    network.handle([Event(EventType.ADDED, a), Event(EventType.REMOVED, a), Event(EventType.REMOVED, b),
+                    Event(EventType.ADDED, b), Event(EventType.ADDED, _lease("10.244.9.0/24", "198.18.0.10")),
+                    Event(EventType.ADDED, c)])
+    assert sorted(keeper.table) == [("10.244.8.0/24", "198.18.0.8", 8285), ("10.244.9.0/24", "198.18.0.9", 8285)]
+    assert keeper.routes == {"10.244.8.0/24": ("198.18.0.8", 8285), "10.244.9.0/24": ("198.18.0.9", 8285)}
+    assert network.unrouted() is None
+
+
+def test_a_refused_route_is_retried_until_it_takes_and_visible_meanwhile(rig: Rig, caplog: pytest.LogCaptureFixture
+                                                                         ) -> None:
+    """The IPv4 peer table full: one more peer's route is refused with one log line and one count, reported as
+    unrouted (and the subnet left without its old route), retried at every check without another line, and in
+    place at the first check after a slot is free; a peer of a family without an underlay is refused alike."""
+    a, _ = rig.hosts
+    keeper = Keeper(_spec(a))
+    full = {f"10.{i >> 8 & 255}.{i & 255}.0/24": (str(ipaddress.IPv4Address(0x0B000000 + i)), 8285)
+            for i in range(PEER_CAPACITY[4])}
+    with inside(a):
+        keeper.start({**full, "10.244.7.0/24": ("11.0.0.5", 8285)})
+    try:
+        caplog.set_level(logging.INFO)
+        assert keeper.update({"10.244.7.0/24": ("198.18.0.7", 8285), "10.244.8.0/24": ("2001:2::8", 8285)}) == (0, 1)
+        assert keeper.unrouted == {"10.244.7.0/24": f"the IPv4 peer table is full ({PEER_CAPACITY[4]} peers)",
+                                   "10.244.8.0/24": "peer 2001:2::8: no IPv6 underlay socket (open_pump's iface_ip6)"}
+        assert keeper.table.route("10.244.7.0/24") is None, "no route to the subnet's old peer"
+        assert keeper.routes["10.244.7.0/24"] == ("198.18.0.7", 8285)
+        for _ in range(3):
+            with inside(a):
+                keeper.check()
+        stats = keeper.stats()
+        assert stats is not None and stats["routes"] == {"routed": PEER_CAPACITY[4], "unrouted": 2, "refused": 2}
+        refusals = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+        assert refusals == [
+            f"route 10.244.7.0/24 -> 198.18.0.7:8285 refused: the IPv4 peer table is full ({PEER_CAPACITY[4]} peers); "
+            "trying again every check",
+            "route 10.244.8.0/24 -> 2001:2::8:8285 refused: peer 2001:2::8: no IPv6 underlay socket (open_pump's "
+            "iface_ip6); trying again every check"]
+        keeper.update({"10.0.0.0/24": None, "10.244.8.0/24": None})
+        with inside(a):
+            keeper.check()
+        assert keeper.unrouted == {} and keeper.table.route("10.244.7.0/24") == ("198.18.0.7", 8285)
+        assert "route 10.244.7.0/24 -> 198.18.0.7:8285 in place (refused before: the IPv4 peer table is full " \
+               f"({PEER_CAPACITY[4]} peers))" in caplog.messages
+        assert "198.18.0.7" in keeper.pump.stats()["peers"] and "11.0.0.0" not in keeper.pump.stats()["peers"]
+    finally:
+        keeper.close()

@@ -7,7 +7,6 @@ import json
 import os
 import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
@@ -163,7 +162,7 @@ def test_waits_for_a_pod_cidr_to_be_assigned(cluster: tuple[Rig, FakeKube, Path]
     rig, kube, tmp = cluster
     kube.add_node("n0")
     proc = _flanneld(rig.hosts[0], "n0", tmp)
-    time.sleep(4)  # more than one look at the Node (every 3 s)
+    wait_for(lambda: kube.node_gets["n0"] >= 3, 20, "a third look at the Node (every 3 s)")
     assert proc.poll() is None and kube.patches == [] and not (tmp / "n0.env").exists(), "still waiting"
     kube.set_pod_cidr("n0", "10.244.7.0/24")
     assert wait_for_env(tmp / "n0.env", proc)["FLANNEL_SUBNET"] == "10.244.7.1/24"

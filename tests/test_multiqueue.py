@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ipaddress
 import itertools
+import select
 import socket
 import struct
 import subprocess
@@ -38,7 +39,11 @@ def _ipv6(src: str, dst: str, next_header: int, payload: bytes) -> bytes:
 
 
 def _receiving_socket(socks: list[socket.socket]) -> int:
-    """The index of the one socket a datagram arrived on (each is drained)."""
+    """The index of the one socket a datagram arrived on, once it arrived (each is drained)."""
+    poller = select.poll()
+    for sock in socks:
+        poller.register(sock, select.POLLIN)
+    assert poller.poll(5000), "the datagram arrived on no socket"
     got = []
     for i, sock in enumerate(socks):
         try:
@@ -85,7 +90,6 @@ def test_the_kernel_steers_each_flow_where_the_engine_says(rig: Rig) -> None:
         with host_socket(a) as sender:
             for packet in flows + flows6 + others:
                 sender.sendto(packet, (str(b.underlay), STEER_PORT))
-                time.sleep(0.002)
                 seen.append(_receiving_socket(socks))
         for sock in socks:
             sock.close()

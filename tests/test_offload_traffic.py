@@ -107,9 +107,7 @@ def test_mixed_traffic_at_once(rig: Rig, tunnels: tuple[Tunnel, Tunnel]) -> None
 
 def test_gso_refused_by_the_kernel_falls_back(rig: Rig, tmp_path: Path) -> None:
     a, b = rig.hosts
-    shim = tmp_path / "gso_eio.so"
-    subprocess.run(["gcc", "-shared", "-fPIC", "-O2", "-o", str(shim), str(FAULTS / "gso_eio.c"), "-ldl"], check=True)
-    ta = start_tunnel(a, [b], tmp_path, env={"LD_PRELOAD": str(shim)})
+    ta = start_tunnel(a, [b], tmp_path, env={"LD_PRELOAD": _shim(tmp_path, "gso_eio")})
     start_tunnel(b, [a], tmp_path)
     t = start_transfer(a, b, 300 * MB)
     t.join()
@@ -117,6 +115,29 @@ def test_gso_refused_by_the_kernel_falls_back(rig: Rig, tmp_path: Path) -> None:
     stats = ta.stats()
     assert stats["gso_fallbacks"] == 1 and stats["offloads"]["gso"] is False
     assert stats["drops"]["tx_send_error"] == 0
+
+
+def _shim(tmp_path: Path, name: str) -> str:
+    """An LD_PRELOAD shim from tests/faults, built for this test."""
+    shim = tmp_path / f"{name}.so"
+    subprocess.run(["gcc", "-shared", "-fPIC", "-O2", "-o", str(shim), str(FAULTS / f"{name}.c"), "-ldl"], check=True)
+    return str(shim)
+
+
+def test_coalesced_writes_refused_by_the_kernel_fall_back_to_one_write_per_segment(rig: Rig, tmp_path: Path
+                                                                                   ) -> None:
+    """The receiving engine's merged TUN writes refused with EINVAL (tests/faults/writev_einval.c): coalescing
+    goes off once, the refused packets' segments are written as they arrived, and every byte gets through."""
+    a, b = rig.hosts
+    start_tunnel(a, [b], tmp_path)
+    tb = start_tunnel(b, [a], tmp_path, env={"LD_PRELOAD": _shim(tmp_path, "writev_einval")})
+    t = start_transfer(a, b, 100 * MB)
+    t.join()
+    assert t.received == t.sent
+    stats = tb.stats()
+    assert stats["coalesce_fallbacks"] == 1 and stats["offloads"]["coalesce"] is False
+    assert stats["tun_coalesced_writes"] == 0 and stats["drops"]["rx_tun_write_error"] == 0
+    assert stats["tun_writes"] == stats["rx_packets"] > 0, "one write per packet received"
 
 
 def test_flannel_peer_without_offloads(rig: Rig, tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import signal
 import socket
 import struct
 import subprocess
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from conftest import TUNNEL, Tunnel, host_socket
+from daemons import scrape
 from packets import udp4
 from traffic import start_transfer
 
@@ -43,12 +45,14 @@ def overlay6(host: Host) -> str:
 
 
 def _start(host: Host, peers: list[Host], tmp_path: Path, underlay: int, *extra: str) -> Tunnel:
-    """flannel-tunnel with both overlay families, every peer reached over the `underlay` family; returns once
-    both network routes are on flannel0."""
+    """flannel-tunnel with both overlay families, every peer reached over the `underlay` family (0: both
+    underlays, each overlay family over its own, and the peers in `extra`); returns once both network routes
+    are on flannel0."""
     stats = tmp_path / f"{host.ns}.stats.json"
-    local = str(host.underlay) if underlay == 4 else underlay6(host)
-    argv = [TUNNEL, "--iface-ip", local, "--subnet", str(host.subnet), "--subnet", str(subnet6(host)),
-            "--network", "10.244.0.0/16", "--network", str(NETWORK6), "--stats-file", str(stats), *extra]
+    local = {4: [str(host.underlay)], 6: [underlay6(host)], 0: [str(host.underlay), underlay6(host)]}[underlay]
+    argv = [TUNNEL, *(arg for ip in local for arg in ("--iface-ip", ip)), "--subnet", str(host.subnet), "--subnet",
+            str(subnet6(host)), "--network", "10.244.0.0/16", "--network", str(NETWORK6), "--stats-file", str(stats),
+            *extra]
     for peer in peers:
         addr = str(peer.underlay) if underlay == 4 else underlay6(peer)
         argv += ["--peer", f"{peer.subnet}={addr}", "--peer", f"{subnet6(peer)}={addr}"]
@@ -285,3 +289,44 @@ def test_peers_file_lines_of_both_families(tmp_path: Path) -> None:
     peers.write_text("fd00:10:244:2::/64=2001:2::2\nfd00:10:244:2:8000::/65=2001:2::3\n")
     with pytest.raises(DataplaneError, match=r":2: subnet fd00:10:244:2:8000::/65 overlaps .*:1: fd00:10:244:2::/64"):
         all_peers(parse_config(argv))
+
+
+def _peer_lines(peers: list[tuple[str, str]]) -> str:
+    return "".join(f"{subnet}={addr}\n" for subnet, addr in peers)
+
+
+def test_tens_of_thousands_of_peers_come_and_go_over_sighup(rig6: Rig, tmp_path: Path) -> None:
+    """--peers-file rewritten with 3,000 new IPv4 and 3,000 new IPv6 peers and SIGHUP, eight times: 48,000
+    distinct peer addresses through one engine (before, the 2,049th IPv6 one ended flannel-tunnel with a
+    traceback). Then the file names only b, which still carries a checked transfer of each family, and every
+    departed peer has left /metrics."""
+    a, b = rig6.hosts
+    peers = tmp_path / "peers"
+    peers.write_text("")
+    ta = _start(a, [], tmp_path, 0, "--peers-file", str(peers), "--metrics-addr", "127.0.0.1:9466")
+    for r in range(8):
+        batch = []
+        for i in range(3_000):
+            n = r * 3_000 + i
+            batch += [(f"10.244.{16 + i // 16}.{i % 16 * 16}/28", str(ipaddress.IPv4Address("198.18.16.0") + n)),
+                      (f"fd00:10:244:{0x100 + i:x}::/64", f"2001:2::1:{n:x}")]
+        peers.write_text(_peer_lines(batch))
+        ta.proc.send_signal(signal.SIGHUP)
+        stats = ta.stats()  # served after the SIGHUP
+        assert stats["routes"] == {"routed": 6_000, "unrouted": 0, "refused": 0}
+        assert len(stats["peers"]) == 6_000 and f"2001:2::1:{r * 3_000:x}" in stats["peers"]
+    both = [(str(b.subnet), str(b.underlay)), (str(subnet6(b)), underlay6(b))]
+    peers.write_text(_peer_lines(both))
+    ta.proc.send_signal(signal.SIGHUP)
+    assert ta.stats()["routes"]["routed"] == 2
+    (tmp_path / "b-peers").write_text(_peer_lines([(str(a.subnet), str(a.underlay)), (str(subnet6(a)), underlay6(a))]))
+    tb = _start(b, [], tmp_path, 0, "--peers-file", str(tmp_path / "b-peers"))
+    for addrs in ((str(a.overlay_ip), str(b.overlay_ip)), (overlay6(a), overlay6(b))):
+        transfer = start_transfer(a, b, 8 * MB, addrs=addrs)
+        transfer.join()
+        assert transfer.received_bytes == 8 * MB and transfer.received == transfer.sent, addrs
+    series = {dict(labels)["peer"] for (name, labels) in scrape(a, 9466) if name == "flannel_peer_packets_total"}
+    assert series == {str(b.underlay), underlay6(b)}
+    log = ta.stop_and_log()
+    assert f"SIGHUP: 2 peers from {peers}: 2 routes added or changed, 6000 removed" in log, log[-3:]
+    assert tb.stop() == 0

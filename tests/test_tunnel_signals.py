@@ -5,15 +5,21 @@ from __future__ import annotations
 import json
 import os
 import signal
+import tempfile
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
-from conftest import start_tunnel
+import pytest
+from conftest import Tunnel, start_tunnel
 
 from pyflannel.bench.rig import Host, Rig
+from pyflannel.dataplane import offload
+from pyflannel.dataplane import tunnel as tunnel_cli
+from pyflannel.dataplane.keeper import Keeper, PumpSpec
 
 SETUP_SIGNALS = [signal.SIGUSR1, signal.SIGHUP, signal.SIGUSR2, signal.SIGALRM, signal.SIGRTMIN + 3]
 
@@ -63,15 +69,29 @@ def test_stats_never_follow_a_planted_symlink(rig: Rig, tmp_path: Path) -> None:
     victim = tmp_path / "victim"
     victim.write_text("precious")
     tunnel = start_tunnel(a, [b], tmp_path)
-    tmp_name = Path(f"{tunnel.stats_file}.tmp")
-    tmp_name.symlink_to(victim)
     tunnel.stats_file.symlink_to(victim)
     tunnel.proc.send_signal(signal.SIGUSR1)
     _wait_until(lambda: not tunnel.stats_file.is_symlink())
-    assert victim.read_text() == "precious"
-    assert tmp_name.is_symlink() and "drops" in json.loads(tunnel.stats_file.read_text())
+    assert victim.read_text() == "precious" and "drops" in json.loads(tunnel.stats_file.read_text())
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == [], "no temporary file left"
     assert tunnel.stop() == 0
+
+
+def test_the_temporary_stats_file_is_new_never_a_planted_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                              ) -> None:
+    """Whoever knows the temporary name the stats writer will try first (fixed here through tempfile's name
+    generator) and plants a symlink there: the writer must take another name (O_EXCL), not write through it."""
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    names = iter(["planted", "fresh"])
+    monkeypatch.setattr(tempfile, "_get_candidate_names", lambda: names)
+    (tmp_path / ".stats.json.planted").symlink_to(victim)
+    keeper = Keeper(PumpSpec(iface_ip=None, port=8285, tun_name="flannel0", subnet=None, network=None, mtu=1400,
+                             wanted=offload.NONE))
+    tunnel_cli._write_stats(str(tmp_path / "stats.json"), keeper)
+    assert victim.read_text() == "precious" and (tmp_path / ".stats.json.planted").is_symlink()
+    assert json.loads((tmp_path / "stats.json").read_text()) is None, "no engine yet: null"
+    assert not (tmp_path / "stats.json").is_symlink() and not (tmp_path / ".stats.json.fresh").exists()
 
 
 def test_stats_file_errors_are_logged_and_survived(rig: Rig, tmp_path: Path) -> None:
@@ -97,6 +117,14 @@ def _flood(a: Host, b: Host, count: int, out: list[str]) -> threading.Thread:
     return thread
 
 
+def _sent_to(tunnel: Tunnel, peer: Host) -> int:
+    return int(tunnel.stats()["peers"][str(peer.underlay)]["tx_packets"])
+
+
+def _flooded(tunnel: Tunnel, peer: Host, packets: int) -> bool:
+    return _sent_to(tunnel, peer) >= packets
+
+
 def test_sighup_applies_the_peers_file_as_a_difference(tmp_path: Path) -> None:
     with Rig(3, tag="pft") as rig:
         for host in rig.hosts:
@@ -116,13 +144,15 @@ def test_sighup_applies_the_peers_file_as_a_difference(tmp_path: Path) -> None:
         assert reach(b) and reach(c)
         flood: list[str] = []
         pinging = _flood(a, b, 1500, flood)
-        for text in (f"{b.subnet}={b.underlay}\n", f"{b.subnet}={b.underlay}\ngarbage\n", every):
-            time.sleep(0.6)
+        sent = 0
+        for text, routed in ((f"{b.subnet}={b.underlay}\n", 1), (f"{b.subnet}={b.underlay}\ngarbage\n", 1),
+                             (every, 2)):
+            _wait_until(partial(_flooded, tunnel, b, sent + 200))  # each reload well inside the flood
+            sent = _sent_to(tunnel, b)
             peers.write_text(text)
             tunnel.proc.send_signal(signal.SIGHUP)
-            if text != every:
-                time.sleep(0.3)
-                assert not reach(c), "c's route is gone"
+            assert tunnel.stats()["routes"]["routed"] == routed, "SIGHUP is served before the SIGUSR1 after it"
+            assert reach(c) is (routed == 2), "c's route is gone, then back"
         pinging.join()
         assert reach(c)
         assert "1500 packets transmitted, 1500 received, 0% packet loss" in flood[0], flood

@@ -4,7 +4,7 @@ then turn other nodes' lease events into that state."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -39,8 +39,19 @@ class Network(Protocol):
     def failure(self) -> str | None:
         """Why forwarding is broken right now (for /healthz), or None."""
 
+    def unrouted(self) -> str | None:
+        """Other nodes' subnets that the dataplane refused to route for now (retried; for /readyz), or None."""
+
     def engine_stats(self) -> dict[str, Any] | None:
         """The packet engine's counters (dataplane.metrics exports them), or None for a kernel dataplane."""
+
+
+def unrouted_line(refused: Mapping[Any, str]) -> str | None:
+    """Network.unrouted's line for these refused routes ({subnet: why}), the first three named; None if none."""
+    if not refused:
+        return None
+    first = ", ".join(f"{subnet} ({why})" for subnet, why in sorted(refused.items(), key=lambda item: str(item[0]))[:3])
+    return f"{len(refused)} peer subnet(s) not routed: {first}{', ...' if len(refused) > 3 else ''}"
 
 
 class Idle:
@@ -54,6 +65,9 @@ class Idle:
         return None
 
     def failure(self) -> str | None:
+        return None
+
+    def unrouted(self) -> str | None:
         return None
 
     def engine_stats(self) -> dict[str, Any] | None:

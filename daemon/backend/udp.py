@@ -7,10 +7,15 @@ and every node must use the same port because leases do not carry it; BackendTyp
 Ours: the engine batches and uses kernel offloads (PYFLANNEL_OFFLOAD=off turns them off, PYFLANNEL_DISABLE_OFFLOADS
 single ones, see dataplane.offload), runs one TX/RX thread pair per TUN queue (PYFLANNEL_UDP_QUEUES, default one per
 two online CPUs up to 4: a host setting, so not a flag of flannel's), and it checks that packets come from the peer
-owning their source subnet.
-A dataplane.keeper.Keeper owns the engine: a batch of lease events is one route-table update, and every second
-the keeper repairs flannel0 (deleted, set down, its address or route removed) or a dead engine, with every
-route; /healthz reports what it could not repair.
+owning their source subnet, in both directions. Backend option `"SourceCheck": false` turns that check off (as
+flannel-tunnel's --no-source-check), for a network where the check refuses good traffic: a router forwarding into
+the overlay through a node (a static route to the pod network), or NAT changing a sender's address. Named as
+flannel names its backend options, a feature's name with a JSON bool (vxlan's DirectRouting, Learning, GBP):
+true, the default, is flannel-tunnel's behaviour without the flag.
+A dataplane.keeper.Keeper owns the engine: a batch of lease events is one route-table update (the events' effects
+in order), and every second the keeper retries the routes the table refused and repairs flannel0 (deleted, set
+down, its address or route removed) or a dead engine, with every route; /healthz reports what it could not
+repair, /readyz a peer subnet that could not be routed.
 
 IPv6 (EnableIPv6), beyond flannel, whose udp backend is IPv4 only: dual-stack and IPv6-only networks. The lease
 carries PublicIPv6 beside PublicIP (as host-gw's), each family's subnet is routed to the peer's address of the
@@ -27,7 +32,7 @@ import logging
 import os
 from typing import Any
 
-from pyflannel.daemon.backend.base import Context, Idle
+from pyflannel.daemon.backend.base import Context, Idle, unrouted_line
 from pyflannel.daemon.errors import FlannelError
 from pyflannel.daemon.lease import Event, EventType, Lease, LeaseAttrs
 from pyflannel.dataplane import offload
@@ -50,13 +55,18 @@ class UdpNetwork(Idle):
         self.port = port
 
     def handle(self, events: list[Event]) -> None:
-        """One batch of lease events, one table update."""
-        added = {str(subnet): (str(peer), self.port)
-                 for e in events if e.type is EventType.ADDED for subnet, peer in e.lease.routes()}
-        removed = [str(subnet) for e in events if e.type is EventType.REMOVED for subnet in e.lease.subnets()]
-        for subnet, (peer, port) in added.items():
-            log.info("route %s -> %s:%d", subnet, peer, port)
-        _, gone = self.keeper.update(set=added, delete=removed)
+        """One batch of lease events, one table update, with the events' effects in their order: a lease added
+        and removed in one batch ends unrouted, one removed and added again ends routed."""
+        changes: dict[str, tuple[str, int] | None] = {}
+        for event in events:
+            if event.type is EventType.REMOVED:
+                changes.update(dict.fromkeys(map(str, event.lease.subnets())))
+            else:
+                changes.update({str(subnet): (str(peer), self.port) for subnet, peer in event.lease.routes()})
+        for subnet, hop in changes.items():
+            if hop is not None:
+                log.info("route %s -> %s:%d", subnet, *hop)
+        _, gone = self.keeper.update(changes)
         if gone:
             log.info("%d route(s) removed", gone)
 
@@ -75,6 +85,9 @@ class UdpNetwork(Idle):
     def failure(self) -> str | None:
         return self.keeper.failure
 
+    def unrouted(self) -> str | None:
+        return unrouted_line(self.keeper.unrouted)
+
     def engine_stats(self) -> dict[str, Any] | None:
         return self.keeper.stats()
 
@@ -87,7 +100,8 @@ async def register(ctx: Context) -> UdpNetwork:
     if (pool is not None and lease.subnet is None) or (pool6 is not None and lease.ipv6_subnet is None):
         raise FlannelError(f"lease {lease} lacks the subnet of a family the network uses")
     port = ctx.config.backend_int("Port", DEFAULT_PORT, 1, 65535)
-    spec = PumpSpec(iface_ip=ext.addr, port=port, tun_name="flannel%d",
+    check_source = ctx.config.backend_bool("SourceCheck", True)
+    spec = PumpSpec(iface_ip=ext.addr, port=port, tun_name="flannel%d", check_source=check_source,
                     subnet=lease.subnet, network=pool and pool.network,  # type: ignore[arg-type]
                     iface_ip6=ext.addr6, subnet6=lease.ipv6_subnet,
                     network6=pool6 and pool6.network,  # type: ignore[arg-type]
@@ -103,9 +117,10 @@ def _start(spec: PumpSpec, lease: Lease) -> UdpNetwork:
     """flannel0, the socket and the engine threads (blocking netlink calls: run in a worker thread)."""
     keeper = Keeper(spec)
     pump = keeper.start()
-    log.info("%s up: mtu %d, udp %s port %d, queues %d, engine memory %.1f MiB, offloads: %s", pump.tun.name,
+    log.info("%s up: mtu %d, udp %s port %d, queues %d, engine memory %.1f MiB, offloads: %s%s", pump.tun.name,
              spec.mtu, " ".join(str(ip) for ip in (spec.iface_ip, spec.iface_ip6) if ip is not None), spec.port,
-             pump.queues, sum(pump.memory().values()) / (1 << 20), pump.offloads.describe())
+             pump.queues, sum(pump.memory().values()) / (1 << 20), pump.offloads.describe(),
+             "" if spec.check_source else "; source check off (Backend.SourceCheck)")
     return UdpNetwork(lease, spec.mtu, keeper, spec.port)
 
 
