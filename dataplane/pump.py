@@ -48,7 +48,20 @@ def default_queues() -> int:
     return max(1, min(int(os.sysconf("SC_NPROCESSORS_ONLN")) // 2, QUEUES_CAP, MAX_QUEUES))
 
 
+def _slice_xxx(us: int) -> None:  # XXX experiment
+    import ctypes
+    import struct
+    libc = ctypes.CDLL(None, use_errno=True)
+    attr = struct.pack("=IIQiIQQQ", 48, 0, 0, 0, 0, us * 1000, 0, 0)
+    buf = ctypes.create_string_buffer(attr)
+    r = libc.syscall(314, 0, buf, 0)
+    if r != 0:
+        raise OSError(ctypes.get_errno(), "sched_setattr")
+
+
 def _run_xxx(loop: Any) -> None:  # XXX experiment
+    if "PF_SLICE_US" in os.environ:
+        _slice_xxx(int(os.environ["PF_SLICE_US"]))
     if "PF_NICE" in os.environ:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), int(os.environ["PF_NICE"]))
     if "PF_FIFO" in os.environ:

@@ -128,8 +128,12 @@ cdef inline bint stopped(engine *e) noexcept nogil:
 
 
 cdef inline void fail(engine *e, int side, int err) noexcept nogil:
-    """Stop this side for good with err (the first reason wins); Python reads it through Engine.failure()."""
+    """Stop this side for good with err (the first reason wins; Python reads it through Engine.failure()), and
+    with it the engine: the other thread is woken to see it (a parked helper polls nothing else)."""
+    cdef uint64_t one = 1
     set_once32(&e.failed[side], err)
+    write(e.wake_fd[0], &one, 8)
+    write(e.wake_fd[1], &one, 8)
 
 
 cdef inline bint fd_dead(int err) noexcept nogil:

@@ -26,6 +26,7 @@ from traffic import start_transfer
 from pyflannel.bench.rig import Host, Rig
 from pyflannel.dataplane._testing import steered_queue
 from pyflannel.dataplane.errors import DataplaneError
+from pyflannel.dataplane.pump import BUCKETS
 from pyflannel.dataplane.tunnel import all_peers, parse_config
 
 NETWORK6 = ipaddress.IPv6Network("fd00:10:244::/48")
@@ -140,7 +141,7 @@ def test_two_queues_spread_ipv6_flows_over_an_ipv6_underlay(rig6: Rig, tmp_path:
     ports: dict[int, int] = {}
     for sport in range(41000, 42000, 2):
         header = struct.pack("!IHBB", 6 << 28, 20, 6, 64) + src + dst + struct.pack("!HH", sport, 5201 + len(ports))
-        ports.setdefault(steered_queue(header, 2), sport)
+        ports.setdefault(steered_queue(header, 2 * BUCKETS) // BUCKETS, sport)   # socket i is engine i // BUCKETS
     assert set(ports) == {0, 1}
     transfers = [start_transfer(a, b, 16 * MB, 5201 + i, addrs=(overlay6(a), overlay6(b)), src_port=ports[q])
                  for i, q in enumerate(ports)]
